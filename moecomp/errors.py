@@ -1,0 +1,29 @@
+"""Exceptions a user can see. Each says what was wrong and what is allowed."""
+
+
+class MoecompError(Exception):
+    """Base of every error moecomp raises on purpose."""
+
+
+class ConfigError(MoecompError, ValueError):
+    """A configuration field is missing, unknown, of the wrong type or out of range.
+
+    The message names the field (dotted path, e.g. ``genes.bits_max``) and what is allowed.
+    """
+
+    def __init__(self, field: str, problem: str) -> None:
+        self.field = field
+        self.problem = problem
+        super().__init__(f"{field}: {problem}")
+
+
+class DataError(MoecompError):
+    """A data set is missing or corrupt; the message says how to get it."""
+
+
+class CodecError(MoecompError, ValueError):
+    """A .mcz file is malformed, truncated, corrupt or exceeds a size limit."""
+
+
+class RunError(MoecompError):
+    """A run folder is missing, incomplete or does not hold the asked-for solution."""
