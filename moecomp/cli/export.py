@@ -1,0 +1,14 @@
+"""`moecomp export` (placeholder until its stage lands)."""
+
+from __future__ import annotations
+
+import typer
+
+from moecomp.cli._common import not_yet
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("export")
+    def _cmd() -> None:
+        """Not yet available."""
+        not_yet("export")

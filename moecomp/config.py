@@ -1,0 +1,269 @@
+"""Problem files (``problems/*.toml``) as frozen dataclasses, validated where they are built.
+
+Each TOML table maps one to one onto a dataclass below. An unknown key, a value of the wrong
+type or one out of range raises :class:`ConfigError` naming the dotted field and what is
+allowed. The resolved config (``to_dict``) is saved next to every result.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, TypeVar, get_args, get_origin
+
+from moecomp.errors import ConfigError
+
+T = TypeVar("T")
+
+
+def _range(lo: float | None = None, hi: float | None = None, *, lo_open: bool = False,
+           hi_open: bool = False) -> dict[str, Any]:
+    return {"range": (lo, hi, lo_open, hi_open)}
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    # A zoo name, or a user model: ``factory = "package.module:function"`` plus ``weights``.
+    zoo: Literal["mlp-digits", "lenet300", "lenet5"] | None = None
+    factory: str | None = None
+    # safetensors, or a torch file loaded with weights_only=True. For zoo models: optional,
+    # the trained teacher is found (or trained) under ``artifacts/`` otherwise.
+    weights: str | None = None
+
+    def __post_init__(self) -> None:
+        if (self.zoo is None) == (self.factory is None):
+            raise ConfigError("model", "give exactly one of zoo (a zoo name) or factory "
+                              "('module:function')")
+        if self.factory is not None:
+            if ":" not in self.factory:
+                raise ConfigError("model.factory", "must look like 'package.module:function'")
+            if self.weights is None:
+                raise ConfigError("model.weights", "required with model.factory (a .safetensors "
+                                  "or torch file)")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    dataset: Literal["digits", "fashion-mnist"] = "digits"
+    # FashionMNIST folder with the IDX .gz files; default: $MOECOMP_FASHION_MNIST or the
+    # Debian package's /usr/share/datasets/fashion-mnist.
+    path: str | None = None
+    # Calibration images for the search (drawn from the training split); why a subset:
+    # divergence on a few thousand images ranks plans like the full set at a fraction of cost.
+    calibration: int = field(default=512, metadata=_range(1, 60000))
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    epochs: int = field(default=20, metadata=_range(1, 1000))
+    lr: float = field(default=1e-3, metadata=_range(0, 10, lo_open=True))
+    batch_size: int = field(default=128, metadata=_range(1, 65536))
+    weight_decay: float = field(default=0.0, metadata=_range(0, 1))
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class LayersConfig:
+    # Entries are parameter names, module names or regular expressions (full match).
+    include: tuple[str, ...] = ()
+    exclude: tuple[str, ...] = ()
+    types: tuple[str, ...] = ("Linear", "Conv1d", "Conv2d", "Conv3d")
+
+
+@dataclass(frozen=True)
+class ObjectivesConfig:
+    # "3obj": density, bits, divergence. "2obj": size (density * bits / 32) vs divergence.
+    mode: Literal["3obj", "2obj"] = "3obj"
+    divergence: Literal["kl", "nmse", "cosine"] = "kl"
+    # Constraints (None: off). Accuracy drop in points (percent) on the calibration labels.
+    max_accuracy_drop: float | None = field(default=None, metadata=_range(0, 100))
+    max_divergence: float | None = field(default=None, metadata=_range(0, None, lo_open=True))
+    # Fixed hypervolume reference point in raw objective units, so hypervolumes compare
+    # across runs, algorithms and trials. 3obj: (density, bits, divergence); 2obj: (size,
+    # divergence). Objectives are divided by it, so HV lies in [0, 1].
+    ref_point: tuple[float, ...] = (1.0, 8.0, 1.0)
+
+    def __post_init__(self) -> None:
+        want = 3 if self.mode == "3obj" else 2
+        if len(self.ref_point) != want:
+            raise ConfigError("objectives.ref_point", f"needs {want} numbers for mode "
+                              f"{self.mode!r}, got {len(self.ref_point)}")
+        if any(not v > 0 for v in self.ref_point):
+            raise ConfigError("objectives.ref_point", "every entry must be > 0")
+
+
+@dataclass(frozen=True)
+class GenesConfig:
+    sparsity_step: float = field(default=0.01, metadata=_range(0.001, 0.5))
+    sparsity_max: float = field(default=0.99, metadata=_range(0, 1, hi_open=True))
+    bits_min: int = field(default=1, metadata=_range(1, 8))
+    bits_max: int = field(default=8, metadata=_range(1, 8))
+    quantizer: Literal["uniform", "kmeans"] = "uniform"
+    # Per-layer sparsity bound from the gradient-rank redundancy analysis (seed 3).
+    redundancy_bound: bool = False
+
+    def __post_init__(self) -> None:
+        if self.bits_min > self.bits_max:
+            raise ConfigError("genes.bits_min", f"must be <= genes.bits_max ({self.bits_max})")
+
+
+@dataclass(frozen=True)
+class RelevanceConfig:
+    scorer: Literal["magnitude", "taylor", "directed"] = "magnitude"
+    # Directed Evolution settings (per layer): candidate sets tentatively zeroed.
+    generations: int = field(default=8, metadata=_range(1, 1000))
+    population: int = field(default=16, metadata=_range(2, 4096))
+    set_fraction: float = field(default=0.05, metadata=_range(0, 1, lo_open=True))
+    calibration: int = field(default=256, metadata=_range(1, 60000))
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class SearchConfig:
+    algorithm: Literal["nsga2", "nsga3", "spea2", "moead", "age"] = "nsga2"
+    operators: Literal["de", "default"] = "de"
+    sampling: Literal["sensitivity", "random"] = "sensitivity"
+    pop_size: int = field(default=40, metadata=_range(4, 10000))
+    budget: int = field(default=2000, metadata=_range(1, 10_000_000))
+    crossover_prob: float = field(default=0.9, metadata=_range(0, 1))
+    mutation_prob: float = field(default=0.3, metadata=_range(0, 1))
+    # Steps a mutated gene moves (sparsity steps / bits); directed_strength in [0, 1]:
+    # how strongly mutation prefers layers of small marginal divergence.
+    mutation_strength: int = field(default=3, metadata=_range(1, 100))
+    directed_strength: float = field(default=0.7, metadata=_range(0, 1))
+    chunk_size: int = field(default=64, metadata=_range(1, 100000))
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class ProblemConfig:
+    name: str
+    model: ModelConfig
+    data: DataConfig = DataConfig()
+    train: TrainConfig = TrainConfig()
+    layers: LayersConfig = LayersConfig()
+    objectives: ObjectivesConfig = ObjectivesConfig()
+    genes: GenesConfig = GenesConfig()
+    relevance: RelevanceConfig = RelevanceConfig()
+    search: SearchConfig = SearchConfig()
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def replace(self, section: str, **changes: Any) -> ProblemConfig:
+        """A copy with fields of one section changed (validated again)."""
+        sub = getattr(self, section)
+        raw = dataclasses.asdict(sub) | changes
+        return dataclasses.replace(self, **{section: build(type(sub), raw, section)})
+
+
+# --- building and validating ------------------------------------------------------------
+
+def _describe(tp: Any) -> str:
+    origin = get_origin(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in get_args(tp))
+    if origin in (types.UnionType, typing.Union):
+        return " or ".join(_describe(a) for a in get_args(tp))
+    if origin is tuple:
+        return f"a list of {_describe(get_args(tp)[0])}"
+    if tp is type(None):
+        return "absent"
+    return {int: "an integer", float: "a number", str: "a string", bool: "true/false"}.get(
+        tp, getattr(tp, "__name__", str(tp)))
+
+
+def _coerce(tp: Any, value: Any, where: str) -> Any:
+    origin = get_origin(tp)
+    if origin in (types.UnionType, typing.Union):
+        errors = []
+        for alt in get_args(tp):
+            if alt is type(None):
+                if value is None:
+                    return None
+                continue
+            try:
+                return _coerce(alt, value, where)
+            except ConfigError as e:
+                errors.append(e)
+        raise ConfigError(where, f"must be {_describe(tp)}, got {value!r}")
+    if origin is Literal:
+        if value not in get_args(tp):
+            raise ConfigError(where, f"must be {_describe(tp)}, got {value!r}")
+        return value
+    if origin is tuple:
+        if not isinstance(value, list | tuple):
+            raise ConfigError(where, f"must be {_describe(tp)}, got {value!r}")
+        return tuple(_coerce(get_args(tp)[0], v, f"{where}[{i}]") for i, v in enumerate(value))
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(where, f"must be true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(where, f"must be an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(where, f"must be a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(where, f"must be a string, got {value!r}")
+        return value
+    if dataclasses.is_dataclass(tp):
+        return build(typing.cast(type, tp), value, where)
+    raise TypeError(f"unsupported config type {tp!r} at {where}")
+
+
+def build(cls: type[T], raw: Any, where: str) -> T:
+    """Build dataclass ``cls`` from a TOML table, refusing unknown keys and bad values."""
+    if not isinstance(raw, dict):
+        raise ConfigError(where or cls.__name__, f"must be a table, got {raw!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    unknown = sorted(set(raw) - set(fields))
+    if unknown:
+        pre = f"{where}." if where else ""
+        raise ConfigError(f"{pre}{unknown[0]}", "unknown key; allowed: " + ", ".join(fields))
+    kwargs: dict[str, Any] = {}
+    for name, f in fields.items():
+        path = f"{where}.{name}" if where else name
+        if name not in raw:
+            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+                raise ConfigError(path, f"missing; must be {_describe(hints[name])}")
+            continue
+        value = _coerce(hints[name], raw[name], path)
+        rng = f.metadata.get("range")
+        if rng is not None and value is not None:
+            lo, hi, lo_open, hi_open = rng
+            bad = (lo is not None and (value <= lo if lo_open else value < lo)) or (
+                hi is not None and (value >= hi if hi_open else value > hi))
+            if bad:
+                lo_s = "-inf" if lo is None else f"{lo}"
+                hi_s = "inf" if hi is None else f"{hi}"
+                interval = f"{'(' if lo_open else '['}{lo_s}, {hi_s}{')' if hi_open else ']'}"
+                raise ConfigError(path, f"must be in {interval}, got {value!r}")
+        kwargs[name] = value
+    return cls(**kwargs)
+
+
+def problem_from_dict(raw: dict[str, Any]) -> ProblemConfig:
+    return build(ProblemConfig, raw, "")
+
+
+def load_problem(path: str | Path) -> ProblemConfig:
+    """Read and validate a problem TOML file."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError("problem", f"no such file: {p}")
+    try:
+        raw = tomllib.loads(p.read_text(encoding="utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError("problem", f"{p} is not valid TOML: {e}") from None
+    return problem_from_dict(raw)

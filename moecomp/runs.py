@@ -1,0 +1,164 @@
+"""Run folders: where a search writes its results and every later stage reads them.
+
+Layout of ``RUN/``::
+
+    problem.json     the resolved ProblemConfig (with command-line overrides applied)
+    search.json      status, algorithm, seed, budget, evaluations, elapsed seconds
+    evaluated.csv    every evaluated solution: id, gen, metrics, s:<tensor>, b:<tensor>
+    front.csv        the non-dominated subset of evaluated.csv (same columns)
+    hv.csv           gen, n_evals, hv, elapsed_s
+    checkpoint.pkl   the algorithm's state after the last finished generation
+    plots/           PNG figures
+    picks.csv, refined/, exports/   written by pick, refine and export
+
+A solution is named by its ``id``: the evaluation counter, stable across resumes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from moecomp.config import ProblemConfig, problem_from_dict
+from moecomp.errors import RunError
+from moecomp.plan import CompressionPlan, LayerPlan
+
+METRICS = ("density", "bits", "divergence", "size_bytes", "ratio", "accuracy", "acc_drop")
+
+
+def sparsity_col(name: str) -> str:
+    return f"s:{name}"
+
+
+def bits_col(name: str) -> str:
+    return f"b:{name}"
+
+
+def plans_from_genes(names: Sequence[str], sparsity: np.ndarray, bits: np.ndarray, *,
+                     quantizer: str = "uniform") -> list[CompressionPlan]:
+    """Plans from gene matrices: sparsity (n, L) in [0, 1), bits (n, L) ints 1..8."""
+    out = []
+    for s_row, b_row in zip(sparsity, bits, strict=True):
+        out.append(CompressionPlan(layers={
+            n: LayerPlan(sparsity=round(float(s), 6), bits=int(b), quantizer=quantizer)
+            for n, s, b in zip(names, s_row, b_row, strict=True)
+        }))
+    return out
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write via a temporary file and rename, so a killed process never leaves half a file."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def atomic_write_csv(path: Path, df: pd.DataFrame) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    df.to_csv(tmp, index=False)
+    os.replace(tmp, path)
+
+
+class RunFolder:
+    """Read and write one run folder."""
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = Path(path)
+
+    # --- paths --------------------------------------------------------------------------
+    @property
+    def plots(self) -> Path:
+        p = self.path / "plots"
+        p.mkdir(parents=True, exist_ok=True)
+        return p
+
+    def file(self, name: str) -> Path:
+        return self.path / name
+
+    def exists(self) -> bool:
+        return (self.path / "problem.json").is_file()
+
+    def require(self, name: str) -> Path:
+        p = self.path / name
+        if not p.is_file():
+            if not self.path.is_dir():
+                raise RunError(f"{self.path} is not a run folder (it does not exist)")
+            raise RunError(f"{self.path} has no {name}: did the search finish a generation?")
+        return p
+
+    # --- problem and status -------------------------------------------------------------
+    def write_problem(self, problem: ProblemConfig) -> None:
+        self.path.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(self.path / "problem.json", json.dumps(problem.to_dict(), indent=2))
+
+    def problem(self) -> ProblemConfig:
+        raw = json.loads(self.require("problem.json").read_text())
+        return problem_from_dict(_lists_to_toml(raw))
+
+    def write_status(self, status: dict[str, Any]) -> None:
+        atomic_write_text(self.path / "search.json", json.dumps(status, indent=2))
+
+    def status(self) -> dict[str, Any]:
+        p = self.path / "search.json"
+        return json.loads(p.read_text()) if p.is_file() else {}
+
+    # --- tables -------------------------------------------------------------------------
+    def evaluated(self) -> pd.DataFrame:
+        return pd.read_csv(self.require("evaluated.csv"))
+
+    def front(self) -> pd.DataFrame:
+        return pd.read_csv(self.require("front.csv"))
+
+    def hv_history(self) -> pd.DataFrame:
+        return pd.read_csv(self.require("hv.csv"))
+
+    def layer_names(self, df: pd.DataFrame | None = None) -> list[str]:
+        df = self.evaluated() if df is None else df
+        return [c[2:] for c in df.columns if c.startswith("s:")]
+
+    def row(self, solution: int) -> pd.Series:
+        """The evaluated row of solution ``id``."""
+        df = self.evaluated()
+        hit = df[df["id"] == solution]
+        if hit.empty:
+            raise RunError(f"{self.path} has no solution {solution}; ids run "
+                           f"{int(df['id'].min())}..{int(df['id'].max())}")
+        return hit.iloc[0]
+
+    def plan(self, solution: int) -> CompressionPlan:
+        """The CompressionPlan of solution ``id``."""
+        row = self.row(solution)
+        quantizer = self.problem().genes.quantizer
+        names = self.layer_names()
+        s = np.array([[row[sparsity_col(n)] for n in names]], dtype=float)
+        b = np.array([[row[bits_col(n)] for n in names]], dtype=int)
+        plan = plans_from_genes(names, s, b, quantizer=quantizer)[0]
+        return CompressionPlan(layers=plan.layers, shared_k=plan.shared_k,
+                               meta={"run": str(self.path), "solution": int(solution)})
+
+
+def _lists_to_toml(raw: Any) -> Any:
+    """JSON turns tuples into lists; the config builder accepts lists, so nothing to do but
+    drop nulls (TOML has no null: an absent key means the default)."""
+    if isinstance(raw, dict):
+        return {k: _lists_to_toml(v) for k, v in raw.items() if v is not None}
+    return raw
+
+
+def solutions_frame(ids: np.ndarray, gen: int, names: Sequence[str], sparsity: np.ndarray,
+                    bits: np.ndarray, metrics: dict[str, np.ndarray]) -> pd.DataFrame:
+    """Rows for evaluated.csv: ids (n,), genes (n, L), metrics name -> (n,)."""
+    cols: dict[str, Any] = {"id": ids.astype(int), "gen": np.full(len(ids), gen, dtype=int)}
+    for m in METRICS:
+        cols[m] = metrics[m]
+    for j, n in enumerate(names):
+        cols[sparsity_col(n)] = np.round(sparsity[:, j], 6)
+    for j, n in enumerate(names):
+        cols[bits_col(n)] = bits[:, j].astype(int)
+    return pd.DataFrame(cols)

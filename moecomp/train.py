@@ -1,0 +1,121 @@
+"""Train zoo teachers with a fixed seed; store safetensors + a JSON record; reuse them."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+from tqdm.auto import tqdm
+
+from moecomp.config import ProblemConfig
+from moecomp.data import Split, Splits, load_dataset
+from moecomp.errors import ConfigError
+from moecomp.zoo import build_model
+
+ARTIFACTS_ENV = "MOECOMP_ARTIFACTS"
+
+
+def artifacts_dir() -> Path:
+    """Where teachers and caches go: $MOECOMP_ARTIFACTS or ./artifacts (git-ignored)."""
+    return Path(os.environ.get(ARTIFACTS_ENV, "artifacts"))
+
+
+def teacher_key(problem: ProblemConfig) -> str:
+    """Hash of everything that determines the trained weights."""
+    blob = json.dumps({"model": asdict(problem.model), "data": [problem.data.dataset,
+                       problem.data.seed], "train": asdict(problem.train)}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def teacher_paths(problem: ProblemConfig) -> tuple[Path, Path]:
+    folder = artifacts_dir() / "teachers" / f"{problem.name}-{teacher_key(problem)}"
+    return folder / "teacher.safetensors", folder / "teacher.json"
+
+
+@torch.no_grad()
+def accuracy(model: nn.Module, split: Split, *, batch: int = 4096) -> float:
+    """Top-1 accuracy in percent."""
+    model.eval()
+    correct = 0
+    for i in range(0, len(split), batch):
+        correct += int((model(split.x[i:i + batch]).argmax(-1) == split.y[i:i + batch]).sum())
+    return 100.0 * correct / max(len(split), 1)
+
+
+def fit(model: nn.Module, data: Splits, problem: ProblemConfig, *,
+        progress: bool = True) -> list[float]:
+    """Adam on cross-entropy; data order from a seeded generator. Returns per-epoch val acc."""
+    cfg = problem.train
+    gen = torch.Generator().manual_seed(cfg.seed)
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.epochs)
+    n = len(data.train)
+    history = []
+    bar = tqdm(range(cfg.epochs), desc=f"train {problem.name}", disable=not progress)
+    for _ in bar:
+        model.train()
+        perm = torch.randperm(n, generator=gen)
+        for i in range(0, n, cfg.batch_size):
+            idx = perm[i:i + cfg.batch_size]
+            loss = nn.functional.cross_entropy(model(data.train.x[idx]), data.train.y[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        sched.step()
+        history.append(accuracy(model, data.val))
+        bar.set_postfix(val_acc=f"{history[-1]:.2f}%")
+    model.eval()
+    return history
+
+
+def init_model(problem: ProblemConfig) -> nn.Module:
+    """A zoo model initialised from the training seed (global RNG left untouched)."""
+    if problem.model.zoo is None:
+        raise ConfigError("model.zoo", "only zoo models are trained by moecomp")
+    with torch.random.fork_rng():
+        torch.manual_seed(problem.train.seed)
+        return build_model(problem.model.zoo)
+
+
+def train_teacher(problem: ProblemConfig, *, data: Splits | None = None, force: bool = False,
+                  progress: bool = True) -> tuple[nn.Module, dict[str, Any]]:
+    """Train (or reuse) the teacher of a zoo problem; returns the model and its record."""
+    weights, record_path = teacher_paths(problem)
+    model = init_model(problem)
+    if weights.is_file() and record_path.is_file() and not force:
+        model.load_state_dict(load_file(weights))
+        model.eval()
+        return model, json.loads(record_path.read_text())
+    if data is None:
+        data = load_dataset(problem.data.dataset, path=problem.data.path, seed=problem.data.seed)
+    t0 = time.perf_counter()
+    with torch.random.fork_rng():
+        torch.manual_seed(problem.train.seed)  # dropout-free models; kept for user ones
+        history = fit(model, data, problem, progress=progress)
+    record = {
+        "problem": problem.name,
+        "model": problem.model.zoo,
+        "dataset": data.name,
+        "seed": problem.train.seed,
+        "epochs": problem.train.epochs,
+        "train_seconds": round(time.perf_counter() - t0, 2),
+        "val_accuracy": history[-1],
+        "test_accuracy": accuracy(model, data.test),
+        "n_params": sum(p.numel() for p in model.parameters()),
+        "torch": torch.__version__,
+        "date": time.strftime("%Y-%m-%d"),
+    }
+    weights.parent.mkdir(parents=True, exist_ok=True)
+    tmp = weights.with_suffix(".tmp")
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp))
+    tmp.replace(weights)
+    record_path.write_text(json.dumps(record, indent=2))
+    return model, record
