@@ -1,0 +1,35 @@
+"""Shared fixtures. Teachers and rank caches go to one temporary folder per test session
+(so tests never write into the checkout and worker processes share what was trained)."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import pytest
+
+_SESSION_ARTIFACTS = Path(tempfile.mkdtemp(prefix="moecomp-test-artifacts-"))
+os.environ.setdefault("MOECOMP_ARTIFACTS", str(_SESSION_ARTIFACTS))
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def repo() -> Path:
+    return REPO
+
+
+@pytest.fixture(scope="session")
+def digits_problem():
+    from moecomp.config import load_problem
+
+    return load_problem(REPO / "problems" / "digits-mlp.toml")
+
+
+@pytest.fixture(scope="session")
+def digits_target(digits_problem):
+    """The digits MLP target (teacher trained once per session, ~2 s)."""
+    from moecomp.target import build_target
+
+    return build_target(digits_problem, progress=False)

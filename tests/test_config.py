@@ -1,0 +1,68 @@
+from pathlib import Path
+
+import pytest
+
+from moecomp.config import load_problem, problem_from_dict
+from moecomp.errors import ConfigError
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def base(**sections):
+    raw = {"name": "t", "model": {"zoo": "lenet300"}}
+    raw.update(sections)
+    return raw
+
+
+@pytest.mark.parametrize("name", ["digits-mlp", "fashion-lenet300", "fashion-lenet5"])
+def test_shipped_problem_files_load(name):
+    p = load_problem(REPO / "problems" / f"{name}.toml")
+    assert p.name == name
+    assert p.genes.bits_min <= p.genes.bits_max
+
+
+@pytest.mark.parametrize(
+    ("raw", "field", "allowed"),
+    [
+        (base(genes={"bitz": 3}), "genes.bitz", "allowed: sparsity_step"),
+        (base(colour="red"), "colour", "allowed: name, model"),
+        (base(genes={"bits_max": "8"}), "genes.bits_max", "integer"),
+        (base(genes={"bits_max": 9}), "genes.bits_max", r"\[1, 8\]"),
+        (base(genes={"sparsity_max": 1.0}), "genes.sparsity_max", r"\[0, 1\)"),
+        (base(genes={"bits_min": 6, "bits_max": 4}), "genes.bits_min", "<= genes.bits_max"),
+        (base(data={"dataset": "cifar"}), "data.dataset", "'digits', 'fashion-mnist'"),
+        (base(search={"algorithm": "cmaes"}), "search.algorithm", "'nsga2'"),
+        (base(search={"pop_size": 2}), "search.pop_size", r"\[4, 10000\]"),
+        (base(objectives={"ref_point": [1.0, 2.0]}), "objectives.ref_point", "needs 3"),
+        (base(layers={"include": "fc1"}), "layers.include", "a list of a string"),
+        (base(data={"calibration": True}), "data.calibration", "integer"),
+        ({"name": "t", "model": {}}, "model", "exactly one of zoo"),
+        ({"name": "t", "model": {"factory": "x"}}, "model.factory", "module:function"),
+        ({"model": {"zoo": "lenet5"}}, "name", "missing"),
+    ],
+)
+def test_bad_fields_are_named(raw, field, allowed):
+    with pytest.raises(ConfigError, match=allowed) as err:
+        problem_from_dict(raw)
+    assert err.value.field == field
+
+
+def test_invalid_toml_and_missing_file(tmp_path):
+    bad = tmp_path / "bad.toml"
+    bad.write_text("name = [unclosed")
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        load_problem(bad)
+    with pytest.raises(ConfigError, match="no such file"):
+        load_problem(tmp_path / "absent.toml")
+
+
+def test_int_accepted_where_float_expected():
+    p = problem_from_dict(base(train={"lr": 1}))
+    assert p.train.lr == 1.0 and isinstance(p.train.lr, float)
+
+
+def test_replace_revalidates():
+    p = problem_from_dict(base())
+    assert p.replace("search", pop_size=12).search.pop_size == 12
+    with pytest.raises(ConfigError, match="search.pop_size"):
+        p.replace("search", pop_size=1)

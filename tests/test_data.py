@@ -1,0 +1,120 @@
+import gzip
+import os
+import struct
+
+import numpy as np
+import pytest
+import torch
+
+from moecomp.data import (
+    FASHION_DEBIAN,
+    FASHION_FILES,
+    load_dataset,
+    load_digits,
+    load_fashion_mnist,
+    read_idx,
+)
+from moecomp.errors import DataError
+
+
+def test_digits_shapes_dtypes_labels():
+    s = load_digits(seed=0)
+    assert s.input_shape == (64,)
+    assert len(s.train) + len(s.val) + len(s.test) == 1797
+    for part in (s.train, s.val, s.test):
+        assert part.x.dtype == torch.float32 and part.y.dtype == torch.int64
+        assert 0.0 <= float(part.x.min()) and float(part.x.max()) <= 1.0
+        assert set(part.y.unique().tolist()) <= set(range(10))
+
+
+def test_digits_split_is_deterministic_and_disjoint():
+    a, b, c = load_digits(seed=3), load_digits(seed=3), load_digits(seed=4)
+    assert torch.equal(a.train.x, b.train.x) and torch.equal(a.test.y, b.test.y)
+    assert not torch.equal(a.train.x, c.train.x)
+    rows = {tuple(r.tolist()) + (int(y),) for part in (a.train, a.val, a.test)
+            for r, y in zip(part.x, part.y, strict=True)}
+    # the digits set has a handful of duplicate images; splits still cover ~all rows
+    assert len(rows) > 1780
+
+
+def _write_idx(path, arr: np.ndarray) -> None:
+    head = bytes([0, 0, 8, arr.ndim]) + struct.pack(f">{arr.ndim}I", *arr.shape)
+    with gzip.open(path, "wb") as f:
+        f.write(head + arr.astype(np.uint8).tobytes())
+
+
+def _fake_fashion(folder, n_train=12, n_test=6):
+    rng = np.random.default_rng(0)
+    _write_idx(folder / FASHION_FILES["train_x"], rng.integers(0, 256, (n_train, 28, 28)))
+    _write_idx(folder / FASHION_FILES["train_y"], rng.integers(0, 10, n_train))
+    _write_idx(folder / FASHION_FILES["test_x"], rng.integers(0, 256, (n_test, 28, 28)))
+    _write_idx(folder / FASHION_FILES["test_y"], rng.integers(0, 10, n_test))
+
+
+def test_fashion_loader_on_small_idx_files(tmp_path):
+    _fake_fashion(tmp_path)
+    s = load_fashion_mnist(tmp_path, seed=0, n_val=4)
+    assert s.train.x.shape == (8, 1, 28, 28) and s.val.x.shape == (4, 1, 28, 28)
+    assert s.test.x.shape == (6, 1, 28, 28)
+    raw = read_idx(tmp_path / FASHION_FILES["test_x"])
+    assert torch.allclose(s.test.x[:, 0], torch.from_numpy(raw.astype(np.float32) / 255))
+
+
+def test_fashion_path_from_environment(tmp_path, monkeypatch):
+    _fake_fashion(tmp_path)
+    monkeypatch.setenv("MOECOMP_FASHION_MNIST", str(tmp_path))
+    assert len(load_dataset("fashion-mnist").test) == 6
+
+
+def test_missing_folder_says_how_to_install(tmp_path):
+    with pytest.raises(DataError, match="apt-get install -y dataset-fashion-mnist"):
+        load_fashion_mnist(tmp_path / "nowhere")
+
+
+def test_missing_file_says_how_to_install(tmp_path):
+    _fake_fashion(tmp_path)
+    os.remove(tmp_path / FASHION_FILES["test_y"])
+    with pytest.raises(DataError, match="missing data file.*dataset-fashion-mnist"):
+        load_fashion_mnist(tmp_path)
+
+
+@pytest.mark.parametrize("damage", ["truncate", "not_gzip", "bad_magic", "wrong_count"])
+def test_corrupt_file_is_refused(tmp_path, damage):
+    _fake_fashion(tmp_path)
+    p = tmp_path / FASHION_FILES["train_x"]
+    if damage == "truncate":
+        p.write_bytes(p.read_bytes()[:-40])
+    elif damage == "not_gzip":
+        p.write_bytes(b"this is not gzip data at all")
+    elif damage == "bad_magic":
+        with gzip.open(p, "wb") as f:
+            f.write(bytes([0, 0, 9, 3]) + b"\x00" * 64)
+    else:
+        with gzip.open(p, "wb") as f:
+            f.write(bytes([0, 0, 8, 3]) + struct.pack(">3I", 100, 28, 28) + b"\x00" * 500)
+    with pytest.raises(DataError):
+        load_fashion_mnist(tmp_path)
+
+
+def test_unknown_dataset():
+    with pytest.raises(DataError, match="allowed: digits, fashion-mnist"):
+        load_dataset("cifar")
+
+
+_REAL = FASHION_DEBIAN / FASHION_FILES["train_x"]
+
+
+@pytest.mark.skipif(not _REAL.exists() and not os.environ.get("CI"),
+                    reason="Debian package dataset-fashion-mnist not installed (CI installs it)")
+def test_real_fashion_mnist_files():
+    s = load_fashion_mnist(seed=0)
+    assert s.train.x.shape == (55000, 1, 28, 28) and s.val.x.shape == (5000, 1, 28, 28)
+    assert s.test.x.shape == (10000, 1, 28, 28)
+    assert s.train.x.dtype == torch.float32 and s.test.y.dtype == torch.int64
+    assert float(s.train.x.min()) == 0.0 and float(s.train.x.max()) == 1.0
+    for part in (s.train, s.val, s.test):
+        assert set(part.y.unique().tolist()) == set(range(10))
+    # the official test set is balanced: 1,000 per class
+    assert torch.bincount(s.test.y).tolist() == [1000] * 10
+    again = load_fashion_mnist(seed=0)
+    assert torch.equal(s.val.y, again.val.y)
