@@ -1,14 +1,42 @@
-"""`moecomp export` (placeholder until its stage lands)."""
+"""`moecomp export RUN --solution ID`: plan.json + .mcz (+ safetensors / ONNX), verified."""
 
 from __future__ import annotations
 
-import typer
+from pathlib import Path
 
-from moecomp.cli._common import not_yet
+import typer
+from rich.console import Console
+
+from moecomp.export import export_solution
 
 
 def register(app: typer.Typer) -> None:
     @app.command("export")
-    def _cmd() -> None:
-        """Not yet available."""
-        not_yet("export")
+    def export(
+        run: Path = typer.Argument(..., help="Run folder written by `moecomp search`."),
+        solution: str = typer.Option(..., "--solution", "-s",
+                                     help="Solution id (e.g. 12) or refined key (e.g. r1)."),
+        out: Path | None = typer.Option(None, "--out", help="Path of the .mcz file."),
+        safetensors: bool = typer.Option(False, "--safetensors",
+                                         help="Also write the decoded dense weights."),
+        onnx: bool = typer.Option(False, "--onnx", help="Also write an ONNX model."),
+    ) -> None:
+        """Write a solution's configuration and compressed file; check the file decodes to the
+        same model; print size and ratio vs the fp32 teacher."""
+        r = export_solution(run, solution, out=out, safetensors=safetensors, onnx=onnx)
+        c = Console()
+        c.print(f"[bold]solution {r.key}[/]")
+        c.print(f"  file          {r.mcz}  ({r.file_bytes:,} bytes)")
+        c.print(f"  plan          {r.plan_json}")
+        if r.safetensors:
+            c.print(f"  safetensors   {r.safetensors}")
+        if r.onnx:
+            c.print(f"  onnx          {r.onnx}")
+        c.print(f"  ratio         {r.ratio:.1f}x vs fp32 of all parameters "
+                f"({r.fp32_bytes:,} bytes)")
+        if r.teacher_file_bytes:
+            c.print(f"                {r.teacher_file_bytes / r.file_bytes:.1f}x vs the "
+                    f"teacher's safetensors file ({r.teacher_file_bytes:,} bytes)")
+        c.print(f"  accuracy      val {r.val_acc:.2f} %, test {r.test_acc:.2f} % "
+                f"(teacher test {r.teacher_test_acc:.2f} %)")
+        c.print("  verified      decoded file reproduces the solution's outputs exactly")

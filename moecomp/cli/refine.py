@@ -1,14 +1,39 @@
-"""`moecomp refine` (placeholder until its stage lands)."""
+"""`moecomp refine RUN --solution ID`: fine-tune and/or merge bins of one solution."""
 
 from __future__ import annotations
 
-import typer
+from pathlib import Path
 
-from moecomp.cli._common import not_yet
+import typer
+from rich.console import Console
+
+from moecomp.refine import refine as refine_solution
 
 
 def register(app: typer.Typer) -> None:
     @app.command("refine")
-    def _cmd() -> None:
-        """Not yet available."""
-        not_yet("refine")
+    def refine(
+        run: Path = typer.Argument(..., help="Run folder written by `moecomp search`."),
+        solution: str = typer.Option(..., "--solution", "-s", help="Solution id or refined key."),
+        merge_bins: bool = typer.Option(True, "--merge-bins/--no-merge-bins",
+                                        help="Iteratively merge neighbouring bins."),
+        tolerance: float = typer.Option(0.5, "--tolerance",
+                                        help="Allowed loss: accuracy points or KL nats."),
+        metric: str = typer.Option("accuracy", "--metric", help="accuracy | divergence"),
+        finetune_epochs: int = typer.Option(0, "--finetune-epochs",
+                                            help="Distillation epochs (masks kept, "
+                                                 "quantisation in the loop)."),
+        lr: float = typer.Option(5e-4, "--lr", help="Fine-tuning learning rate."),
+        seed: int = typer.Option(0, "--seed"),
+    ) -> None:
+        """Refine a solution; the result is added to the run as refined/rN.mcz."""
+        r = refine_solution(run, solution, merge=merge_bins, tolerance=tolerance, metric=metric,
+                            finetune_epochs=finetune_epochs, lr=lr, seed=seed)
+        c = Console()
+        c.print(f"[bold]{r.key}[/] (from solution {r.parent}): {r.path}")
+        for n in r.levels_before:
+            c.print(f"  {n}: {r.levels_before[n]} -> {r.levels_after[n]} levels")
+        c.print(f"  {r.fidelity_metric}: {r.fidelity_before:.4f} -> {r.fidelity_after:.4f} "
+                f"(tolerance {r.tolerance})")
+        c.print(f"  val {r.val_acc:.2f} %, test {r.test_acc:.2f} %, {r.file_bytes:,} bytes, "
+                f"{r.ratio:.1f}x")

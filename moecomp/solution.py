@@ -1,0 +1,101 @@
+"""Solutions of a run as real models: the shared step of pick, refine and export.
+
+A solution is named by a key: the search's evaluation ``id`` (``"12"``) or a refined
+solution's key (``"r1"``, stored as ``RUN/refined/r1.mcz``). Loading one gives its plan, its
+compressed layers and the full student state dict, ready to load into the teacher's class.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from functools import cached_property
+
+import torch
+from torch import nn
+
+from moecomp.apply import QuantizedLayer, apply_plan, student_state_dict
+from moecomp.codec import read_mcz
+from moecomp.config import ProblemConfig
+from moecomp.errors import RunError
+from moecomp.plan import CompressionPlan
+from moecomp.runs import RunFolder
+from moecomp.target import Target, build_target
+
+
+@dataclass(frozen=True)
+class Solution:
+    """key: "12" (searched) or "r1" (refined); state: the whole student state_dict."""
+
+    key: str
+    plan: CompressionPlan
+    layers: dict[str, QuantizedLayer]
+    state: dict[str, torch.Tensor]
+    parent: str | None = None
+
+
+class RunContext:
+    """A run folder with its problem's target and ranks, built lazily once."""
+
+    def __init__(self, run: RunFolder | str, *, progress: bool = False) -> None:
+        self.run = run if isinstance(run, RunFolder) else RunFolder(run)
+        self.progress = progress
+
+    @cached_property
+    def problem(self) -> ProblemConfig:
+        return self.run.problem()
+
+    @cached_property
+    def target(self) -> Target:
+        return build_target(self.problem, progress=self.progress)
+
+    @cached_property
+    def ranks(self) -> dict[str, torch.Tensor]:
+        from moecomp.relevance import compute_ranks
+
+        return compute_ranks(self.target, self.problem.relevance, progress=self.progress)
+
+    def solution(self, key: str | int) -> Solution:
+        key = str(key).strip()
+        if key.startswith("r"):
+            return self._refined(key)
+        try:
+            sid = int(key)
+        except ValueError:
+            raise RunError(f"solution {key!r}: give a search id (e.g. 12) or a refined key "
+                           "(e.g. r1)") from None
+        plan = self.run.plan(sid)
+        return self.from_plan(str(sid), plan)
+
+    def from_plan(self, key: str, plan: CompressionPlan) -> Solution:
+        layers = apply_plan(plan, self.target.weights(), self.ranks)
+        return Solution(key, plan, layers, student_state_dict(self.target.state_dict(), layers))
+
+    def _refined(self, key: str) -> Solution:
+        path = self.run.path / "refined" / f"{key}.mcz"
+        if not path.is_file():
+            raise RunError(f"{self.run.path} has no refined solution {key} ({path} missing)")
+        decoded = read_mcz(path)
+        if decoded.plan is None:
+            raise RunError(f"{path} holds no plan")
+        return Solution(key, CompressionPlan.from_dict(decoded.plan), decoded.layers,
+                        decoded.state_dict, parent=decoded.meta.get("parent"))
+
+    def model(self, state: dict[str, torch.Tensor]) -> nn.Module:
+        return student_model(self.target.teacher, state)
+
+
+def student_model(teacher: nn.Module, state: dict[str, torch.Tensor]) -> nn.Module:
+    """A copy of the teacher with ``state`` loaded (eval mode, no grad)."""
+    model = copy.deepcopy(teacher)
+    model.load_state_dict(state)
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
+
+
+def dense_tensors(state: dict[str, torch.Tensor], layers: dict[str, QuantizedLayer]
+                  ) -> dict[str, torch.Tensor]:
+    """The state entries the codec stores losslessly (everything not compressed)."""
+    return {k: v.detach().contiguous() for k, v in state.items() if k not in layers}

@@ -1,0 +1,88 @@
+"""Export -> decode -> same model; refine never exceeds its tolerance."""
+
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from moecomp.cli import app
+from moecomp.codec import read_mcz
+from moecomp.errors import RunError
+from moecomp.export import export_solution
+from moecomp.refine import refine
+from moecomp.runs import METRICS, RunFolder, atomic_write_csv, solutions_frame
+from moecomp.solution import RunContext, student_model
+from moecomp.train import accuracy
+
+
+@pytest.fixture(scope="module")
+def run_ctx(tmp_path_factory, digits_problem, digits_target):
+    """A small hand-made run folder of three digits solutions."""
+    run = RunFolder(tmp_path_factory.mktemp("run"))
+    run.write_problem(digits_problem)
+    names = digits_target.layer_names
+    s = np.array([[0.5, 0.5, 0.3], [0.8, 0.7, 0.5], [0.9, 0.9, 0.6]])
+    b = np.array([[4, 4, 6], [3, 3, 4], [2, 2, 3]])
+    df = solutions_frame(np.arange(3), 0, names, s, b, {m: np.zeros(3) for m in METRICS})
+    atomic_write_csv(run.file("evaluated.csv"), df)
+    atomic_write_csv(run.file("front.csv"), df)
+    ctx = RunContext(run)
+    ctx.target = digits_target  # reuse the session's teacher (cached_property slot)
+    return ctx
+
+
+def test_export_decodes_to_the_in_memory_solution(run_ctx, tmp_path):
+    r = export_solution(run_ctx, 1, out=tmp_path / "s1.mcz", safetensors=True)
+    sol = run_ctx.solution(1)
+    decoded = read_mcz(r.mcz)
+    for k, v in sol.state.items():
+        assert torch.equal(decoded.state_dict[k], v), k
+    memory = student_model(run_ctx.target.teacher, sol.state)
+    assert r.test_acc == accuracy(memory, run_ctx.target.test)
+    assert r.file_bytes == r.mcz.stat().st_size
+    assert r.ratio == pytest.approx(r.fp32_bytes / r.file_bytes)
+    assert r.ratio > 5
+    assert r.plan_json.read_text().count("sparsity") == 3
+
+
+def test_unknown_solution_is_a_clear_error(run_ctx):
+    with pytest.raises(RunError, match="no solution 99"):
+        run_ctx.solution(99)
+    with pytest.raises(RunError, match="no refined solution r42"):
+        run_ctx.solution("r42")
+    with pytest.raises(RunError, match="search id"):
+        run_ctx.solution("best")
+
+
+@pytest.mark.parametrize("tolerance", [0.0, 1.0])
+def test_refine_never_exceeds_tolerance(run_ctx, tolerance):
+    r = refine(run_ctx, 0, tolerance=tolerance, metric="accuracy", progress=False)
+    assert r.fidelity_after <= r.fidelity_before + tolerance + 1e-9
+    assert all(r.levels_after[n] <= r.levels_before[n] for n in r.levels_before)
+    # the stored solution is what was measured
+    sol = run_ctx.solution(r.key)
+    model = student_model(run_ctx.target.teacher, sol.state)
+    teacher_acc = accuracy(run_ctx.target.teacher, run_ctx.target.val)
+    assert teacher_acc - accuracy(model, run_ctx.target.val) == pytest.approx(r.fidelity_after)
+    assert sol.parent == "0"
+
+
+def test_refine_with_finetuning_keeps_masks(run_ctx):
+    r = refine(run_ctx, 2, merge=False, finetune_epochs=1, progress=False)
+    parent, child = run_ctx.solution(2), run_ctx.solution(r.key)
+    for n, ql in parent.layers.items():
+        assert torch.equal(ql.mask, child.layers[n].mask)
+        assert child.layers[n].n_levels <= 2 ** parent.plan.layers[n].bits
+    rows = run_ctx.run.path / "refined.csv"
+    assert rows.is_file() and r.key in rows.read_text()
+
+
+def test_cli_inspect_refuses_a_truncated_file(run_ctx, tmp_path):
+    r = export_solution(run_ctx, 0, out=tmp_path / "s0.mcz")
+    bad = tmp_path / "bad.mcz"
+    bad.write_bytes(r.mcz.read_bytes()[:100])
+    res = CliRunner().invoke(app, ["inspect", str(bad)])
+    assert res.exit_code != 0
+    assert "truncated" in str(res.exception) or "truncated" in res.output
+    ok = CliRunner().invoke(app, ["inspect", str(r.mcz)])
+    assert ok.exit_code == 0 and "hidden.0.weight" in ok.output
