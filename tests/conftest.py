@@ -9,8 +9,14 @@ from pathlib import Path
 
 import pytest
 
+# Tiny tensors: one thread is faster than two, and worker subprocesses inherit it.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 _SESSION_ARTIFACTS = Path(tempfile.mkdtemp(prefix="moecomp-test-artifacts-"))
 os.environ.setdefault("MOECOMP_ARTIFACTS", str(_SESSION_ARTIFACTS))
+
+import torch  # noqa: E402  (after OMP_NUM_THREADS is set)
+
+torch.set_num_threads(1)
 
 REPO = Path(__file__).resolve().parents[1]
 

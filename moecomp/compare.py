@@ -1,0 +1,654 @@
+"""Compare (stage 11): a run's Pareto front against the Directed Evolution baseline.
+
+The single-objective DE of seed 1 (:mod:`moecomp.baseline.directed_evolution`) is run at
+several target sparsities with, in total, the same evaluation budget as the search (the
+``n_evals`` of the run's ``search.json``, split equally over the targets). Each DE result is
+evaluated by the same :class:`~moecomp.evaluate.Evaluator` metrics as the search and placed in
+the run's objective space; then:
+
+- **hypervolume** of the front and of the DE points, both with the run's convention
+  (objectives divided by the problem's fixed ``objectives.ref_point``, reference all ones,
+  pymoo's ``HV``), so the numbers compare with ``hv.csv``;
+- **dominance**: how many DE points some front point dominates, and how many front points
+  some DE point dominates (Pareto dominance on minimised objectives).
+
+Files written into the run folder: ``compare_de.csv`` (one row per DE point: its target,
+evaluations, metrics, feasibility, whether the front dominates it, and its per-layer genes),
+``compare_summary.csv`` and ``compare_summary.md`` (the table), ``plots/compare_de.png``.
+
+Only feasible points count (constraints of the problem: ``max_divergence``,
+``max_accuracy_drop``): the search's front holds feasible points only, so infeasible DE
+points are listed but take no part in hypervolume or dominance.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import seaborn as sns
+from matplotlib.cm import ScalarMappable
+from matplotlib.colors import Normalize
+from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
+from pymoo.util.dominator import Dominator
+from tqdm.auto import tqdm
+
+from moecomp.baseline.directed_evolution import (
+    BITS_EVALS,
+    DEConfig,
+    DEResult,
+    run_directed_evolution,
+)
+from moecomp.config import ProblemConfig
+from moecomp.errors import ConfigError, RunError
+from moecomp.evaluate import Evaluator
+from moecomp.plots import DIVERGENCE_LABELS
+from moecomp.runs import (
+    METRICS,
+    RunFolder,
+    atomic_write_csv,
+    atomic_write_text,
+    bits_col,
+    sparsity_col,
+)
+from moecomp.search.front import feasible, hypervolume
+from moecomp.search.problem import constraint_values
+from moecomp.target import Target, build_target
+
+BASELINES = ("de",)
+DEFAULT_TARGETS: tuple[float, ...] = (0.5, 0.7, 0.8, 0.9, 0.95)
+DE_FILE = "compare_de.csv"
+SUMMARY_FILE = "compare_summary.csv"
+SUMMARY_MD = "compare_summary.md"
+PLOT_FILE = "compare_de.png"
+FRONT_LABEL = "search front"
+DE_LABEL = "DE baseline"
+
+
+# --- the objective space of a run ------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ObjectiveSpace:
+    """The minimised objectives of a run: metric column names, axis labels with units, and
+    the fixed HV reference point ``(n_obj,)`` in raw units. ``size`` is density * bits / 32
+    (the share of the fp32 weight bits left)."""
+
+    names: tuple[str, ...]
+    labels: tuple[str, ...]
+    ref_point: np.ndarray
+
+    def matrix(self, df: pd.DataFrame) -> np.ndarray:
+        """``F (n, n_obj)`` of a metric frame (rows of evaluated.csv / compare_de.csv)."""
+        cols = []
+        for name in self.names:
+            if name == "size":
+                cols.append(df["density"].to_numpy(float) * df["bits"].to_numpy(float) / 32.0)
+            else:
+                cols.append(df[name].to_numpy(float))
+        return np.column_stack(cols) if cols else np.zeros((len(df), 0))
+
+
+def objective_space(problem: ProblemConfig) -> ObjectiveSpace:
+    """The objectives and HV reference of ``problem``'s search, as ``moecomp.search`` sets
+    them: 3obj density, bits, divergence; 2obj size, divergence; the weight-sharing problem
+    (``search.problem = "shared"``) size and divergence or accuracy drop."""
+    o = problem.objectives
+    div = DIVERGENCE_LABELS.get(o.divergence, "divergence")
+    size = "size (share of fp32 weight bits)"
+    if problem.search.problem == "shared":  # mirrors moecomp.search.SharedCodebookProblem
+        if problem.genes.shared_fidelity == "acc_drop":
+            acc_ref = [o.ref_point[0] if o.mode == "2obj" else 1.0, 100.0]
+            return ObjectiveSpace(
+                ("size", "acc_drop"),
+                (size, "accuracy drop (points)"),
+                np.asarray(acc_ref, dtype=float),
+            )
+        div_ref = list(o.ref_point) if o.mode == "2obj" else [1.0, o.ref_point[2]]
+        return ObjectiveSpace(("size", "divergence"), (size, div), np.asarray(div_ref, dtype=float))
+    if o.mode == "2obj":
+        return ObjectiveSpace(
+            ("size", "divergence"), (size, div), np.asarray(o.ref_point, dtype=float)
+        )
+    return ObjectiveSpace(
+        ("density", "bits", "divergence"),
+        ("density (share of weights kept)", "mean bits per kept weight", div),
+        np.asarray(o.ref_point, dtype=float),
+    )
+
+
+# --- pure maths ------------------------------------------------------------------------------
+
+
+def _as_F(F: np.ndarray, name: str) -> np.ndarray:
+    arr = np.asarray(F, dtype=float)
+    if arr.ndim != 2:
+        raise ValueError(f"{name}: expected an (n, n_obj) array, got shape {arr.shape}")
+    if not np.isfinite(arr).all():
+        raise ValueError(f"{name}: objectives must be finite")
+    return arr
+
+
+def dominated_by(F_a: np.ndarray, F_b: np.ndarray) -> np.ndarray:
+    """bool ``(k,)``: which rows of ``F_b (k, m)`` some row of ``F_a (n, m)`` dominates.
+
+    Pareto dominance on minimised objectives: ``a`` dominates ``b`` when it is nowhere worse
+    and somewhere better (pymoo's ``Dominator``); equal points do not dominate each other.
+    """
+    F_a, F_b = _as_F(F_a, "F_a"), _as_F(F_b, "F_b")
+    if len(F_a) and len(F_b) and F_a.shape[1] != F_b.shape[1]:
+        raise ValueError(f"F_a has {F_a.shape[1]} objectives, F_b {F_b.shape[1]}")
+    if len(F_a) == 0 or len(F_b) == 0:
+        return np.zeros(len(F_b), dtype=bool)
+    M = Dominator.calc_domination_matrix(F_a, F_b)  # M[i, j] = 1: a_i dominates b_j
+    return np.asarray((M == 1).any(axis=0))
+
+
+def dominance_counts(F_a: np.ndarray, F_b: np.ndarray) -> tuple[int, int]:
+    """``(a_dominates_b, b_dominates_a)``: how many rows of ``F_b (k, m)`` are dominated by
+    some row of ``F_a (n, m)``, and how many rows of ``F_a`` by some row of ``F_b``."""
+    return int(dominated_by(F_a, F_b).sum()), int(dominated_by(F_b, F_a).sum())
+
+
+def summary_frame(
+    F_front: np.ndarray,
+    F_de: np.ndarray,
+    ref_point: np.ndarray,
+    *,
+    front_evals: int,
+    de_evals: int,
+    front_budget: int,
+    de_budget: int,
+) -> pd.DataFrame:
+    """The comparison table: one row per method with its points, evaluation budget and
+    evaluations spent, hypervolume (objectives / ``ref_point``, reference all ones) and
+    dominance counts against the other.
+
+    F_front ``(n, m)``, F_de ``(k, m)``: feasible points only, minimised objectives.
+    """
+    front_dom, de_dom = dominance_counts(F_front, F_de)
+    return pd.DataFrame(
+        {
+            "method": [FRONT_LABEL, DE_LABEL],
+            "points": [len(F_front), len(F_de)],
+            "budget": [int(front_budget), int(de_budget)],
+            "evaluations": [int(front_evals), int(de_evals)],
+            "hv": [hypervolume(F_front, ref_point), hypervolume(F_de, ref_point)],
+            # points of the *other* method this one dominates / own points the other dominates
+            "dominates": [front_dom, de_dom],
+            "dominated": [de_dom, front_dom],
+        }
+    )
+
+
+# --- the comparison --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ComparisonResult:
+    """A run's comparison with the DE baseline.
+
+    de: rows of ``compare_de.csv``; summary: rows of ``compare_summary.csv`` (index 0 the
+    search front, 1 the DE baseline); space: the run's objective space; files: name -> path
+    of what was written.
+    """
+
+    run_dir: Path
+    de: pd.DataFrame
+    summary: pd.DataFrame
+    space: ObjectiveSpace
+    files: dict[str, Path]
+
+    def _value(self, method: str, col: str) -> float:
+        return float(self.summary.loc[self.summary["method"] == method, col].iloc[0])
+
+    @property
+    def hv_front(self) -> float:
+        return self._value(FRONT_LABEL, "hv")
+
+    @property
+    def hv_de(self) -> float:
+        return self._value(DE_LABEL, "hv")
+
+    @property
+    def front_dominates_de(self) -> int:
+        """DE points that some front point dominates."""
+        return int(self._value(FRONT_LABEL, "dominates"))
+
+    @property
+    def de_dominates_front(self) -> int:
+        """Front points that some DE point dominates."""
+        return int(self._value(DE_LABEL, "dominates"))
+
+    def markdown(self) -> str:
+        return summary_markdown(self.summary, self.de, self.space)
+
+
+def _check_targets(targets: Sequence[float]) -> tuple[float, ...]:
+    out = tuple(float(t) for t in targets)
+    if not out:
+        raise ConfigError("targets", "give at least one target sparsity")
+    for t in out:
+        if not (math.isfinite(t) and 0.0 < t < 1.0):
+            raise ConfigError("targets", f"each target sparsity must be in (0, 1), got {t}")
+    if len(set(out)) != len(out):
+        raise ConfigError("targets", f"target sparsities must differ, got {list(out)}")
+    return tuple(sorted(out))
+
+
+def run_budget(run: RunFolder) -> int:
+    """The evaluations the run's search spent (``n_evals`` of search.json)."""
+    status = run.status()
+    n = status.get("n_evals")
+    if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+        raise RunError(
+            f"{run.path} has no evaluation count (search.json: n_evals); give the budget explicitly"
+        )
+    return n
+
+
+def de_row(result: DEResult, metrics: dict[str, float], names: Sequence[str]) -> dict[str, object]:
+    """One row of compare_de.csv from a DE result and its Evaluator metrics."""
+    row: dict[str, object] = {
+        "target_sparsity": result.target_sparsity,
+        "sparsity": result.sparsity,
+        "evals": result.n_evals,
+        "budget": result.budget,
+        "seed": result.seed,
+    }
+    row |= {m: metrics[m] for m in METRICS}
+    row["de_divergence"] = result.divergence
+    for n in names:
+        row[sparsity_col(n)] = result.plan.layers[n].sparsity
+    for n in names:
+        row[bits_col(n)] = result.plan.layers[n].bits
+    return row
+
+
+def _feasible(df: pd.DataFrame, problem: ProblemConfig) -> np.ndarray:
+    """bool ``(n,)``: the rows that meet the problem's constraints, as the search decides."""
+    metrics = {m: df[m].to_numpy(float) for m in METRICS}
+    return feasible(constraint_values(problem, metrics))
+
+
+def compare_with_de(
+    run_dir: str | os.PathLike[str],
+    *,
+    targets: Sequence[float] = DEFAULT_TARGETS,
+    budget: int | None = None,
+    config: DEConfig | None = None,
+    target: Target | None = None,
+    plot: bool = True,
+    progress: bool = False,
+) -> ComparisonResult:
+    """Run the DE baseline for a finished (or running) search and write the comparison.
+
+    run_dir: a run folder (problem.json, front.csv, search.json).
+    targets: global sparsities the DE is run at, each in (0, 1).
+    budget: total DE evaluations, split equally over the targets; default the search's own
+        ``n_evals``, so both spent the same.
+    config: DE settings; default ``DEConfig(seed=problem.search.seed)``.
+    target: the run's Target when the caller has it (else built from problem.json; the
+        teacher is trained on first use).
+    plot: draw ``plots/compare_de.png``; progress: a progress bar over the DE evaluations.
+
+    The DE quantises with the uniform bin-mean quantizer whatever ``genes.quantizer`` the
+    search used (seed 1's method); its points are evaluated by the Evaluator with that
+    quantizer and its own ranks.
+    """
+    run = RunFolder(run_dir)
+    problem = run.problem()
+    front = run.front()
+    targets = _check_targets(targets)
+    total = run_budget(run) if budget is None else budget
+    status = run.status()
+    search_evals = status.get("n_evals", total)
+    search_budget = status.get("budget", search_evals)
+    if isinstance(total, bool) or not isinstance(total, int) or total < 1:
+        raise ConfigError("budget", f"must be a positive integer, got {total!r}")
+    if target is None:
+        target = build_target(problem, progress=progress)
+    names = target.layer_names
+    per_target = total // len(targets)
+    need = (BITS_EVALS + 1) * len(names)
+    if per_target < need:
+        raise ConfigError(
+            "budget",
+            f"{total} evaluations over {len(targets)} targets leave "
+            f"{per_target} per target; the DE needs at least {need} "
+            f"({BITS_EVALS + 1} per layer): give fewer targets or more budget",
+        )
+    cfg = config if config is not None else DEConfig(seed=problem.search.seed)
+
+    rows = []
+    with tqdm(
+        total=per_target * len(targets), desc="DE baseline", unit="eval", disable=not progress
+    ) as bar:
+        for s in targets:
+            done = bar.n
+
+            def advance(n: int, done: int = done) -> None:
+                bar.update(done + n - bar.n)
+
+            result = run_directed_evolution(
+                target, s, budget=per_target, config=cfg, on_evals=advance
+            )
+            bar.update(done + per_target - bar.n)
+            ev = Evaluator(target, result.ranks, quantizer="uniform")
+            m = ev.evaluate_plans([result.plan]).to_dict()
+            rows.append(de_row(result, {k: float(v[0]) for k, v in m.items()}, names))
+    de = pd.DataFrame(rows)
+    space = objective_space(problem)
+    de.insert(de.columns.get_loc("de_divergence") + 1, "feasible", _feasible(de, problem))
+    F_front = space.matrix(front)
+    F_de = space.matrix(de[de["feasible"]])
+    dominated = np.zeros(len(de), dtype=bool)
+    dominated[de["feasible"].to_numpy()] = dominated_by(F_front, F_de)
+    de.insert(de.columns.get_loc("feasible") + 1, "dominated_by_front", dominated)
+    summary = summary_frame(
+        F_front,
+        F_de,
+        space.ref_point,
+        front_evals=int(search_evals),
+        de_evals=int(de["evals"].sum()),
+        front_budget=int(search_budget),
+        de_budget=per_target * len(targets),
+    )
+    files = write_comparison(run, de, summary, space, plot=plot, problem=problem)
+    return ComparisonResult(run_dir=run.path, de=de, summary=summary, space=space, files=files)
+
+
+def write_comparison(
+    run: RunFolder,
+    de: pd.DataFrame,
+    summary: pd.DataFrame,
+    space: ObjectiveSpace,
+    *,
+    plot: bool = True,
+    problem: ProblemConfig | None = None,
+) -> dict[str, Path]:
+    """Write compare_de.csv, compare_summary.csv/.md and (if ``plot``) the figure."""
+    files = {
+        "de": run.file(DE_FILE),
+        "summary": run.file(SUMMARY_FILE),
+        "markdown": run.file(SUMMARY_MD),
+    }
+    atomic_write_csv(files["de"], de)
+    atomic_write_csv(files["summary"], summary)
+    atomic_write_text(files["markdown"], summary_markdown(summary, de, space))
+    if plot:
+        problem = problem if problem is not None else run.problem()
+        info = comparison_info(run.front(), de, space)
+        files["plot"] = draw_comparison(
+            info,
+            run.plots / PLOT_FILE,
+            space=space,
+            summary=summary,
+            title=f"{problem.name}: search front vs Directed Evolution baseline",
+        )
+    return files
+
+
+def load_comparison(run_dir: str | os.PathLike[str]) -> ComparisonResult:
+    """The comparison a previous :func:`compare_with_de` wrote into ``run_dir``."""
+    run = RunFolder(run_dir)
+    de = pd.read_csv(run.require(DE_FILE))
+    summary = pd.read_csv(run.require(SUMMARY_FILE))
+    files = {
+        "de": run.file(DE_FILE),
+        "summary": run.file(SUMMARY_FILE),
+        "markdown": run.file(SUMMARY_MD),
+    }
+    if (run.path / "plots" / PLOT_FILE).is_file():
+        files["plot"] = run.path / "plots" / PLOT_FILE
+    return ComparisonResult(
+        run_dir=run.path, de=de, summary=summary, space=objective_space(run.problem()), files=files
+    )
+
+
+# --- tables ----------------------------------------------------------------------------------
+
+
+def _md_table(df: pd.DataFrame, formats: dict[str, str]) -> str:
+    cols = list(df.columns)
+    lines = ["| " + " | ".join(cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
+    for _, row in df.iterrows():
+        cells = [
+            format(row[c], formats.get(c, "")) if not isinstance(row[c], str) else row[c]
+            for c in cols
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def de_table(de: pd.DataFrame) -> pd.DataFrame:
+    """The DE points as shown to a person: target, reached sparsity, evaluations, metrics."""
+    cols = [
+        "target_sparsity",
+        "sparsity",
+        "evals",
+        "density",
+        "bits",
+        "divergence",
+        "ratio",
+        "accuracy",
+        "acc_drop",
+        "feasible",
+        "dominated_by_front",
+    ]
+    return de[[c for c in cols if c in de.columns]]
+
+
+def summary_markdown(summary: pd.DataFrame, de: pd.DataFrame, space: ObjectiveSpace) -> str:
+    """compare_summary.md: the summary table, the convention, and the DE points."""
+    ref = ", ".join(f"{v:g}" for v in space.ref_point)
+    return "\n".join(
+        [
+            "# Search front vs Directed Evolution baseline",
+            "",
+            _md_table(summary, {"hv": ".4f"}),
+            "",
+            f"Objectives (minimised): {', '.join(space.names)}. Hypervolume of the objectives "
+            f"divided by the reference point ({ref}), reference all ones (pymoo HV). "
+            "`dominates`: points of the other method dominated by one of this method's; "
+            "`dominated`: this method's points dominated by one of the other's.",
+            "",
+            "## DE points",
+            "",
+            _md_table(
+                de_table(de),
+                {
+                    "target_sparsity": ".2f",
+                    "sparsity": ".4f",
+                    "density": ".4f",
+                    "bits": ".2f",
+                    "divergence": ".4g",
+                    "ratio": ".1f",
+                    "accuracy": ".2f",
+                    "acc_drop": ".2f",
+                },
+            ),
+            "",
+        ]
+    )
+
+
+# --- the figure (info first, drawing second) -------------------------------------------------
+
+
+def comparison_info(front: pd.DataFrame, de: pd.DataFrame, space: ObjectiveSpace) -> pd.DataFrame:
+    """The points the figure shows: ``method``, ``x`` (the first objective), ``y`` (the last,
+    fidelity), ``bits`` (colour), ``label`` (DE: its target sparsity), ``feasible``."""
+    parts = []
+    for method, df in ((FRONT_LABEL, front), (DE_LABEL, de)):
+        F = space.matrix(df)
+        labels = (
+            [f"{t:.0%} sparse" for t in df["target_sparsity"]]
+            if method == DE_LABEL
+            else [""] * len(df)
+        )
+        feasible = (
+            df["feasible"].to_numpy(bool)
+            if "feasible" in df.columns
+            else np.ones(len(df), dtype=bool)
+        )
+        parts.append(
+            pd.DataFrame(
+                {
+                    "method": method,
+                    "x": F[:, 0],
+                    "y": F[:, -1],
+                    "bits": df["bits"].to_numpy(float),
+                    "label": labels,
+                    "feasible": feasible,
+                }
+            )
+        )
+    return pd.concat(parts, ignore_index=True)
+
+
+def draw_comparison(
+    info: pd.DataFrame,
+    path: Path,
+    *,
+    space: ObjectiveSpace,
+    summary: pd.DataFrame | None = None,
+    title: str = "",
+) -> Path:
+    """The front (circles, coloured by mean bits) with the DE points (diamonds, same colours,
+    joined in order of sparsity and labelled with their target) in the plane of the first
+    objective and fidelity; log y when the fidelity spans more than two decades."""
+    front = info[info["method"] == FRONT_LABEL]
+    de = info[info["method"] == DE_LABEL].sort_values("x")
+    norm = Normalize(vmin=1, vmax=8)
+    cmap = sns.color_palette("viridis", as_cmap=True)
+    with sns.axes_style("whitegrid"):
+        fig = Figure(figsize=(9, 6.2), layout="constrained")
+        ax = fig.subplots()
+        sns.scatterplot(
+            data=front,
+            x="x",
+            y="y",
+            hue="bits",
+            hue_norm=norm,
+            palette=cmap,
+            s=36,
+            edgecolor="none",
+            alpha=0.9,
+            ax=ax,
+            legend=False,
+        )
+        ax.plot(de["x"], de["y"], color="#444444", linestyle="--", linewidth=1, zorder=3)
+        ok = de[de["feasible"]]
+        bad = de[~de["feasible"]]
+        ax.scatter(
+            ok["x"],
+            ok["y"],
+            c=ok["bits"],
+            cmap=cmap,
+            norm=norm,
+            marker="D",
+            s=110,
+            edgecolor="black",
+            linewidth=1.4,
+            zorder=4,
+        )
+        if len(bad):
+            ax.scatter(
+                bad["x"],
+                bad["y"],
+                facecolor="none",
+                marker="D",
+                s=110,
+                edgecolor="#d62728",
+                linewidth=1.4,
+                zorder=4,
+            )
+        for k, (_, row) in enumerate(de.iterrows()):
+            # neighbours (in x) alternate above and below, so close points stay readable
+            ax.annotate(
+                f"DE {row['label']}",
+                (row["x"], row["y"]),
+                xytext=(9, 7) if k % 2 else (9, -15),
+                textcoords="offset points",
+                fontsize=8,
+                bbox={"boxstyle": "round,pad=0.15", "fc": "white", "ec": "none", "alpha": 0.8},
+                zorder=5,
+            )
+        y = info["y"].to_numpy(float)
+        y = y[np.isfinite(y)]
+        if len(y) and (y > 0).all() and y.max() / y.min() > 100:
+            ax.set_yscale("log")
+        ax.set_xlabel(space.labels[0])
+        ax.set_ylabel(space.labels[-1])
+        fig.colorbar(ScalarMappable(norm=norm, cmap=cmap), ax=ax, label="mean bits per kept weight")
+        projected = ", projected" if len(space.names) > 2 else ""
+        handles = [
+            Line2D(
+                [],
+                [],
+                marker="o",
+                linestyle="none",
+                color="#9e9e9e",
+                markersize=6,
+                label=f"{FRONT_LABEL} ({len(front)} points{projected})",
+            ),
+            Line2D(
+                [],
+                [],
+                marker="D",
+                linestyle="--",
+                color="#444444",
+                markerfacecolor="#9e9e9e",
+                markeredgecolor="black",
+                markersize=8,
+                label=f"{DE_LABEL} ({len(de)} target sparsities)",
+            ),
+        ]
+        if len(bad):
+            handles.append(
+                Line2D(
+                    [],
+                    [],
+                    marker="D",
+                    linestyle="none",
+                    markerfacecolor="none",
+                    markeredgecolor="#d62728",
+                    markersize=8,
+                    label="DE point violating a constraint",
+                )
+            )
+        ax.legend(
+            handles=handles,
+            loc="upper right",
+            frameon=True,
+            title="marker: method; colour: mean bits",
+            title_fontsize=8,
+        )
+        lines = [title or "Search front vs Directed Evolution baseline"]
+        if summary is not None:
+            s = summary.set_index("method")
+            f, d = s.loc[FRONT_LABEL], s.loc[DE_LABEL]
+            lines.append(
+                f"evaluations: search {int(f['evaluations'])} (budget {int(f['budget'])}), DE "
+                f"{int(d['evaluations'])} (budget {int(d['budget'])}); hypervolume "
+                f"{f['hv']:.4f} (search) vs {d['hv']:.4f} (DE)"
+            )
+            which = " feasible" if int(d["points"]) < len(de) else ""
+            lines.append(
+                f"the front dominates {int(f['dominates'])} of {int(d['points'])}{which} DE "
+                f"points; DE dominates {int(d['dominates'])} of {int(f['points'])} front "
+                "points (in all objectives)"
+            )
+        ax.set_title("\n".join(lines), fontsize=10)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp.png")
+    fig.savefig(tmp, dpi=130)
+    os.replace(tmp, path)
+    return path
