@@ -106,10 +106,21 @@ class GenesConfig:
     quantizer: Literal["uniform", "kmeans"] = "uniform"
     # Per-layer sparsity bound from the gradient-rank redundancy analysis (seed 3).
     redundancy_bound: bool = False
+    # Weight-sharing genome (search.problem = "shared", seed 2): one global K, the number of
+    # bins of the codebook pooled over all layers, searched in [shared_k_min, shared_k_max];
+    # every layer is pruned at the fixed shared_sparsity first. shared_fidelity is the
+    # objective traded against size: teacher-student divergence or accuracy drop (points).
+    shared_k_min: int = field(default=2, metadata=_range(2, 256))
+    shared_k_max: int = field(default=256, metadata=_range(2, 256))
+    shared_sparsity: float = field(default=0.0, metadata=_range(0, 1, hi_open=True))
+    shared_fidelity: Literal["divergence", "acc_drop"] = "divergence"
 
     def __post_init__(self) -> None:
         if self.bits_min > self.bits_max:
             raise ConfigError("genes.bits_min", f"must be <= genes.bits_max ({self.bits_max})")
+        if self.shared_k_min > self.shared_k_max:
+            raise ConfigError("genes.shared_k_min",
+                              f"must be <= genes.shared_k_max ({self.shared_k_max})")
 
 
 @dataclass(frozen=True)
@@ -121,13 +132,32 @@ class RelevanceConfig:
     set_fraction: float = field(default=0.05, metadata=_range(0, 1, lo_open=True))
     calibration: int = field(default=256, metadata=_range(1, 60000))
     seed: int = 0
+    # Taylor scorer's loss: "task" (cross-entropy on calibration labels), or the divergence
+    # of a perturbed student, "noise" (teacher + Gaussian noise) or "prune" (teacher
+    # magnitude-pruned at 50 %): the teacher's own divergence has zero gradient.
+    taylor_loss: Literal["task", "noise", "prune"] = "task"
+    # Which weights DE's candidate sets are drawn from first: small |w| ("magnitude") or
+    # small |w| * ||x_j|| ("activation", the weight's typical contribution; better on
+    # FashionMNIST in bench/bench_relevance.py).
+    de_prior: Literal["magnitude", "activation"] = "magnitude"
 
 
 @dataclass(frozen=True)
 class SearchConfig:
+    # "layerwise": per-layer (sparsity, bits) genes; "shared": one global codebook size K
+    # (the weight-sharing problem of seed 2, see genes.shared_*).
+    problem: Literal["layerwise", "shared"] = "layerwise"
     algorithm: Literal["nsga2", "nsga3", "spea2", "moead", "age"] = "nsga2"
     operators: Literal["de", "default"] = "de"
     sampling: Literal["sensitivity", "random"] = "sensitivity"
+    # Sensitivity-seeded sampling: the share of the first population drawn uniformly at
+    # random and the share of extreme / uniform-level individuals; the rest is seeded from
+    # the per-layer sensitivity, measured once by pruning one layer at probe_sparsity (and
+    # quantising one layer at probe_bits) with every other layer left intact.
+    random_share: float = field(default=0.2, metadata=_range(0, 1))
+    extreme_share: float = field(default=0.1, metadata=_range(0, 1))
+    probe_sparsity: float = field(default=0.8, metadata=_range(0, 1, lo_open=True, hi_open=True))
+    probe_bits: int = field(default=2, metadata=_range(1, 8))
     pop_size: int = field(default=40, metadata=_range(4, 10000))
     budget: int = field(default=2000, metadata=_range(1, 10_000_000))
     crossover_prob: float = field(default=0.9, metadata=_range(0, 1))
@@ -138,6 +168,11 @@ class SearchConfig:
     directed_strength: float = field(default=0.7, metadata=_range(0, 1))
     chunk_size: int = field(default=64, metadata=_range(1, 100000))
     seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.random_share + self.extreme_share > 1.0:
+            raise ConfigError("search.random_share", "random_share + extreme_share must be "
+                              f"<= 1, got {self.random_share} + {self.extreme_share}")
 
 
 @dataclass(frozen=True)

@@ -11,6 +11,8 @@ import pytest
 
 # Tiny tensors: one thread is faster than two, and worker subprocesses inherit it.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+# Idle OpenMP threads sleep instead of spinning: spinning stalls everything on a busy 2-core box.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 _SESSION_ARTIFACTS = Path(tempfile.mkdtemp(prefix="moecomp-test-artifacts-"))
 os.environ.setdefault("MOECOMP_ARTIFACTS", str(_SESSION_ARTIFACTS))
 

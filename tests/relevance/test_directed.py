@@ -1,0 +1,203 @@
+"""Directed Evolution: it finds provably irrelevant weights, and on a real target its
+lowest-ranked half costs less divergence than magnitude's."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from moecomp.divergence import divergence
+from moecomp.relevance import DirectedEvolution, Magnitude, evolve_set, scores_to_ranks
+from moecomp.relevance.directed import LayerProbe
+from moecomp.target import Target
+
+
+def _dead_column_target(make_tiny) -> Target:  # noqa: ANN001
+    """Inputs 0..2 of the first layer are always zero, so their 30 weights never matter; all
+    other weights clearly do (|w| >= 0.5, hidden units always active)."""
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(64, 12, generator=gen)
+    x[:, :3] = 0.0
+    tg = make_tiny(n_in=12, hidden=10, n_out=4, x=x)
+    with torch.no_grad():
+        w = tg.teacher.get_parameter("0.weight")
+        w.copy_(w.sign() * (0.5 + w.abs()))
+        w[:, :3] = 10.0 * w[:, :3].sign()  # larger than any: magnitude ranks them last
+        tg.teacher.get_parameter("0.bias").fill_(20.0)
+        tg.teacher_out = tg.teacher(tg.calib_x)
+    return tg
+
+
+def test_directed_ranks_dead_inputs_lowest(make_tiny) -> None:  # noqa: ANN001
+    """With the activation prior (|w| * input norm), the 30 dead weights take ranks 0..29."""
+    tg = _dead_column_target(make_tiny)
+    ref = tg.layers[0]
+    ranks = scores_to_ranks(DirectedEvolution(prior="activation")(tg, ref, seed=0))
+    assert sorted(ranks[:, :3].flatten().tolist()) == list(range(30))
+    mag = scores_to_ranks(Magnitude()(tg, ref, seed=0))
+    assert int(mag[:, :3].min()) >= 90  # magnitude ranks them last: the test is not trivial
+
+
+def test_directed_evolution_finds_dead_inputs_without_a_prior(make_tiny) -> None:  # noqa: ANN001
+    """With the magnitude prior made flat (bias 50), only the measured divergence can find
+    the dead weights: most of them land in the lowest 30 ranks (magnitude puts none there).
+    Not all: 20 generations of 24 sets are not enough to assemble every 6-weight set."""
+    tg = _dead_column_target(make_tiny)
+    de = DirectedEvolution(
+        generations=20,
+        population=24,
+        set_fraction=0.05,
+        evolved_fraction=0.5,
+        bias=50.0,
+        prior="magnitude",
+    )
+    ranks = scores_to_ranks(de(tg, tg.layers[0], seed=0))
+    assert int((ranks[:, :3] < 30).sum()) >= 20
+
+
+def test_evolve_set_beats_its_prior_choice() -> None:
+    """On a synthetic fitness (sum of hidden costs of the chosen indices) evolution finds a
+    set at least as good as the k lowest-prior indices, usually strictly better."""
+    gen = torch.Generator().manual_seed(0)
+    m, k = 200, 10
+    cost = torch.rand(m, generator=gen)
+    prior = cost + 0.5 * torch.rand(m, generator=gen)  # a noisy view of the cost
+
+    def fitness(sets: torch.Tensor) -> torch.Tensor:
+        return cost[sets].sum(1)
+
+    avail = torch.ones(m, dtype=torch.bool)
+    pop, fits = evolve_set(
+        prior, avail, fitness, k=k, population=16, generations=15, mutation=0.2, bias=2.0, gen=gen
+    )
+    best, fit = pop[0], float(fits[0])
+    assert bool((fits[1:] >= fits[:-1]).all()), "population not sorted best first"
+    assert best.unique().numel() == k and bool(avail[best].all())
+    assert fit == pytest.approx(float(cost[best].sum()))
+    baseline = float(cost[prior.argsort()[:k]].sum())
+    assert fit < baseline
+    avail[best[:3]] = False  # unavailable weights are never chosen
+    pop2, _ = evolve_set(
+        prior,
+        avail,
+        fitness,
+        k=k,
+        population=8,
+        generations=3,
+        mutation=0.2,
+        bias=2.0,
+        gen=gen,
+        carried=pop,
+    )
+    assert bool(avail[pop2].all())
+    assert all(row.unique().numel() == k for row in pop2)
+
+
+def test_probe_matches_a_plain_forward(make_tiny) -> None:  # noqa: ANN001
+    tg = make_tiny()
+    ref = tg.layers[0]
+    probe = LayerProbe(tg, ref, tg.calib_x, tg.teacher_out, max_rows=100)  # chunks of 1
+    assert probe.local_prefix
+    zeroed = torch.zeros(ref.numel, dtype=torch.bool)
+    zeroed[:7] = True
+    sets = torch.tensor([[10, 20, 30], [0, 1, 119]])
+    got = probe.fitness_for(zeroed)(sets)
+    for row, want_set in zip(got, sets, strict=True):
+        w = tg.teacher.get_parameter("0.weight").detach().clone().reshape(-1)
+        w[:7] = 0
+        w[want_set] = 0
+        sd = tg.state_dict() | {ref.name: w.reshape(ref.shape)}
+        out = torch.func.functional_call(tg.teacher, sd, (tg.calib_x,))
+        assert float(row) == pytest.approx(
+            float(divergence(tg.teacher_out, out, "kl")), rel=1e-4, abs=1e-7
+        )
+
+
+def _kl_pruned(tg: Target, ranks: dict[str, torch.Tensor], share: float, n: int) -> float:
+    sd = tg.state_dict()
+    for ref in tg.layers:
+        if ref.name in ranks:
+            sd[ref.name] = sd[ref.name] * (ranks[ref.name] >= round(share * ref.numel))
+    out = torch.func.functional_call(tg.teacher, sd, (tg.calib_x[:n],))
+    return float(divergence(tg.teacher_out[:n], out, tg.divergence))
+
+
+def test_directed_half_beats_magnitude_on_digits(digits_target: Target) -> None:
+    """Zeroing DE's lowest-ranked 50 % of a layer (the others intact) diverges less than
+    magnitude's 50 % on the 256 calibration images DE measures on.
+
+    Weaker than it could be, on purpose: on the other 256 calibration images the margin for
+    the first layer is small at these reduced settings and not asserted; all layers at 50 %
+    together is not asserted either (DE ranks each layer with the others intact; at the
+    default settings it was well below magnitude on digits and FashionMNIST, see
+    bench/bench_relevance.py)."""
+    tg = digits_target
+    de = DirectedEvolution(generations=6, population=16, set_fraction=0.1, evolved_fraction=0.5)
+    assert de.calibration == 256
+    de_ranks = {ref.name: scores_to_ranks(de(tg, ref, seed=0)) for ref in tg.layers}
+    mag_ranks = {ref.name: scores_to_ranks(Magnitude()(tg, ref, seed=0)) for ref in tg.layers}
+    for ref in tg.layers:
+        d = _kl_pruned(tg, {ref.name: de_ranks[ref.name]}, 0.5, 256)
+        m = _kl_pruned(tg, {ref.name: mag_ranks[ref.name]}, 0.5, 256)
+        assert d < m, f"{ref.name}: DE {d:.5f} >= magnitude {m:.5f}"
+
+
+def test_plan_evolves_the_asked_share() -> None:
+    de = DirectedEvolution()
+    for numel in (235_200, 30_000, 1_000, 64, 7):
+        k, rounds = de.plan(numel)
+        assert 0.85 <= k * rounds / numel <= 0.95 or numel < 20
+        assert k * rounds <= numel
+
+
+class _Residual(torch.nn.Module):
+    """A skip connection around fc1: the rest of the network also reads fc1's input."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1 = torch.nn.Linear(6, 6)
+        self.fc2 = torch.nn.Linear(6, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(torch.relu(self.fc1(x)) + x)
+
+
+class _Conv(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv2d(2, 3, 3)
+        self.fc = torch.nn.Linear(3 * 4 * 4, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(torch.relu(self.conv(x)).flatten(1))
+
+
+@pytest.mark.parametrize(
+    ("model", "shape", "local"),
+    [(_Residual, (32, 6), [False, True]), (_Conv, (32, 2, 6, 6), [True, True])],
+)
+def test_probe_on_skip_connections_and_convs(model, shape, local) -> None:  # noqa: ANN001
+    """The probe falls back to repeating the inputs where a skip connection needs it, and
+    its divergences match a plain forward of each zeroed weight."""
+    from moecomp.target import select_layers
+
+    torch.manual_seed(0)
+    net = model()
+    x = torch.randn(*shape)
+    tg = Target(teacher=net, layers=select_layers(net), calib_x=x, calib_y=None)
+    for ref, want_local in zip(tg.layers, local, strict=True):
+        probe = LayerProbe(tg, ref, x, tg.teacher_out, max_rows=1 << 16)
+        assert probe.local_prefix is want_local
+        sets = torch.stack([torch.randperm(ref.numel)[:5] for _ in range(3)])
+        got = probe.fitness_for(torch.zeros(ref.numel, dtype=torch.bool))(sets)
+        for row, s in zip(got, sets, strict=True):
+            w = tg.weights()[ref.name].clone().reshape(-1)
+            w[s] = 0
+            sd = tg.state_dict() | {ref.name: w.reshape(ref.shape)}
+            out = torch.func.functional_call(net, sd, (x,))
+            want = float(divergence(tg.teacher_out, out, "kl"))
+            assert float(row) == pytest.approx(want, rel=1e-4, abs=1e-7)
+        for prior in ("magnitude", "activation"):
+            de = DirectedEvolution(generations=2, population=4, prior=prior)  # type: ignore[arg-type]
+            ranks = scores_to_ranks(de(tg, ref, seed=0))
+            assert sorted(ranks.flatten().tolist()) == list(range(ref.numel))
