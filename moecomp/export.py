@@ -5,6 +5,7 @@ and checks that the decoded model reproduces the in-memory solution exactly."""
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,7 +38,7 @@ class ExportResult:
     teacher_test_acc: float
 
 
-def export_solution(run: RunContext | str, solution: str | int, *, out: Path | None = None,
+def export_solution(run: RunContext | str | os.PathLike[str], solution: str | int, *, out: Path | None = None,
                     safetensors: bool = False, onnx: bool = False,
                     progress: bool = False) -> ExportResult:
     """Write and verify the files of one solution. ``out``: the .mcz path (default

@@ -10,6 +10,7 @@ as ``refined/rN.mcz`` with a row in ``refined.csv`` that records its lineage.
 from __future__ import annotations
 
 import json
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -153,7 +154,7 @@ def next_key(ctx: RunContext) -> str:
     return f"r{max(used, default=0) + 1}"
 
 
-def refine(run: RunContext | str, solution: str | int, *, merge: bool = True,
+def refine(run: RunContext | str | os.PathLike[str], solution: str | int, *, merge: bool = True,
            tolerance: float = 0.5, metric: FidelityKind = "accuracy",
            finetune_epochs: int = 0, lr: float = 5e-4, seed: int = 0,
            progress: bool = True) -> RefineResult:

@@ -8,6 +8,7 @@ compressed layers and the full student state dict, ready to load into the teache
 from __future__ import annotations
 
 import copy
+import os
 from dataclasses import dataclass
 from functools import cached_property
 
@@ -37,7 +38,8 @@ class Solution:
 class RunContext:
     """A run folder with its problem's target and ranks, built lazily once."""
 
-    def __init__(self, run: RunFolder | str, *, progress: bool = False) -> None:
+    def __init__(self, run: RunFolder | str | os.PathLike[str], *,
+                 progress: bool = False) -> None:
         self.run = run if isinstance(run, RunFolder) else RunFolder(run)
         self.progress = progress
 

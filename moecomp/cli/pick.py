@@ -1,14 +1,114 @@
-"""`moecomp pick` (placeholder until its stage lands)."""
+"""`moecomp pick RUN`: choose solutions from a run's front, re-evaluate them on held-out
+data, write picks.csv and draw the figures."""
 
 from __future__ import annotations
 
-import typer
+from pathlib import Path
 
-from moecomp.cli._common import not_yet
+import pandas as pd
+import typer
+from rich import box
+from rich.console import Console
+from rich.table import Table
+
+from moecomp.errors import ConfigError
+
+
+def parse_weights(text: str) -> list[float]:
+    """``"1,1,4"`` -> ``[1.0, 1.0, 4.0]``; a malformed list is a ConfigError on --weights."""
+    try:
+        return [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise ConfigError(
+            "--weights", f"must be numbers separated by commas, e.g. 1,1,4; got {text!r}"
+        ) from None
+
+
+def picks_table(picks: pd.DataFrame) -> Table:
+    """The picks as a rich table (fits 100 columns): rule, ratio, objectives, and accuracy
+    (drop from the teacher) on the calibration, validation and test data."""
+    splits = [
+        ("calib", "accuracy", "acc_drop"),
+        ("val", "val_acc", "val_drop"),
+        ("test", "test_acc", "test_drop"),
+    ]
+    splits = [s for s in splits if s[1] in picks.columns]
+    table = Table(title="picks", box=box.SIMPLE_HEAD)
+    table.add_column("id", justify="right")
+    table.add_column("rule")
+    for header in ("ratio", "density", "bits", "diverg."):
+        table.add_column(header, justify="right")
+    for name, _, _ in splits:
+        table.add_column(f"{name} % (drop)", justify="right")
+    for _, row in picks.iterrows():
+        table.add_row(
+            str(int(row["id"])),
+            str(row["rule"]).split(" within ")[0],
+            f"{row['ratio']:.1f}x",
+            f"{row['density']:.3f}",
+            f"{row['bits']:.2f}",
+            f"{row['divergence']:.3g}",
+            *[f"{row[a]:.1f} ({row[d]:+.1f})" for _, a, d in splits],
+        )
+    return table
 
 
 def register(app: typer.Typer) -> None:
     @app.command("pick")
-    def _cmd() -> None:
-        """Not yet available."""
-        not_yet("pick")
+    def pick(
+        run: Path = typer.Argument(..., help="Run folder written by `moecomp search`."),
+        max_drop: float | None = typer.Option(
+            None, "--max-drop", help="Max accuracy drop (points, calibration set)."
+        ),
+        max_divergence: float | None = typer.Option(
+            None, "--max-divergence", help="Max divergence (e.g. KL nats)."
+        ),
+        min_ratio: float | None = typer.Option(
+            None, "--min-ratio", help="Min compression ratio vs fp32."
+        ),
+        knee: bool = typer.Option(False, "--knee", help="Pick the knee points of the front."),
+        weights: str | None = typer.Option(
+            None,
+            "--weights",
+            help="Importance per objective, e.g. 1,1,4 (density, bits, "
+            "divergence): the best match is picked.",
+        ),
+        method: str = typer.Option("asf", "--method", help="How --weights pick: asf | pseudo."),
+        max_knees: int = typer.Option(3, "--max-knees", help="At most this many knee points."),
+        reevaluate: bool = typer.Option(
+            True,
+            "--reevaluate/--no-reevaluate",
+            help="Re-evaluate the picks on the full validation and test splits.",
+        ),
+        plots: bool = typer.Option(True, "--plots/--no-plots", help="Draw the figures."),
+    ) -> None:
+        """Choose solutions by bounds (best ratio within them), knee or weights. With no rule:
+        the knee points and equal weights."""
+        from moecomp.pick import pick as pick_solutions
+        from moecomp.plots import plot_run
+
+        picks = pick_solutions(
+            run,
+            max_drop=max_drop,
+            max_divergence=max_divergence,
+            min_ratio=min_ratio,
+            knee=knee,
+            weights=parse_weights(weights) if weights is not None else None,
+            method=method,
+            max_knees=max_knees,
+            reevaluate=reevaluate,
+            progress=True,
+        )
+        c = Console()
+        rule = str(picks["rule"].iloc[0])
+        if " within " in rule:
+            c.print("all picks are within " + rule.split(" within ", 1)[1])
+        c.print(picks_table(picks))
+        c.print(
+            "drops from the teacher on the same data, in points; calib = the search's "
+            "calibration set"
+        )
+        c.print(f"picks: {run / 'picks.csv'}")
+        if plots:
+            for p in plot_run(run, picks):
+                c.print(f"plot:  {p}")

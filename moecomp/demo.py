@@ -1,0 +1,104 @@
+"""The whole path on the embedded default (scikit-learn digits, a 17k-parameter MLP):
+train the teacher, search, pick, refine, export, decode and verify, compare with the
+single-objective DE baseline, and write the report. A few minutes on 2 cores."""
+
+from __future__ import annotations
+
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from rich.console import Console
+
+from moecomp.config import ProblemConfig, load_problem
+from moecomp.errors import ConfigError
+
+DEFAULT_PROBLEM = Path(__file__).resolve().parents[1] / "problems" / "digits-mlp.toml"
+
+
+@dataclass(frozen=True)
+class DemoResult:
+    run: Path
+    export: Path
+    report: Path
+    ratio: float
+    test_acc: float
+    teacher_test_acc: float
+
+
+def default_problem() -> ProblemConfig:
+    if not DEFAULT_PROBLEM.is_file():
+        raise ConfigError("problem", f"{DEFAULT_PROBLEM} not found: run the demo from a "
+                          "checkout of moecomp (pip install -e .)")
+    return load_problem(DEFAULT_PROBLEM)
+
+
+def run_demo(out: Path, *, budget: int | None = None, fresh: bool = False,
+             compare: bool = True, console: Console | None = None) -> DemoResult:
+    from moecomp.compare import compare_with_de
+    from moecomp.export import export_solution
+    from moecomp.pick import pick
+    from moecomp.plots import plot_run
+    from moecomp.refine import refine
+    from moecomp.report import write_report
+    from moecomp.search import run_search
+    from moecomp.solution import RunContext
+    from moecomp.train import teacher_paths, train_teacher
+
+    c = console or Console()
+    problem = default_problem()
+    t0 = time.perf_counter()
+
+    c.rule("1. teacher")
+    _, record = train_teacher(problem)
+    c.print(f"digits MLP: test accuracy {record['test_accuracy']:.2f} % "
+            f"({record['n_params']:,} parameters) -> {teacher_paths(problem)[0]}")
+
+    c.rule("2. search (NSGA-II with Directed-Evolution operators)")
+    if fresh and out.exists():
+        shutil.rmtree(out)
+    resume = out.exists() and (out / "checkpoint.pkl").exists()
+    result = run_search(problem, out, budget=budget, resume=resume, progress=True)
+    c.print(f"{result.n_evals} evaluations, final hypervolume {result.hv:.4f}, "
+            f"{len(result.front)} solutions on the front")
+
+    c.rule("3. pick")
+    picks = pick(out, max_drop=1.0, knee=True)
+    best = picks[picks["rule"].str.startswith("best ratio")].iloc[0]
+    knee = picks[picks["rule"].str.startswith("knee")]
+    c.print(f"best ratio with <= 1.0 point drop: solution {int(best['id'])} "
+            f"({best['ratio']:.1f}x estimated, test drop {best['test_drop']:.2f} points); "
+            f"knee: solution(s) {', '.join(str(int(i)) for i in knee['id'])}")
+
+    c.rule("4. refine (2 distillation epochs, then bin merging within 0.5 points)")
+    ctx = RunContext(out)
+    ref = refine(ctx, int(best["id"]), merge=True, tolerance=0.5, finetune_epochs=2)
+    c.print(f"{ref.key}: levels {sum(ref.levels_before.values())} -> "
+            f"{sum(ref.levels_after.values())}, test {ref.test_acc:.2f} %, {ref.ratio:.1f}x")
+
+    c.rule("5. export, decode, verify")
+    exp = export_solution(ctx, ref.key, safetensors=True, onnx=True)
+    c.print(f"{exp.mcz}: {exp.file_bytes:,} bytes, {exp.ratio:.1f}x vs fp32 "
+            f"({exp.fp32_bytes:,} bytes); decoded test accuracy {exp.test_acc:.2f} % "
+            f"(teacher {exp.teacher_test_acc:.2f} %); decoded file reproduces the solution "
+            "exactly")
+
+    if compare:
+        c.rule("6. compare with single-objective Directed Evolution")
+        cmp = compare_with_de(out)
+        row = cmp.summary.set_index("method")
+        c.print(f"hypervolume: search front {row.loc['search front', 'hv']:.4f} vs DE baseline "
+                f"{row.loc['DE baseline', 'hv']:.4f} at the same {int(row.loc['search front', 'budget'])}"
+                f" evaluations; the front dominates {cmp.front_dominates_de} of"
+                f" {len(cmp.de)} DE points, DE dominates {cmp.de_dominates_front} front points"
+                f" -> {cmp.files['markdown']}")
+
+    c.rule("7. plots and report")
+    plots = plot_run(out, picks=picks)
+    report = write_report(out)
+    for p in plots:
+        c.print(f"plot   {p}")
+    c.print(f"report {report}")
+    c.print(f"[bold green]done in {time.perf_counter() - t0:.0f} s[/]")
+    return DemoResult(out, exp.mcz, report, exp.ratio, exp.test_acc, exp.teacher_test_acc)

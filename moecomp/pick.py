@@ -1,0 +1,423 @@
+"""Pick: rules that choose solutions from a front, and their check on held-out data.
+
+The stage *Pick* of DESIGN.md. The rules are pure functions on a front (objective matrix
+``F: (n, n_obj)``, every objective minimised, or the front's metric frame):
+
+- :func:`by_constraints` keeps the solutions within bounds on accuracy drop, divergence and
+  compression ratio, best ratio first;
+- :func:`knee` finds the knee points (pymoo's ``HighTradeoffPoints``);
+- :func:`by_weights` picks one solution for a preference vector (pymoo's ``ASF``
+  decomposition or ``PseudoWeights``).
+
+:func:`choose` applies a set of rules to a front frame; :func:`pick` does so for a run
+folder, re-evaluates the chosen solutions on the full validation and test splits (the
+search only saw the calibration subset) and writes ``picks.csv``.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import warnings
+from collections.abc import Callable, Sequence
+from typing import Literal
+
+import numpy as np
+import pandas as pd
+import torch
+
+from moecomp.errors import ConfigError, MoecompError, RunError
+from moecomp.plan import CompressionPlan
+from moecomp.runs import METRICS, RunFolder, atomic_write_csv
+from moecomp.target import Target
+
+METHODS = ("asf", "pseudo")
+HOLDOUT_COLUMNS = ("val_acc", "val_drop", "test_acc", "test_drop")
+# A rebuilt student whose calibration accuracy differs from what the search recorded by more
+# than this many points was not rebuilt the way the search built it (other ranks or teacher).
+CALIBRATION_TOLERANCE = 1.0
+
+
+class NoFeasibleSolution(MoecompError):
+    """A pick rule has no solution on the front that satisfies it."""
+
+
+# --- objectives ---------------------------------------------------------------------------
+ObjectiveFn = Callable[[pd.DataFrame], np.ndarray]
+
+
+def default_objectives(df: pd.DataFrame) -> np.ndarray:
+    """``F (n, 3)``: density, bits, divergence of a metric frame (the ``3obj`` objectives).
+    A run's own objectives come from ``moecomp.compare.objective_space(problem).matrix``."""
+    return df[["density", "bits", "divergence"]].to_numpy(float)
+
+
+def normalise(
+    F: np.ndarray, *, ideal: np.ndarray | None = None, nadir: np.ndarray | None = None
+) -> np.ndarray:
+    """``(F - ideal) / (nadir - ideal)``, by default with the ideal and nadir of ``F`` itself,
+    so every objective of a front spans [0, 1]. F: (n, n_obj). An objective with no spread
+    maps to 0 (it cannot tell solutions apart)."""
+    F = _check_F(F)
+    lo = F.min(axis=0) if ideal is None else np.asarray(ideal, dtype=float)
+    hi = F.max(axis=0) if nadir is None else np.asarray(nadir, dtype=float)
+    span = hi - lo
+    return (F - lo) / np.where(span > 0, span, 1.0)
+
+
+def _check_F(F: np.ndarray) -> np.ndarray:
+    F = np.asarray(F, dtype=float)
+    if F.ndim != 2 or F.shape[0] == 0 or F.shape[1] < 2:
+        raise ValueError(f"F: expected an (n >= 1, n_obj >= 2) array, got shape {F.shape}")
+    if not np.isfinite(F).all():
+        raise ValueError("F: objectives must be finite")
+    return F
+
+
+# --- rules ----------------------------------------------------------------------------------
+def by_constraints(
+    df: pd.DataFrame,
+    *,
+    max_drop: float | None = None,
+    max_divergence: float | None = None,
+    min_ratio: float | None = None,
+) -> pd.DataFrame:
+    """The rows of a metric frame with ``acc_drop <= max_drop``, ``divergence <=
+    max_divergence`` and ``ratio >= min_ratio`` (a bound of None is off), best compression
+    ratio first (ties: smaller divergence).
+
+    Raises :class:`NoFeasibleSolution` when no row meets them all; the message names the
+    bound that fails and the best value available.
+    """
+    bounds = _bounds(max_drop, max_divergence, min_ratio)
+    keep = np.ones(len(df), dtype=bool)
+    for col, op, value, _ in bounds:
+        vals = df[col].to_numpy(float)
+        keep &= vals <= value if op == "<=" else vals >= value
+    if not keep.any():
+        raise NoFeasibleSolution(_infeasible_message(df, bounds))
+    out = df[keep].sort_values(["ratio", "divergence"], ascending=[False, True], kind="stable")
+    return out
+
+
+def _bounds(
+    max_drop: float | None, max_divergence: float | None, min_ratio: float | None
+) -> list[tuple[str, str, float, str]]:
+    """(column, operator, value, option name) of the bounds that are on."""
+    out = []
+    for col, op, value, name in (
+        ("acc_drop", "<=", max_drop, "max_drop"),
+        ("divergence", "<=", max_divergence, "max_divergence"),
+        ("ratio", ">=", min_ratio, "min_ratio"),
+    ):
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int | float) or not np.isfinite(value):
+            raise ConfigError(name, f"must be a finite number, got {value!r}")
+        out.append((col, op, float(value), name))
+    return out
+
+
+def _infeasible_message(df: pd.DataFrame, bounds: list[tuple[str, str, float, str]]) -> str:
+    if df.empty:
+        return "the front is empty"
+    for col, op, value, name in bounds:
+        vals = df[col].to_numpy(float)
+        best = vals.min() if op == "<=" else vals.max()
+        alone = vals <= value if op == "<=" else vals >= value
+        if not alone.any():
+            at = int(np.argmin(vals) if op == "<=" else np.argmax(vals))
+            return (
+                f"{name}: no solution of the front has {col} {op} {value:g}; the best "
+                f"available is {col} = {best:.4g} (solution {int(df['id'].iloc[at])})"
+            )
+    # Each bound alone is met by some solution, but not all together.
+    parts = []
+    for col, op, value, name in bounds:
+        others = np.ones(len(df), dtype=bool)
+        for c2, op2, v2, n2 in bounds:
+            if n2 != name:
+                v = df[c2].to_numpy(float)
+                others &= v <= v2 if op2 == "<=" else v >= v2
+        if others.any():
+            vals = df[col].to_numpy(float)[others]
+            best = vals.min() if op == "<=" else vals.max()
+            parts.append(
+                f"with the other bounds, the best {col} is {best:.4g} ({name} asks {op} {value:g})"
+            )
+    text = "; ".join(parts)
+    names = ", ".join(b[3] for b in bounds)
+    return f"{names}: no solution of the front meets all of them together; {text}"
+
+
+def knee(F: np.ndarray) -> np.ndarray:
+    """Indices (into the rows of F) of the knee points of a front: the solutions whose
+    trade-off with their neighbours stands out (pymoo's ``HighTradeoffPoints``), computed on
+    F's non-dominated rows normalised to [0, 1] per objective so units do not matter.
+    F: (n, n_obj), minimised.
+
+    Returns an int array ordered by normalised distance to the ideal point (closest first:
+    of several knees, the most balanced one leads), empty when no point stands out (a front
+    of fewer than three distinct points has no knee).
+    """
+    from pymoo.mcdm.high_tradeoff import HighTradeoffPoints
+    from pymoo.util.nds.non_dominated_sorting import NonDominatedSorting
+
+    F = _check_F(F)
+    # pymoo divides by zero for duplicate points, and a dominated point has an infinite
+    # trade-off; so work on the distinct non-dominated points (a knee is a front's anyway).
+    uniq, first = np.unique(F, axis=0, return_index=True)
+    nd = np.sort(np.asarray(NonDominatedSorting().do(uniq, only_non_dominated_front=True)))
+    uniq, first = uniq[nd], first[nd]
+    if len(uniq) < 3:
+        return np.zeros(0, dtype=int)
+    Fn = normalise(uniq)
+    # pymoo calls warnings.filterwarnings("ignore") inside; keep that from leaking out.
+    with warnings.catch_warnings(), np.errstate(divide="ignore", invalid="ignore"):
+        found = HighTradeoffPoints().do(Fn)
+    if found is None:
+        return np.zeros(0, dtype=int)
+    found = np.asarray(found, dtype=int)
+    dist = np.linalg.norm(Fn[found], axis=1)
+    return first[found[np.lexsort((first[found], dist))]]
+
+
+def by_weights(
+    F: np.ndarray, weights: Sequence[float], *, method: Literal["asf", "pseudo"] | str = "asf"
+) -> int:
+    """Index of the solution that best matches a preference vector.
+
+    F: (n, n_obj), minimised; normalised by the ideal and nadir point of F (the front).
+    weights: (n_obj,) non-negative importance of each objective (larger = more important;
+        only the proportions matter). ``(1, 0)`` picks the minimum of objective 1.
+    method: ``asf``: the minimiser of the achievement scalarising function
+        ``max_i w_i * f_i`` (pymoo's ``ASF`` with direction ``1 / w``), ties broken by the
+        weighted sum; ``pseudo``: the solution whose pseudo-weights (its relative distance
+        from the nadir per objective) are closest to ``weights`` (pymoo's ``PseudoWeights``).
+    """
+    F = _check_F(F)
+    w = np.asarray(weights, dtype=float)
+    if w.shape != (F.shape[1],):
+        raise ConfigError(
+            "weights",
+            f"needs {F.shape[1]} numbers (one per objective), got "
+            f"{len(w) if w.ndim == 1 else w.shape}",
+        )
+    if not np.isfinite(w).all() or (w < 0).any() or w.sum() <= 0:
+        raise ConfigError("weights", f"must be non-negative with a positive sum, got {w.tolist()}")
+    w = w / w.sum()
+    Fn = normalise(F)
+    if method == "asf":
+        from pymoo.decomposition.asf import ASF
+
+        # pymoo's ASF divides by its weights (a direction): importance w means 1 / w; a zero
+        # importance is an infinite divisor, so that objective is ignored.
+        with np.errstate(divide="ignore"):
+            direction = np.where(w > 0, 1.0 / np.where(w > 0, w, 1.0), np.inf)
+        asf = np.asarray(ASF().do(Fn, weights=direction), dtype=float).reshape(-1)
+        tie = Fn @ w
+        return int(np.lexsort((tie, asf))[0])
+    if method == "pseudo":
+        from pymoo.mcdm.pseudo_weights import PseudoWeights
+
+        # An objective without spread gives every solution the same pseudo-weight; drop it.
+        spread = F.max(axis=0) > F.min(axis=0)
+        if not spread.any():
+            return 0
+        ws = w[spread]
+        if ws.sum() <= 0:
+            return 0
+        m = int(spread.sum())
+        dm = PseudoWeights(ws / ws.sum(), ideal=np.zeros(m), nadir=np.ones(m))
+        return int(dm.do(Fn[:, spread]))
+    raise ConfigError("method", f"must be one of {', '.join(METHODS)}; got {method!r}")
+
+
+# --- several rules on a front ---------------------------------------------------------------
+def choose(
+    front: pd.DataFrame,
+    *,
+    objectives: ObjectiveFn | None = None,
+    max_drop: float | None = None,
+    max_divergence: float | None = None,
+    min_ratio: float | None = None,
+    knee_point: bool = False,
+    weights: Sequence[float] | None = None,
+    method: str = "asf",
+    max_knees: int = 3,
+) -> pd.DataFrame:
+    """Apply pick rules to a front's metric frame; one row per (rule, chosen solution), with a
+    ``rule`` column after ``id``.
+
+    Bounds (max_drop, max_divergence, min_ratio) restrict the front first; on their own they
+    pick the feasible solution of best ratio. ``knee_point`` adds the knee points (at most
+    ``max_knees``, closest to the ideal first: a noisy 3-D front can have many) and
+    ``weights`` the best match of that preference (``method`` asf or pseudo), both among the
+    feasible solutions. With no rule at all: the knee points (if the front has any) and equal
+    weights with ASF.
+
+    objectives: metric frame -> ``F (n, n_obj)``, the minimised objectives that knee and
+    weights work on (default: density, bits, divergence).
+    """
+    bounds = _bounds(max_drop, max_divergence, min_ratio)
+    if max_knees < 1:
+        raise ConfigError("max_knees", f"must be >= 1, got {max_knees}")
+    if method not in METHODS:
+        raise ConfigError("method", f"must be one of {', '.join(METHODS)}; got {method!r}")
+    default = not bounds and not knee_point and weights is None
+    pool = by_constraints(
+        front, max_drop=max_drop, max_divergence=max_divergence, min_ratio=min_ratio
+    )
+    within = " within " + ", ".join(f"{c} {op} {v:g}" for c, op, v, _ in bounds) if bounds else ""
+    rows: list[pd.DataFrame] = []
+
+    def add(sel: pd.DataFrame, rule: str) -> None:
+        rows.append(sel.assign(rule=rule))
+
+    if bounds:
+        add(pool.iloc[[0]], "best ratio" + within)
+    F = (objectives or default_objectives)(pool)
+    if knee_point or default:
+        idx = knee(F)
+        if len(idx) == 0 and not default:
+            raise NoFeasibleSolution(
+                f"knee: no point of the front{within} stands out (pymoo's HighTradeoffPoints "
+                f"found no outlier among {len(pool)} solutions); use weights instead"
+            )
+        if len(idx):
+            add(pool.iloc[idx[:max_knees]], "knee" + within)
+    if weights is not None or default:
+        w = [1.0] * F.shape[1] if weights is None else list(weights)
+        i = by_weights(F, w, method=method)
+        add(pool.iloc[[i]], f"weights {','.join(f'{x:g}' for x in w)} ({method}){within}")
+    out = pd.concat(rows, ignore_index=True)
+    first = ["id", "rule"]
+    return out[first + [c for c in out.columns if c not in first]]
+
+
+# --- held-out re-evaluation -----------------------------------------------------------------
+def holdout_accuracy(
+    target: Target, ranks: dict[str, torch.Tensor], plans: Sequence[CompressionPlan]
+) -> pd.DataFrame:
+    """Top-1 accuracy (%) of the students of ``plans`` on the target's full validation and
+    test splits, and the drop (points) from the teacher's accuracy on the same split.
+
+    target: a ``moecomp.target.Target``; ranks: its ranks (``compute_ranks``).
+    Returns one row per plan: ``calib_acc`` (on the calibration data, to check the rebuild),
+    ``val_acc``, ``val_drop``, ``test_acc``, ``test_drop``, plus ``teacher_val_acc`` and
+    ``teacher_test_acc``; a split the target lacks gives no columns.
+    """
+    from moecomp.apply import apply_plan, student_state_dict
+    from moecomp.data import Split
+    from moecomp.train import accuracy
+
+    if target.task != "classification":
+        raise ConfigError(
+            "task", f"held-out accuracy needs a classifier; this target is {target.task!r}"
+        )
+    splits: dict[str, Split] = {}
+    if target.calib_y is not None:
+        splits["calib"] = Split(target.calib_x, target.calib_y)
+    for name in ("val", "test"):
+        split = getattr(target, name)
+        if split is not None:
+            splits[name] = split
+    teacher_acc = {k: accuracy(target.teacher, s) for k, s in splits.items()}
+    weights = target.weights()
+    teacher_state = target.state_dict()
+    student = copy.deepcopy(target.teacher)
+    rows = []
+    for plan in plans:
+        layers = apply_plan(plan, weights, ranks)
+        student.load_state_dict(student_state_dict(teacher_state, layers))
+        row: dict[str, float] = {}
+        for k, split in splits.items():
+            acc = accuracy(student, split)
+            row[f"{k}_acc"] = acc
+            if k != "calib":
+                row[f"{k}_drop"] = teacher_acc[k] - acc
+        for k in ("val", "test"):
+            if k in teacher_acc:
+                row[f"teacher_{k}_acc"] = teacher_acc[k]
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def pick(
+    run_dir: str | os.PathLike[str],
+    *,
+    max_drop: float | None = None,
+    max_divergence: float | None = None,
+    min_ratio: float | None = None,
+    knee: bool = False,
+    weights: Sequence[float] | None = None,
+    method: str = "asf",
+    max_knees: int = 3,
+    reevaluate: bool = True,
+    progress: bool = False,
+) -> pd.DataFrame:
+    """Choose solutions from a run's front (see :func:`choose` for the rules), re-evaluate
+    them on the full validation and test splits, and write ``RUN/picks.csv``.
+
+    Columns: ``id``, ``rule``, ``gen``, the search's metrics (``accuracy`` and ``acc_drop``
+    are on the calibration data), with ``reevaluate`` also ``val_acc``, ``val_drop``,
+    ``test_acc``, ``test_drop`` (drops from the teacher on the same split, in points) and
+    the teacher's accuracies, then the genes (``s:<tensor>``, ``b:<tensor>``).
+    """
+    run = RunFolder(run_dir)
+    problem = run.problem()
+    front = run.front()
+    if front.empty:
+        raise RunError(f"{run.path}: front.csv has no solutions")
+    from moecomp.compare import objective_space
+
+    space = objective_space(problem)
+    if weights is not None and len(weights) != len(space.names):
+        raise ConfigError(
+            "weights",
+            f"needs {len(space.names)} numbers, one per objective of this run "
+            f"({', '.join(space.names)}); got {len(weights)}",
+        )
+    picks = choose(
+        front,
+        objectives=space.matrix,
+        max_drop=max_drop,
+        max_divergence=max_divergence,
+        min_ratio=min_ratio,
+        knee_point=knee,
+        weights=weights,
+        method=method,
+        max_knees=max_knees,
+    )
+    genes = [c for c in picks.columns if c.startswith(("s:", "b:"))]
+    head = ["id", "rule", "gen", *METRICS]
+    if reevaluate:
+        held = _reevaluate(run, picks, progress=progress)
+        picks = pd.concat([picks.reset_index(drop=True), held], axis=1)
+        head += [c for c in held.columns if c != "calib_acc"]
+    picks = picks[head + genes]
+    atomic_write_csv(run.file("picks.csv"), picks)
+    return picks
+
+
+def _reevaluate(run: RunFolder, picks: pd.DataFrame, *, progress: bool) -> pd.DataFrame:
+    from moecomp.relevance import compute_ranks
+    from moecomp.target import build_target
+
+    problem = run.problem()
+    target = build_target(problem, progress=progress)
+    ranks = compute_ranks(target, problem.relevance, progress=progress)
+    plans = [run.plan(int(i)) for i in picks["id"]]
+    held = holdout_accuracy(target, ranks, plans)
+    if "calib_acc" in held:
+        diff = held["calib_acc"].to_numpy() - picks["accuracy"].to_numpy(float)
+        bad = np.abs(diff) > CALIBRATION_TOLERANCE
+        if bad.any():
+            j = int(np.argmax(bad))
+            raise RunError(
+                f"{run.path}: solution {int(picks['id'].iloc[j])} rebuilt from its plan has "
+                f"calibration accuracy {held['calib_acc'].iloc[j]:.2f} %, but the search "
+                f"recorded {picks['accuracy'].iloc[j]:.2f} %: the teacher, data or ranks "
+                f"differ from the search's"
+            )
+    return held
