@@ -1,0 +1,131 @@
+"""Highest compression ratio (real .mcz files) within an accuracy budget, on a problem.
+
+Three stages, each measured on real files and the official test split:
+  1. post-training: the search's front alone (no retraining),
+  2. post-training + iterative bin merging (no retraining),
+  3. refine: distillation fine-tuning (masks kept, quantisation in the loop) for at most
+     ``--finetune-epochs`` epochs, then bin merging.
+Solutions are chosen on the VALIDATION split (accuracy drop <= --max-drop points vs the
+teacher); the test drop is reported, not selected on.
+
+Ratio = 4 bytes x every parameter of the model (weights and biases) / bytes of the .mcz file
+(header, plan, codebooks, biases and coded streams: everything needed to rebuild the model).
+
+Run: .venv/bin/python bench/bench_compression.py problems/fashion-lenet300.toml --budget 5000
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from moecomp.export import export_solution
+from moecomp.refine import refine
+from moecomp.search import run_search
+from moecomp.solution import RunContext, student_model
+from moecomp.train import accuracy
+
+
+def val_drop(ctx: RunContext, key: str) -> float:
+    model = student_model(ctx.target.teacher, ctx.solution(key).state)
+    assert ctx.target.val is not None
+    return accuracy(ctx.target.teacher, ctx.target.val) - accuracy(model, ctx.target.val)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("problem")
+    ap.add_argument("--budget", type=int, default=None)
+    ap.add_argument("--out", default=None)
+    ap.add_argument("--max-drop", type=float, default=1.0)
+    ap.add_argument("--finetune-epochs", type=int, default=3)
+    ap.add_argument("--candidates", type=int, default=5,
+                    help="solutions within the budget (best estimated ratio first) exported")
+    ap.add_argument("--refine-drops", default="3,6,12,25",
+                    help="validation drops (points) of the solutions tried for fine-tuning")
+    args = ap.parse_args()
+    t0 = time.perf_counter()
+    name = Path(args.problem).stem
+    out = Path(args.out or f"runs/bench-{name}")
+    resume = (out / "checkpoint.pkl").exists()
+    res = run_search(args.problem, out, budget=args.budget, resume=resume, progress=True)
+    ctx = RunContext(out)
+    teacher_test = accuracy(ctx.target.teacher, ctx.target.test)
+    front = ctx.run.front().sort_values("ratio", ascending=False)
+    # every front solution's validation drop (one forward on the validation split each)
+    drops = {int(r.id): val_drop(ctx, str(int(r.id))) for r in front.itertuples()}
+    est = front.set_index("id")["ratio"]
+    rows = []
+
+    def record(stage: str, key: str, parent: str, seconds: float) -> None:
+        e = export_solution(ctx, key, out=out / "bench" / f"{key}.mcz")
+        rows.append((stage, key, parent, e.file_bytes, e.ratio,
+                     accuracy(ctx.target.teacher, ctx.target.val) - e.val_acc,
+                     teacher_test - e.test_acc, seconds))
+
+    # 1. post-training: best real ratio among front solutions within the validation budget
+    ok = sorted((i for i, d in drops.items() if d <= args.max_drop), key=lambda k: -est[k])
+    ok = ok[: args.candidates]
+    best_post = None
+    for i in ok:
+        e = export_solution(ctx, i, out=out / "bench" / f"{i}.mcz")
+        if best_post is None or e.ratio > best_post[1]:
+            best_post = (i, e.ratio)
+    if best_post is not None:
+        record("post-training", str(best_post[0]), "-", 0.0)
+        # 2. + bin merging within the remaining validation budget
+        t = time.perf_counter()
+        r = refine(ctx, best_post[0], merge=True,
+                   tolerance=max(0.0, args.max_drop - drops[best_post[0]]), progress=False)
+        record("post-training + bin merging", r.key, str(best_post[0]),
+               time.perf_counter() - t)
+
+    # 3. refine: fine-tune aggressive solutions, then merge within the budget
+    tried: set[int] = set()
+    for limit in (float(x) for x in args.refine_drops.split(",")):
+        cands = [i for i, d in drops.items() if d <= limit]
+        if not cands:
+            continue
+        i = max(cands, key=lambda k: float(est[k]))
+        if i in tried:
+            continue
+        tried.add(i)
+        t = time.perf_counter()
+        tuned = refine(ctx, i, merge=False, finetune_epochs=args.finetune_epochs,
+                       progress=False)
+        d = val_drop(ctx, tuned.key)
+        if d > args.max_drop:
+            rows.append((f"fine-tuned ({args.finetune_epochs} ep), val drop {d:.2f} > budget",
+                         tuned.key, str(i), tuned.file_bytes, tuned.ratio, d,
+                         teacher_test - tuned.test_acc, time.perf_counter() - t))
+            continue
+        merged = refine(ctx, tuned.key, merge=True, tolerance=args.max_drop - d,
+                        progress=False)
+        record(f"refine ({args.finetune_epochs} ep) + bin merging", merged.key,
+               f"{i} -> {tuned.key}", time.perf_counter() - t)
+
+    print(f"# Compression within {args.max_drop} point(s) of accuracy: {name}\n")
+    print(f"- command: `python {' '.join(sys.argv)}`")
+    print(f"- machine: {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__},"
+          f" load average at end {os.getloadavg()[0]:.1f}")
+    print(f"- date: {time.strftime('%Y-%m-%d %H:%M')}; total {time.perf_counter() - t0:.0f} s")
+    print(f"- search: {res.n_evals} evaluations, HV {res.hv:.4f}, {len(res.front)} on the "
+          f"front, {res.elapsed_s:.0f} s")
+    print(f"- teacher: test {teacher_test:.2f} %, fp32 "
+          f"{4 * sum(v.numel() for v in ctx.target.state_dict().values()):,} bytes\n")
+    print("| stage | solution | from | file bytes | ratio vs fp32 | val drop (pt) | "
+          "test drop (pt) | refine s |")
+    print("| --- | --- | --- | ---: | ---: | ---: | ---: | ---: |")
+    for stage, key, parent, size, ratio, vd, td, s in rows:
+        print(f"| {stage} | {key} | {parent} | {size:,} | {ratio:.1f}x | {vd:.2f} | {td:.2f} |"
+              f" {s:.0f} |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,226 @@
+"""Benchmark of the Evaluate stage: evaluator throughput against the naive loop, with an
+ablation row per idea (layer memo, prefix cache, batching). Prints Markdown for BENCHMARKS.md.
+
+Run: ``.venv/bin/python bench/bench_evaluate.py [--problem P] [--pop 64] [--repeats 5]``
+
+The naive loop is what one would write without this stage: per plan, copy the teacher,
+``apply_plan`` + ``student_state_dict`` + ``load_state_dict``, forward the calibration
+inputs, divergence and accuracy. Both run on the same plans in the same process, one after
+the other in every repeat, so machine load hits both alike; each repeat draws new plans and
+builds fresh evaluators (cold caches; building is not timed: a search builds one). Populations:
+
+- ``random``: every gene uniform (sparsity in 1 % steps on [0, 0.99], bits 1..8);
+- ``converged``: mutants of 4 parents, each child changing one gene of one layer by one
+  step, as in a population that has settled;
+- ``converged, warm``: a second such generation from the same parents on the evaluator of
+  the first (its caches warm), as in the generations of a search.
+
+Also: the estimated coded size against real ``.mcz`` files for a few plans.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime as dt
+import functools
+import os
+import platform
+import resource
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from moecomp.apply import apply_plan, student_state_dict
+from moecomp.config import load_problem
+from moecomp.divergence import divergence
+from moecomp.evaluate import EvalOptions, Evaluator
+from moecomp.relevance.base import scores_to_ranks
+from moecomp.runs import plans_from_genes
+from moecomp.target import Target, build_target
+
+VARIANTS: dict[str, EvalOptions] = {
+    "evaluator (all ideas)": EvalOptions(),
+    "  no layer memo": EvalOptions(memo=False),
+    "  no prefix cache": EvalOptions(prefix_cache=False),
+    "  no batching (vmap)": EvalOptions(batched=False),
+    "  none of the three": EvalOptions(memo=False, prefix_cache=False, batched=False),
+}
+
+
+def random_genes(rng: np.random.Generator, n: int, L: int) -> tuple[np.ndarray, np.ndarray]:
+    return rng.integers(0, 100, (n, L)) / 100.0, rng.integers(1, 9, (n, L))
+
+
+def mutants(
+    rng: np.random.Generator, parents: tuple[np.ndarray, np.ndarray], n: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """``n`` children: a random parent with one gene of one random layer moved one step."""
+    ps, pb = parents
+    pick = rng.integers(0, ps.shape[0], n)
+    s, b = ps[pick].copy(), pb[pick].copy()
+    for i in range(n):
+        j = rng.integers(0, s.shape[1])
+        if rng.random() < 0.5:
+            s[i, j] = float(np.clip(s[i, j] + rng.choice([-0.01, 0.01]), 0.0, 0.99))
+        else:
+            b[i, j] = int(np.clip(b[i, j] + rng.choice([-1, 1]), 1, 8))
+    return np.round(s, 2), b
+
+
+def naive(
+    target: Target, ranks: dict[str, torch.Tensor], s: np.ndarray, b: np.ndarray
+) -> np.ndarray:
+    """Divergence per plan, one plan at a time (accuracy computed too, as the evaluator does)."""
+    weights, state = target.weights(), target.state_dict()
+    out = []
+    for plan in plans_from_genes(target.layer_names, s, b):
+        student = copy.deepcopy(target.teacher)
+        student.load_state_dict(student_state_dict(state, apply_plan(plan, weights, ranks)))
+        with torch.no_grad():
+            y = student(target.calib_x)
+            out.append(float(divergence(target.teacher_out, y, target.divergence)))
+            if target.calib_y is not None:
+                float((y.argmax(-1) == target.calib_y).double().mean())
+    return np.array(out)
+
+
+def divergences(ev: Evaluator, s: np.ndarray, b: np.ndarray) -> np.ndarray:
+    return ev.evaluate(s, b).divergence
+
+
+def timed(fn: Callable[[], np.ndarray]) -> tuple[tuple[float, float, int], np.ndarray]:
+    """``((wall s, CPU s, minor page faults), result)`` of ``fn()``."""
+    f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    c0, t0 = time.process_time(), time.perf_counter()
+    res = fn()
+    wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+    return (wall, cpu, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0), res
+
+
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return (
+        f"{cpu}, {os.cpu_count()} logical CPUs, torch {torch.__version__} "
+        f"({torch.get_num_threads()} threads), Python {platform.python_version()}"
+    )
+
+
+def load() -> str:
+    try:
+        a, b, c = os.getloadavg()
+        return f"load average {a:.1f} {b:.1f} {c:.1f}"
+    except OSError:
+        return "load average n/a"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--problem", default="problems/fashion-lenet300.toml")
+    ap.add_argument("--pop", type=int, default=64, help="plans per population")
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--chunk", type=int, default=64, help="Evaluator chunk_size")
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args()
+
+    problem = load_problem(args.problem)
+    target = build_target(problem, progress=False)
+    ranks = {n: scores_to_ranks(w.abs()) for n, w in target.weights().items()}
+    L, n = len(target.layers), args.pop
+    load_before = load()
+
+    # scenario -> method -> list of ((wall s, CPU s, faults), max |divergence - naive|)
+    times: dict[str, dict[str, list[tuple[tuple[float, float, int], float]]]] = {}
+    paths: dict[str, str] = {}
+    for rep in range(args.repeats):
+        rng = np.random.default_rng([args.seed, rep])
+        parents = random_genes(rng, 4, L)
+        pops = {
+            "random": random_genes(rng, n, L),
+            "converged": mutants(rng, parents, n),
+            "converged, warm": mutants(rng, parents, n),
+        }
+        warm_first = mutants(rng, parents, n)  # the generation that warms the caches
+        for scen, (s, b) in pops.items():
+            row = times.setdefault(scen, {})
+            cost, ref = timed(functools.partial(naive, target, ranks, s, b))
+            row.setdefault("naive loop", []).append((cost, 0.0))
+            for name, opts in VARIANTS.items():
+                ev = Evaluator(target, ranks, chunk_size=args.chunk, options=opts)
+                paths[name] = ev.path
+                if scen == "converged, warm":
+                    ev.evaluate(*warm_first)
+                cost, div = timed(functools.partial(divergences, ev, s, b))
+                row.setdefault(name, []).append((cost, float(np.abs(div - ref).max())))
+        print(f"repeat {rep + 1}/{args.repeats} done", file=sys.stderr, flush=True)
+
+    cmd = " ".join([".venv/bin/python", *sys.argv])
+    lines = [
+        f"### Evaluate throughput: {problem.name}, {target.calib_x.shape[0]} calibration inputs",
+        "",
+        f"- command: `{cmd}`",
+        f"- machine: {machine()}; {load_before} at start, {load()} at end",
+        f"- date: {dt.datetime.now().astimezone().isoformat(timespec='seconds')}",
+        f"- {n} plans per population, {args.repeats} repeats (new plans and fresh evaluators "
+        "each), medians; speed-up = naive median wall time / method median wall time; "
+        "CPU s = process time (all threads); page faults = minor faults (fresh memory)",
+        "",
+        "| population | method | path | median s / pop | solutions/s | speed-up vs naive "
+        "| 5,000 evals (projected) | CPU s / pop | page faults / solution "
+        "| max abs diff of divergence vs naive |",
+        "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for scen, row in times.items():
+        t_naive = statistics.median(c[0] for c, _ in row["naive loop"])
+        for name, vals in row.items():
+            t = statistics.median(v[0] for v, _ in vals)
+            cpu = statistics.median(v[1] for v, _ in vals)
+            faults = statistics.median(v[2] for v, _ in vals) / n
+            err = max(e for _, e in vals)
+            path = paths.get(name, "copy + load + forward")
+            lines.append(
+                f"| {scen} | {name.strip()} | {path} | {t:.3f} | {n / t:.0f} "
+                f"| {t_naive / t:.2f}x | {5000 / (n / t) / 60:.2f} min | {cpu:.3f} "
+                f"| {faults:.0f} | {err:.1e} |"
+            )
+    lines += ["", *size_check(target, ranks, L, args.seed)]
+    print("\n".join(lines))
+
+
+def size_check(target: Target, ranks: dict[str, torch.Tensor], L: int, seed: int) -> list[str]:
+    """Estimated size_bytes against the length of real .mcz files for a few random plans."""
+    try:
+        from moecomp.codec import encode_model
+    except ImportError:
+        return ["(moecomp.codec not available: size estimate not checked)"]
+    rng = np.random.default_rng([seed, 99])
+    s, b = random_genes(rng, 8, L)
+    m = Evaluator(target, ranks).evaluate(s, b)
+    weights, state = target.weights(), target.state_dict()
+    rel = []
+    for i, plan in enumerate(plans_from_genes(target.layer_names, s, b)):
+        layers = apply_plan(plan, weights, ranks)
+        dense = {k: v for k, v in state.items() if k not in layers}
+        blob = encode_model(layers, dense, plan=plan.to_dict(), order=list(state))
+        rel.append(m.size_bytes[i] / len(blob) - 1)
+    return [
+        f"Estimated size_bytes vs real .mcz length on 8 random plans: error "
+        f"{100 * min(rel):+.1f} % to {100 * max(rel):+.1f} % "
+        f"(median {100 * statistics.median(rel):+.1f} %)."
+    ]
+
+
+if __name__ == "__main__":
+    main()
