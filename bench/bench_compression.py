@@ -47,7 +47,7 @@ def main() -> None:
     ap.add_argument("--finetune-epochs", type=int, default=3)
     ap.add_argument("--candidates", type=int, default=5,
                     help="solutions within the budget (best estimated ratio first) exported")
-    ap.add_argument("--refine-drops", default="3,6,12,25",
+    ap.add_argument("--refine-drops", default="2,4,6,8,10,15,20,30",
                     help="validation drops (points) of the solutions tried for fine-tuning")
     args = ap.parse_args()
     t0 = time.perf_counter()

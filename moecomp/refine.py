@@ -68,7 +68,7 @@ def _fake_quant(w: torch.Tensor, mask: torch.Tensor, bits: int) -> torch.Tensor:
 
 
 def finetune(model: nn.Module, teacher: nn.Module, layers: dict[str, QuantizedLayer],
-             bits: dict[str, int], train: Split, *, epochs: int, lr: float = 5e-4,
+             bits: dict[str, int], train: Split, *, epochs: int, lr: float = 2e-3,
              batch_size: int = 128, temperature: float = 2.0, seed: int = 0,
              progress: bool = True) -> dict[str, torch.Tensor]:
     """Distil the teacher into the masked, quantised student; returns float parameters.
@@ -156,7 +156,7 @@ def next_key(ctx: RunContext) -> str:
 
 def refine(run: RunContext | str | os.PathLike[str], solution: str | int, *, merge: bool = True,
            tolerance: float = 0.5, metric: FidelityKind = "accuracy",
-           finetune_epochs: int = 0, lr: float = 5e-4, seed: int = 0,
+           finetune_epochs: int = 0, lr: float = 2e-3, seed: int = 0,
            progress: bool = True) -> RefineResult:
     """Refine one solution of a run and add it to the run as ``refined/rN.mcz``.
 

@@ -138,9 +138,13 @@ class RunFolder:
         names = self.layer_names()
         s = np.array([[row[sparsity_col(n)] for n in names]], dtype=float)
         b = np.array([[row[bits_col(n)] for n in names]], dtype=int)
+        meta = {"run": str(self.path), "solution": int(solution)}
+        if "shared_k" in row.index:  # a weight-sharing run (search.problem = "shared")
+            layers = {n: LayerPlan(sparsity=round(float(s[0, j]), 6), bits=int(b[0, j]),
+                                   quantizer="shared") for j, n in enumerate(names)}
+            return CompressionPlan(layers=layers, shared_k=int(row["shared_k"]), meta=meta)
         plan = plans_from_genes(names, s, b, quantizer=quantizer)[0]
-        return CompressionPlan(layers=plan.layers, shared_k=plan.shared_k,
-                               meta={"run": str(self.path), "solution": int(solution)})
+        return CompressionPlan(layers=plan.layers, shared_k=plan.shared_k, meta=meta)
 
 
 def _lists_to_toml(raw: Any) -> Any:
@@ -151,12 +155,18 @@ def _lists_to_toml(raw: Any) -> Any:
     return raw
 
 
-def solutions_frame(ids: np.ndarray, gen: int, names: Sequence[str], sparsity: np.ndarray,
-                    bits: np.ndarray, metrics: dict[str, np.ndarray]) -> pd.DataFrame:
-    """Rows for evaluated.csv: ids (n,), genes (n, L), metrics name -> (n,)."""
-    cols: dict[str, Any] = {"id": ids.astype(int), "gen": np.full(len(ids), gen, dtype=int)}
+def solutions_frame(ids: np.ndarray, gen: int | np.ndarray, names: Sequence[str],
+                    sparsity: np.ndarray, bits: np.ndarray, metrics: dict[str, np.ndarray],
+                    *, extra: dict[str, np.ndarray] | None = None) -> pd.DataFrame:
+    """Rows for evaluated.csv: ids (n,), gen (one int or (n,)), genes (n, L), metrics
+    name -> (n,); ``extra``: further columns (n,) after the metrics, e.g. ``shared_k`` (the
+    weight-sharing genome's K) or ``feasible``."""
+    gens = np.broadcast_to(np.asarray(gen, dtype=int), (len(ids),))
+    cols: dict[str, Any] = {"id": ids.astype(int), "gen": gens.copy()}
     for m in METRICS:
         cols[m] = metrics[m]
+    for k, v in (extra or {}).items():
+        cols[k] = v
     for j, n in enumerate(names):
         cols[sparsity_col(n)] = np.round(sparsity[:, j], 6)
     for j, n in enumerate(names):

@@ -23,7 +23,7 @@ def register(app: typer.Typer) -> None:
         finetune_epochs: int = typer.Option(0, "--finetune-epochs",
                                             help="Distillation epochs (masks kept, "
                                                  "quantisation in the loop)."),
-        lr: float = typer.Option(5e-4, "--lr", help="Fine-tuning learning rate."),
+        lr: float = typer.Option(2e-3, "--lr", help="Fine-tuning learning rate."),
         seed: int = typer.Option(0, "--seed"),
     ) -> None:
         """Refine a solution; the result is added to the run as refined/rN.mcz."""

@@ -1,14 +1,110 @@
-"""`moecomp search` (placeholder until its stage lands)."""
+"""`moecomp search PROBLEM`: search the Pareto front of per-layer sparsity and bits."""
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+from typing import Any
+
 import typer
 
-from moecomp.cli._common import not_yet
+from moecomp.errors import ConfigError
+
+ALGORITHMS = ("nsga2", "nsga3", "spea2", "moead", "age")
+OPERATORS = ("de", "default")
+
+
+def read_params(path: Path) -> dict[str, Any]:
+    """SearchConfig overrides from a JSON file: an object of SearchConfig fields, either at
+    the top level or under a ``"search"`` (or ``"params"``) key."""
+    if not path.is_file():
+        raise ConfigError("--params-from", f"no such file: {path}")
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError("--params-from", f"{path} is not valid JSON: {e}") from None
+    if isinstance(raw, dict):
+        for key in ("search", "params"):
+            if isinstance(raw.get(key), dict):
+                raw = raw[key]
+                break
+    if not isinstance(raw, dict):
+        raise ConfigError("--params-from", f"{path} must hold a JSON object of search settings")
+    return raw
 
 
 def register(app: typer.Typer) -> None:
     @app.command("search")
-    def _cmd() -> None:
-        """Not yet available."""
-        not_yet("search")
+    def search(
+        problem: Path = typer.Argument(
+            ..., help="Problem TOML file, e.g. problems/digits-mlp.toml"
+        ),
+        out: Path | None = typer.Option(
+            None,
+            "--out",
+            help="Run folder to write (default runs/<problem name>); refused if "
+            "it already holds something, unless --resume.",
+        ),
+        budget: int | None = typer.Option(
+            None, "--budget", min=1, help="Evaluations (default: the problem's search.budget)."
+        ),
+        algorithm: str | None = typer.Option(
+            None, "--algorithm", help=f"One of {', '.join(ALGORITHMS)}."
+        ),
+        resume: bool = typer.Option(
+            False,
+            "--resume",
+            help="Continue the run in --out from "
+            "its checkpoint (same problem config; the budget may grow).",
+        ),
+        seed: int | None = typer.Option(None, "--seed", help="Random seed of the search."),
+        pop_size: int | None = typer.Option(None, "--pop-size", min=4, help="Population size."),
+        operators: str | None = typer.Option(
+            None,
+            "--operators",
+            help="de (sensitivity sampling, directed mutation, layer-wise "
+            "crossover) or default (pymoo's integer SBX/PM).",
+        ),
+        params_from: Path | None = typer.Option(
+            None,
+            "--params-from",
+            help="JSON file of search-setting overrides (e.g. tuned by `moecomp study`).",
+        ),
+        no_progress: bool = typer.Option(False, "--no-progress", help="No progress bar."),
+    ) -> None:
+        """Search the Pareto front (density, bits, divergence) of a problem with pymoo."""
+        from rich.console import Console
+
+        from moecomp.config import load_problem
+        from moecomp.search import run_search
+
+        cfg = load_problem(problem)
+        params: dict[str, Any] = read_params(params_from) if params_from is not None else {}
+        if algorithm is not None and algorithm not in ALGORITHMS:
+            raise ConfigError(
+                "--algorithm", f"must be one of {', '.join(ALGORITHMS)}, got {algorithm!r}"
+            )
+        if operators is not None and operators not in OPERATORS:
+            raise ConfigError(
+                "--operators", f"must be one of {', '.join(OPERATORS)}, got {operators!r}"
+            )
+        for key, value in (("seed", seed), ("pop_size", pop_size), ("operators", operators)):
+            if value is not None:
+                params[key] = value
+        out_dir = out if out is not None else Path("runs") / cfg.name
+        result = run_search(
+            cfg,
+            out_dir,
+            budget=budget,
+            algorithm=algorithm,
+            resume=resume,
+            progress=not no_progress,
+            params=params,
+        )
+        Console().print(
+            f"[bold]{cfg.name}[/]: {result.status}, {result.n_evals:,} evaluations in "
+            f"{result.n_gen} generations, {result.elapsed_s:.1f} s\n"
+            f"final hypervolume {result.hv:.5f}, front of {len(result.front)} solutions\n"
+            f"run folder: {result.out_dir}  (front.csv, evaluated.csv, hv.csv, search.json, "
+            f"plots/)"
+        )

@@ -1,0 +1,127 @@
+"""A runner that evaluates population chunks on Dask workers (``distributed``).
+
+By default it starts a :class:`distributed.LocalCluster` of worker *processes* with one
+thread each (the evaluation is PyTorch on the CPU: processes avoid the GIL and one thread per
+worker avoids oversubscribing the cores torch already uses); with ``address`` it joins a
+running scheduler, e.g. one started by ``dask scheduler`` and ``dask worker`` on other
+machines. Results come back in chunk order, as :class:`moecomp.search.runner.Runner` asks.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from types import TracebackType
+from typing import Any, TypeVar
+
+from distributed import Client, Future, LocalCluster
+
+C = TypeVar("C")
+R = TypeVar("R")
+
+
+def same_function(a: Callable[[Any], Any], b: Callable[[Any], Any] | None) -> bool:
+    """Whether ``a`` computes what ``b`` does, so the workers' copy of ``b`` can serve.
+
+    True when they are the same object or equal (a bound method of the same object), or
+    instances of one class whose attributes are the same objects (a search wraps the same
+    evaluator in a new small callable every generation). The runner contract makes ``fn``
+    deterministic, so the workers' copy, and the caches it filled, give the same results.
+    """
+    if b is None:
+        return False
+    if a is b or a == b:
+        return True
+    if type(a) is not type(b) or not hasattr(a, "__dict__") or not hasattr(b, "__dict__"):
+        return False
+    va, vb = vars(a), vars(b)
+    if va.keys() != vb.keys():
+        return False
+    return all(
+        x is y or (isinstance(x, str | int | float | bool) and type(x) is type(y) and x == y)
+        for x, y in ((va[k], vb[k]) for k in va)
+    )
+
+
+def _call(chunk: Any, *, fn: Callable[[Any], Any]) -> Any:
+    """Runs on a worker: ``fn`` arrives as the scattered object, not re-sent with each chunk."""
+    return fn(chunk)
+
+
+class DaskRunner:
+    """Evaluates chunks on a Dask cluster; a context manager that closes what it started.
+
+    address: a scheduler address (``tcp://host:8786``); None starts a LocalCluster of
+    ``n_workers`` processes, one thread each, no dashboard.
+    """
+
+    def __init__(self, address: str | None = None, n_workers: int = 2) -> None:
+        if n_workers < 1:
+            raise ValueError(f"n_workers must be >= 1, got {n_workers}")
+        self.address = address
+        self._cluster: LocalCluster | None = None
+        if address is None:
+            self._cluster = LocalCluster(
+                n_workers=n_workers,
+                threads_per_worker=1,
+                processes=True,
+                dashboard_address=None,
+                silence_logs=logging.ERROR,
+            )
+            self._client = Client(self._cluster)
+        else:
+            self._client = Client(address)
+        # The last function sent to the workers and its future there: a search calls
+        # map_chunks with the same evaluator every generation, and the evaluator holds the
+        # teacher and calibration data (and fills memo caches on the workers), which should
+        # cross the network once, not per chunk or generation.
+        self._fn: Callable[[Any], Any] | None = None
+        self._fn_future: Future | None = None
+
+    @property
+    def client(self) -> Client:
+        return self._client
+
+    def _remote(self, fn: Callable[[Any], Any]) -> Future:
+        if self._fn_future is None or not same_function(fn, self._fn):
+            if self._fn_future is not None:
+                self._fn_future.release()
+            self._fn = fn
+            self._fn_future = self._client.scatter(fn, broadcast=True, hash=False)
+        return self._fn_future
+
+    def map_chunks(self, fn: Callable[[C], R], chunks: Sequence[C]) -> list[R]:
+        """``[fn(c) for c in chunks]``, computed on the workers; a worker's error re-raises."""
+        if len(chunks) == 0:
+            return []
+        remote = self._remote(fn)
+        futures = self._client.map(_call, list(chunks), fn=remote, pure=False)
+        try:
+            return list(self._client.gather(futures))
+        finally:
+            for f in futures:
+                f.release()
+
+    def close(self) -> None:
+        """Close the client and, if this runner started it, the local cluster."""
+        self._fn = None
+        self._fn_future = None
+        self._client.close()
+        if self._cluster is not None:
+            self._cluster.close()
+            self._cluster = None
+
+    def __enter__(self) -> DaskRunner:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        where = self.address or "LocalCluster"
+        return f"DaskRunner({where}, workers={len(self._client.scheduler_info()['workers'])})"

@@ -1,0 +1,88 @@
+"""PNG figures of a running search: the front (pairwise projections) and the HV history.
+
+Each figure is described by a small info object first (tested) and drawn second (seaborn on a
+matplotlib ``Figure``, no pyplot, so no global backend state is touched).
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class FrontPlotInfo:
+    """Points of the front figure: ``F (n, n_obj)`` all evaluated (feasible) points,
+    ``on_front (n,)`` bool, one panel per pair of objectives with its axis labels."""
+
+    F: np.ndarray
+    on_front: np.ndarray
+    panels: tuple[tuple[int, int], ...]
+    labels: tuple[str, ...]
+
+
+def front_info(F: np.ndarray, front_idx: np.ndarray, labels: tuple[str, ...]) -> FrontPlotInfo:
+    F = np.asarray(F, dtype=float)
+    on = np.zeros(len(F), dtype=bool)
+    on[np.asarray(front_idx, dtype=np.int64)] = True
+    panels = tuple(itertools.combinations(range(F.shape[1]), 2))
+    return FrontPlotInfo(F=F, on_front=on, panels=panels, labels=labels)
+
+
+def draw_front(info: FrontPlotInfo, path: Path, *, title: str = "") -> None:
+    import seaborn as sns
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    n = len(info.panels)
+    fig = Figure(figsize=(4.6 * n, 4.2), layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(1, n, squeeze=False)[0]
+    for ax, (i, j) in zip(axes, info.panels, strict=True):
+        rest = ~info.on_front
+        sns.scatterplot(
+            x=info.F[rest, i],
+            y=info.F[rest, j],
+            ax=ax,
+            s=10,
+            color="0.7",
+            edgecolor=None,
+            label="evaluated",
+        )
+        sns.scatterplot(
+            x=info.F[info.on_front, i],
+            y=info.F[info.on_front, j],
+            ax=ax,
+            s=22,
+            color="tab:red",
+            edgecolor="k",
+            linewidth=0.3,
+            label="non-dominated",
+        )
+        ax.set_xlabel(info.labels[i])
+        ax.set_ylabel(info.labels[j])
+        if "divergence" in info.labels[j] or "MSE" in info.labels[j]:
+            ax.set_yscale("symlog", linthresh=1e-3)
+        ax.legend(loc="best", fontsize=8)
+    if title:
+        fig.suptitle(title)
+    fig.savefig(path, dpi=110)
+
+
+def draw_hv(n_evals: np.ndarray, hv: np.ndarray, path: Path, *, title: str = "") -> None:
+    import seaborn as sns
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(5.5, 3.8), layout="constrained")
+    FigureCanvasAgg(fig)
+    ax = fig.subplots()
+    sns.lineplot(x=np.asarray(n_evals), y=np.asarray(hv), ax=ax, marker="o", markersize=3)
+    ax.set_xlabel("evaluations")
+    ax.set_ylabel("hypervolume (normalised, ref = 1)")
+    if title:
+        ax.set_title(title)
+    fig.savefig(path, dpi=110)

@@ -1,0 +1,540 @@
+"""The search driver: an ask-and-tell loop around a pymoo algorithm that owns the evaluation.
+
+Per generation: ``ask`` the algorithm for offspring, evaluate them (chunked through the
+runner), ``tell`` it the results, then write the run folder (``moecomp/runs.py``):
+evaluated.csv (appended), front.csv, hv.csv, search.json, the checkpoint, and the plots.
+
+Budget: the run stops after exactly ``budget`` evaluations; the last generation is truncated
+to the evaluations left (the algorithm is told the smaller offspring set, which NSGA-II,
+NSGA-III, SPEA2, AGE-MOEA and MOEA/D all accept). The sensitivity probes of the DE operators
+(``2L + 1`` evaluations, generation 0) count toward the budget and are listed like any other
+evaluation.
+
+Resume: every random draw comes from the algorithm's ``random_state``, which is in the
+checkpoint together with the algorithm, the archive of evaluated points and the current
+sensitivity; the evaluator is deterministic. So a run killed at any moment and resumed gives
+the same evaluations, the same front and the same HV history as an uninterrupted run with the
+same seed (only times differ).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from pymoo.core.algorithm import Algorithm
+from pymoo.core.termination import NoTermination
+
+from moecomp.config import ProblemConfig, load_problem
+from moecomp.errors import ConfigError, RunError
+from moecomp.runs import METRICS, RunFolder, atomic_write_csv, solutions_frame
+from moecomp.search.algorithms import make_algorithm
+from moecomp.search.checkpoint import fingerprint, load_checkpoint, save_checkpoint
+from moecomp.search.front import feasible, hypervolume, nondominated
+from moecomp.search.operators.mutation import DirectedMutation
+from moecomp.search.plots import draw_front, draw_hv, front_info
+from moecomp.search.problem import CompressionProblem, EvalRecord, SearchProblem, build_problem
+from moecomp.search.progress import SearchProgress
+from moecomp.search.runner import Runner
+from moecomp.search.sensitivity import probe_genes, refresh_sensitivity, sensitivity_from_probes
+
+CHECKPOINT = "checkpoint.pkl"
+# Plots are redrawn after a generation only when this many seconds passed since the last
+# drawing (and always after the first generation and at the end): a figure costs 0.5-1 s,
+# which would dominate small, fast generations. Every other file is written every generation.
+PLOT_INTERVAL_S = 30.0
+
+OnGeneration = Callable[[int, int, float], None]
+
+
+@dataclass
+class Archive:
+    """Every evaluated point, in evaluation order (row ``i`` is solution id ``i``).
+
+    X ``(n, n_var)`` int genes, F ``(n, n_obj)``, G ``(n, n_ieq)``, gen ``(n,)``, metrics
+    name -> ``(n,)``; front: indices of the feasible non-dominated rows (one per distinct
+    genes), ascending.
+    """
+
+    X: np.ndarray
+    F: np.ndarray
+    G: np.ndarray
+    gen: np.ndarray
+    metrics: dict[str, np.ndarray]
+    front: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+
+    @classmethod
+    def empty(cls, n_var: int, n_obj: int, n_ieq: int) -> Archive:
+        return cls(
+            X=np.zeros((0, n_var), np.int64),
+            F=np.zeros((0, n_obj)),
+            G=np.zeros((0, n_ieq)),
+            gen=np.zeros(0, np.int64),
+            metrics={m: np.zeros(0) for m in METRICS},
+        )
+
+    def __len__(self) -> int:
+        return len(self.X)
+
+    def add(self, rec: EvalRecord, gen: int) -> np.ndarray:
+        """Append a batch; returns its ids. Updates the front incrementally (the front of
+        all points is the front of the old front plus the new points)."""
+        start = len(self)
+        self.X = np.concatenate([self.X, rec.X.astype(np.int64)])
+        self.F = np.concatenate([self.F, rec.F])
+        self.G = np.concatenate([self.G, rec.G.reshape(len(rec), -1)])
+        self.gen = np.concatenate([self.gen, np.full(len(rec), gen, np.int64)])
+        self.metrics = {m: np.concatenate([self.metrics[m], rec.metrics[m]]) for m in METRICS}
+        ids = np.arange(start, len(self))
+        new = ids[feasible(rec.G.reshape(len(rec), -1))]
+        cand = np.concatenate([self.front, new])
+        nd = cand[nondominated(self.F[cand])]
+        _, first = np.unique(self.X[nd], axis=0, return_index=True)
+        self.front = np.sort(nd[first])
+        return ids
+
+
+@dataclass
+class SearchResult:
+    """What a search leaves: ``front`` (rows of front.csv), ``hv`` (final, normalised),
+    ``n_evals``, ``n_gen`` (last finished generation), ``status`` ("done" or "stopped": the
+    algorithm produced no new offspring), ``hv_history`` (rows of hv.csv), ``out_dir``."""
+
+    out_dir: Path
+    front: pd.DataFrame
+    hv: float
+    n_evals: int
+    n_gen: int
+    status: str
+    hv_history: pd.DataFrame
+    elapsed_s: float
+
+    def evaluated(self) -> pd.DataFrame:
+        return RunFolder(self.out_dir).evaluated()
+
+
+# --- configuration ---------------------------------------------------------------------------
+def resolve_config(
+    config: ProblemConfig,
+    *,
+    budget: int | None = None,
+    algorithm: str | None = None,
+    params: Mapping[str, Any] | None = None,
+) -> ProblemConfig:
+    """``config`` with SearchConfig overrides applied (``params``, then ``budget`` and
+    ``algorithm``), validated again."""
+    changes: dict[str, Any] = dict(params or {})
+    if budget is not None:
+        changes["budget"] = budget
+    if algorithm is not None:
+        changes["algorithm"] = algorithm
+    return config.replace("search", **changes) if changes else config
+
+
+def _resume_fingerprint(config: ProblemConfig) -> str:
+    # The budget may grow on resume (continue a finished run further); nothing else may change.
+    return fingerprint(config.replace("search", budget=1).to_dict())
+
+
+def _config_diff(a: dict[str, Any], b: dict[str, Any], prefix: str = "") -> list[str]:
+    out = []
+    for k in sorted(set(a) | set(b)):
+        va, vb = a.get(k), b.get(k)
+        if isinstance(va, dict) and isinstance(vb, dict):
+            out += _config_diff(va, vb, f"{prefix}{k}.")
+        elif va != vb and not (
+            isinstance(va, list | tuple) and isinstance(vb, list | tuple) and list(va) == list(vb)
+        ):
+            out.append(f"{prefix}{k}: {va!r} -> {vb!r}")
+    return out
+
+
+# --- the run folder --------------------------------------------------------------------------
+def _frame(problem: SearchProblem, archive: Archive, idx: np.ndarray) -> pd.DataFrame:
+    X = archive.X[idx]
+    sparsity, bits = problem.gene_matrices(X)
+    extra = dict(problem.extra_columns(X))
+    if problem.n_ieq_constr:
+        extra["feasible"] = feasible(archive.G[idx])
+    return solutions_frame(
+        idx,
+        archive.gen[idx],
+        problem.layer_names,
+        sparsity,
+        bits,
+        {m: archive.metrics[m][idx] for m in METRICS},
+        extra=extra,
+    )
+
+
+def _front_frame(problem: SearchProblem, archive: Archive) -> pd.DataFrame:
+    idx = archive.front[np.argsort(archive.F[archive.front, 0], kind="stable")]
+    return _frame(problem, archive, idx)
+
+
+def _append_evaluated(folder: RunFolder, df: pd.DataFrame) -> None:
+    path = folder.file("evaluated.csv")
+    new = not path.is_file()
+    df.to_csv(path, mode="w" if new else "a", header=new, index=False)
+
+
+def _hv_frame(rows: list[tuple[int, int, float, float]]) -> pd.DataFrame:
+    return pd.DataFrame(rows, columns=["gen", "n_evals", "hv", "elapsed_s"])
+
+
+def _refuse_existing(out: Path) -> None:
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise RunError(f"--out {out} exists and is not a folder")
+    if not any(out.iterdir()):
+        return
+    folder = RunFolder(out)
+    status = folder.status().get("status")
+    what = f"a {status} search run" if status else "a run" if folder.exists() else "other files"
+    raise RunError(
+        f"{out} already holds {what}; pass --resume to continue it, or choose "
+        "another --out (nothing was overwritten)"
+    )
+
+
+# --- the loop --------------------------------------------------------------------------------
+class _Search:
+    def __init__(
+        self,
+        problem: SearchProblem,
+        config: ProblemConfig,
+        folder: RunFolder,
+        *,
+        progress: bool,
+        on_generation: OnGeneration | None,
+        plots: bool = True,
+    ) -> None:
+        self.problem = problem
+        self.cfg = config
+        self.scfg = config.search
+        self.folder = folder
+        self.progress = progress
+        self.on_generation = on_generation
+        self.draw = plots
+        self.fp = _resume_fingerprint(config)
+        self.started = datetime.now(UTC).isoformat(timespec="seconds")
+        self.last_plot = -np.inf
+        # state (all of it goes into the checkpoint)
+        self.algorithm: Algorithm | None = None
+        self.archive = Archive.empty(problem.n_var, problem.n_obj, problem.n_ieq_constr)
+        self.gen = 0
+        self.hv_rows: list[tuple[int, int, float, float]] = []
+        self.probe_sensitivity: np.ndarray | None = None
+        self.elapsed_before = 0.0
+        self.status = "running"
+        self.t0 = time.perf_counter()
+
+    # --- state --------------------------------------------------------------------------
+    @property
+    def n_evals(self) -> int:
+        return len(self.archive)
+
+    @property
+    def elapsed(self) -> float:
+        return self.elapsed_before + time.perf_counter() - self.t0
+
+    @property
+    def hv(self) -> float:
+        return hypervolume(self.archive.F[self.archive.front], self.problem.ref_point)
+
+    def _state(self) -> dict[str, Any]:
+        return {
+            "algorithm": self.algorithm,
+            "archive": self.archive,
+            "gen": self.gen,
+            "hv_rows": self.hv_rows,
+            "probe_sensitivity": self.probe_sensitivity,
+            "elapsed": self.elapsed,
+            "status": self.status,
+            "started": self.started,
+        }
+
+    def _restore(self, state: dict[str, Any]) -> None:
+        self.algorithm = state["algorithm"]
+        self.archive = state["archive"]
+        self.gen = int(state["gen"])
+        self.hv_rows = list(state["hv_rows"])
+        self.probe_sensitivity = state["probe_sensitivity"]
+        self.elapsed_before = float(state["elapsed"])
+        self.started = str(state["started"])
+        self.t0 = time.perf_counter()
+
+    def checkpoint(self) -> None:
+        save_checkpoint(
+            self.folder.file(CHECKPOINT), self._state(), problem=self.problem, fp=self.fp
+        )
+
+    def resume_from_checkpoint(self) -> None:
+        self._restore(
+            load_checkpoint(self.folder.file(CHECKPOINT), problem=self.problem, fp=self.fp)
+        )
+        if self.algorithm is None:  # killed between the probes and the first generation
+            self.setup()
+        # evaluated.csv may hold rows of the generation that was cut off: rewrite it (and
+        # hv.csv) from the checkpoint's archive, the single source of truth.
+        atomic_write_csv(
+            self.folder.file("evaluated.csv"),
+            _frame(self.problem, self.archive, np.arange(self.n_evals)),
+        )
+        atomic_write_csv(self.folder.file("hv.csv"), _hv_frame(self.hv_rows))
+
+    # --- files --------------------------------------------------------------------------
+    def write_status(self, **more: Any) -> None:
+        s = self.scfg
+        self.folder.write_status(
+            {
+                "status": self.status,
+                "problem": self.cfg.name,
+                "algorithm": s.algorithm,
+                "operators": s.operators,
+                "problem_kind": s.problem,
+                "seed": s.seed,
+                "pop_size": s.pop_size,
+                "budget": s.budget,
+                "n_evals": self.n_evals,
+                "gen": self.gen,
+                "hv": self.hv,
+                "front_size": int(len(self.archive.front)),
+                "elapsed_s": round(self.elapsed, 3),
+                "started": self.started,
+                "updated": datetime.now(UTC).isoformat(timespec="seconds"),
+                **more,
+            }
+        )
+
+    def plots(self, *, force: bool = False) -> None:
+        now = time.perf_counter()
+        if not self.draw or (not force and now - self.last_plot < PLOT_INTERVAL_S):
+            return
+        self.last_plot = now
+        ok = feasible(self.archive.G)
+        idx = np.flatnonzero(ok)
+        pos = np.searchsorted(idx, self.archive.front)
+        info = front_info(self.archive.F[idx], pos, self.problem.objective_labels)
+        title = f"{self.cfg.name}: {self.n_evals} evaluations, HV {self.hv:.4f}"
+        draw_front(info, self.folder.plots / "front.png", title=title)
+        if self.hv_rows:
+            hv = _hv_frame(self.hv_rows)
+            draw_hv(
+                hv["n_evals"].to_numpy(),
+                hv["hv"].to_numpy(),
+                self.folder.plots / "hv.png",
+                title=self.cfg.name,
+            )
+
+    def record(self, rec: EvalRecord) -> None:
+        """Add one evaluated batch of generation ``self.gen`` to the archive and the csv."""
+        ids = self.archive.add(rec, self.gen)
+        _append_evaluated(self.folder, _frame(self.problem, self.archive, ids))
+
+    def finish_generation(self) -> None:
+        hv = self.hv
+        self.hv_rows.append((self.gen, self.n_evals, hv, round(self.elapsed, 3)))
+        atomic_write_csv(self.folder.file("front.csv"), _front_frame(self.problem, self.archive))
+        atomic_write_csv(self.folder.file("hv.csv"), _hv_frame(self.hv_rows))
+        self.write_status()
+        self.checkpoint()
+        self.plots(force=self.gen == 1)
+
+    # --- steps --------------------------------------------------------------------------
+    def probe(self) -> None:
+        """Generation 0: measure the sensitivity of every gene (DE operators only)."""
+        p = self.problem
+        if self.scfg.operators != "de" or not isinstance(p, CompressionProblem):
+            return
+        X = probe_genes(
+            p.genes, probe_sparsity=self.scfg.probe_sparsity, probe_bits=self.scfg.probe_bits
+        )
+        if len(X) > self.scfg.budget // 4:
+            return  # too small a budget to spend on probes: operators go undirected
+        rec = p.evaluate_genes(X)
+        self.record(rec)
+        self.probe_sensitivity = sensitivity_from_probes(p.genes, X, rec.metrics["divergence"])
+        self.finish_generation()
+
+    def setup(self) -> None:
+        self.algorithm = make_algorithm(self.scfg, self.problem, self.probe_sensitivity)
+        self.algorithm.setup(
+            self.problem, termination=NoTermination(), verbose=False, progress=False
+        )
+
+    def _mutation(self) -> DirectedMutation | None:
+        mating = getattr(self.algorithm, "mating", None)
+        mut = getattr(mating, "mutation", None)
+        return mut if isinstance(mut, DirectedMutation) else None
+
+    def refresh(self) -> None:
+        mut = self._mutation()
+        p = self.problem
+        if mut is None or self.probe_sensitivity is None or not isinstance(p, CompressionProblem):
+            return
+        window = max(4 * self.scfg.pop_size, 4 * p.n_var)
+        lo = max(0, self.n_evals - window)
+        share = np.concatenate([p.genes.weight_share, p.genes.weight_share])
+        mut.sensitivity = refresh_sensitivity(
+            self.probe_sensitivity,
+            self.archive.X[lo:],
+            self.archive.metrics["divergence"][lo:],
+            xl=p.xl,
+            xu=p.xu,
+            compress_dir=p.compress_dir,
+            weight_share=share,
+        )
+
+    def step(self) -> bool:
+        """One generation; False when the algorithm has nothing new to offer."""
+        alg = self.algorithm
+        assert alg is not None
+        pop = alg.ask()
+        if pop is None or len(pop) == 0:
+            return False
+        left = self.scfg.budget - self.n_evals
+        if len(pop) > left:
+            pop = pop[:left]
+            indices = getattr(alg, "indices", None)  # ParallelMOEAD's neighbourhoods
+            if indices is not None:
+                alg.indices = indices[:left]  # type: ignore[attr-defined]
+        self.problem.take_records()
+        alg.evaluator.eval(self.problem, pop)
+        recs = self.problem.take_records()
+        if sum(len(r) for r in recs) != len(pop):
+            raise RuntimeError("evaluation records do not match the population asked for")
+        alg.tell(infills=pop)
+        self.gen += 1
+        for rec in recs:
+            self.record(rec)
+        self.refresh()
+        self.finish_generation()
+        return True
+
+    def run(self) -> SearchResult:
+        with SearchProgress(
+            self.scfg.budget, enabled=self.progress, start=self.n_evals, description=self.cfg.name
+        ) as bar:
+            bar.update(self.gen, self.n_evals, self.hv)
+            try:
+                while self.n_evals < self.scfg.budget:
+                    if not self.step():
+                        self.status = "stopped"
+                        break
+                    bar.update(self.gen, self.n_evals, self.hv_rows[-1][2])
+                    if self.on_generation is not None:
+                        self.on_generation(self.gen, self.n_evals, self.hv_rows[-1][2])
+            except BaseException as e:
+                self.status = "interrupted"
+                self.write_status(error=f"{type(e).__name__}: {e}")
+                raise
+        if self.status == "running":
+            self.status = "done"
+        self.write_status()
+        self.checkpoint()
+        self.plots(force=True)
+        return self.result()
+
+    def result(self) -> SearchResult:
+        hv = _hv_frame(self.hv_rows)
+        return SearchResult(
+            out_dir=self.folder.path,
+            front=self.folder.front(),
+            hv=self.hv,
+            n_evals=self.n_evals,
+            n_gen=self.gen,
+            status=self.status,
+            hv_history=hv,
+            elapsed_s=self.elapsed,
+        )
+
+
+def run_search(
+    problem: ProblemConfig | SearchProblem | str | os.PathLike[str],
+    out_dir: str | os.PathLike[str],
+    *,
+    budget: int | None = None,
+    algorithm: str | None = None,
+    resume: bool = False,
+    progress: bool = True,
+    params: Mapping[str, Any] | None = None,
+    on_generation: OnGeneration | None = None,
+    runner: Runner | None = None,
+    plots: bool = True,
+) -> SearchResult:
+    """Search a problem's Pareto front and write the run folder ``out_dir``.
+
+    problem: a problem file, a ProblemConfig (the target, ranks and Evaluator are built), or a
+        built SearchProblem (reused, e.g. by Optuna trials sharing one Evaluator).
+    budget, algorithm, params: overrides of ``SearchConfig`` fields (``params`` any of them,
+        e.g. from Optuna or ``--params-from``); the resolved config is saved as problem.json.
+    resume: continue the run in ``out_dir`` from its checkpoint (its config must be the same
+        except ``search.budget``, which may grow); without a checkpoint the run starts over.
+        Without ``resume``, an ``out_dir`` holding anything is refused.
+    on_generation: ``(gen, n_evals, hv)`` after each generation, once its files are written;
+        an exception it raises (``optuna.TrialPruned``) stops the search and propagates.
+    runner: where population chunks are evaluated (default in-process).
+    plots: draw plots/front.png and plots/hv.png (after the first generation, then at most
+        every ``PLOT_INTERVAL_S`` seconds, and at the end).
+    """
+    built: SearchProblem | None = None
+    if isinstance(problem, SearchProblem):
+        built = problem
+        base = problem.base_config  # overrides of an earlier run must not leak
+    elif isinstance(problem, ProblemConfig):
+        base = problem
+    else:
+        base = load_problem(Path(problem))
+    cfg = resolve_config(base, budget=budget, algorithm=algorithm, params=params)
+    if built is not None:
+        kind = "shared" if built.n_var == 1 else "layerwise"
+        if cfg.search.problem != kind:
+            raise ConfigError(
+                "search.problem",
+                f"the given problem is {kind!r}; build a new one to search another genome",
+            )
+        built.config = cfg
+    out = Path(out_dir)
+    folder = RunFolder(out)
+    has_ckpt = folder.file(CHECKPOINT).is_file()
+    if resume and (folder.exists() or has_ckpt):
+        stored = folder.problem()
+        if _resume_fingerprint(stored) != _resume_fingerprint(cfg):
+            diff = _config_diff(
+                stored.replace("search", budget=1).to_dict(),
+                cfg.replace("search", budget=1).to_dict(),
+            )
+            raise RunError(
+                f"{out} holds a run of another problem config; refusing to resume "
+                f"it. Differences (stored -> now): {'; '.join(diff[:8])}"
+            )
+    else:
+        _refuse_existing(out)
+    if built is None:
+        built = build_problem(cfg, runner=runner, progress=progress)
+    elif runner is not None:
+        built.runner = runner
+
+    search = _Search(
+        built, cfg, folder, progress=progress, on_generation=on_generation, plots=plots
+    )
+    folder.write_problem(cfg)
+    if resume and has_ckpt:
+        search.resume_from_checkpoint()
+    else:
+        for name in ("evaluated.csv", "front.csv", "hv.csv", CHECKPOINT):
+            folder.file(name).unlink(missing_ok=True)
+        search.write_status()
+        search.probe()
+        search.setup()
+        search.checkpoint()
+    return search.run()
