@@ -36,7 +36,9 @@ def teacher_key(problem: ProblemConfig) -> str:
 
 
 def teacher_paths(problem: ProblemConfig) -> tuple[Path, Path]:
-    folder = artifacts_dir() / "teachers" / f"{problem.name}-{teacher_key(problem)}"
+    # Named by model and hash, not by problem: problems that differ only in what they
+    # search share one teacher.
+    folder = artifacts_dir() / "teachers" / f"{problem.model.zoo}-{teacher_key(problem)}"
     return folder / "teacher.safetensors", folder / "teacher.json"
 
 
