@@ -162,9 +162,11 @@ class SearchConfig:
     budget: int = field(default=2000, metadata=_range(1, 10_000_000))
     crossover_prob: float = field(default=0.9, metadata=_range(0, 1))
     mutation_prob: float = field(default=0.3, metadata=_range(0, 1))
-    # Steps a mutated gene moves (sparsity steps / bits); directed_strength in [0, 1]:
-    # how strongly mutation prefers layers of small marginal divergence.
-    mutation_strength: int = field(default=3, metadata=_range(1, 100))
+    # Largest move of a mutated gene, in steps of the widest gene (sparsity steps; a bits gene
+    # moves proportionally less, at least 1): 25 beat 3 and 10 on digits (bench_search.py).
+    # directed_strength in [0, 1]: the chance per child of a directed move that shifts
+    # compression from a layer of large marginal divergence to one of small.
+    mutation_strength: int = field(default=25, metadata=_range(1, 100))
     directed_strength: float = field(default=0.7, metadata=_range(0, 1))
     chunk_size: int = field(default=64, metadata=_range(1, 100000))
     seed: int = 0

@@ -88,8 +88,9 @@ def run_demo(out: Path, *, budget: int | None = None, fresh: bool = False,
         c.rule("6. compare with single-objective Directed Evolution")
         cmp = compare_with_de(out)
         row = cmp.summary.set_index("method")
+        budget = int(row.loc["search front", "budget"])
         c.print(f"hypervolume: search front {row.loc['search front', 'hv']:.4f} vs DE baseline "
-                f"{row.loc['DE baseline', 'hv']:.4f} at the same {int(row.loc['search front', 'budget'])}"
+                f"{row.loc['DE baseline', 'hv']:.4f} at the same {budget}"
                 f" evaluations; the front dominates {cmp.front_dominates_de} of"
                 f" {len(cmp.de)} DE points, DE dominates {cmp.de_dominates_front} front points"
                 f" -> {cmp.files['markdown']}")

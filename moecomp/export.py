@@ -38,7 +38,8 @@ class ExportResult:
     teacher_test_acc: float
 
 
-def export_solution(run: RunContext | str | os.PathLike[str], solution: str | int, *, out: Path | None = None,
+def export_solution(run: RunContext | str | os.PathLike[str], solution: str | int, *,
+                    out: Path | None = None,
                     safetensors: bool = False, onnx: bool = False,
                     progress: bool = False) -> ExportResult:
     """Write and verify the files of one solution. ``out``: the .mcz path (default

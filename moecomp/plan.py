@@ -106,7 +106,8 @@ class CompressionPlan:
             )
         fmt = d.get("format", PLAN_FORMAT)
         if fmt != PLAN_FORMAT:
-            raise ConfigError("plan.format", f"unsupported plan format {fmt!r}; this is {PLAN_FORMAT}")
+            raise ConfigError("plan.format",
+                              f"unsupported plan format {fmt!r}; this is {PLAN_FORMAT}")
         raw_layers = d.get("layers")
         if not isinstance(raw_layers, dict):
             raise ConfigError("plan.layers", "must be an object mapping tensor names to plans")

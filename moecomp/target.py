@@ -83,8 +83,9 @@ def select_layers(model: nn.Module, *, include: Iterable[str] = (),
     for what, entries in (("include", include), ("exclude", exclude)):
         for e in entries:
             if not _matches(e, all_names):
-                raise ConfigError(f"layers.{what}", f"{e!r} matches no weight of the model; "
-                                  f"weights: {', '.join(n for n in all_names if n.endswith('weight'))}")
+                known = ", ".join(n for n in all_names if n.endswith("weight"))
+                raise ConfigError(f"layers.{what}",
+                                  f"{e!r} matches no weight of the model; weights: {known}")
     if not refs:
         raise ConfigError("layers", "no compressible tensor selected")
     return refs

@@ -14,7 +14,8 @@ from moecomp.train import teacher_paths, train_teacher
 def register(app: typer.Typer) -> None:
     @app.command("train")
     def train(
-        problem: Path = typer.Argument(..., help="Problem TOML file, e.g. problems/digits-mlp.toml"),
+        problem: Path = typer.Argument(
+            ..., help="Problem TOML file, e.g. problems/digits-mlp.toml"),
         force: bool = typer.Option(False, "--force", help="Train again even if weights exist."),
     ) -> None:
         """Train the problem's teacher with its fixed seed; store safetensors + a JSON record."""

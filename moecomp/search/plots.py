@@ -65,7 +65,9 @@ def draw_front(info: FrontPlotInfo, path: Path, *, title: str = "") -> None:
         ax.set_xlabel(info.labels[i])
         ax.set_ylabel(info.labels[j])
         if "divergence" in info.labels[j] or "MSE" in info.labels[j]:
+            # divergences span decades down to 0: log above 1e-3, linear below
             ax.set_yscale("symlog", linthresh=1e-3)
+            ax.set_ylim(bottom=0.0)
         ax.legend(loc="best", fontsize=8)
     if title:
         fig.suptitle(title)

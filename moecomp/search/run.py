@@ -6,9 +6,12 @@ evaluated.csv (appended), front.csv, hv.csv, search.json, the checkpoint, and th
 
 Budget: the run stops after exactly ``budget`` evaluations; the last generation is truncated
 to the evaluations left (the algorithm is told the smaller offspring set, which NSGA-II,
-NSGA-III, SPEA2, AGE-MOEA and MOEA/D all accept). The sensitivity probes of the DE operators
-(``2L + 1`` evaluations, generation 0) count toward the budget and are listed like any other
-evaluation.
+NSGA-III, SPEA2 and MOEA/D accept; AGE-MOEA is untested here, it needs numba). The
+sensitivity probes of the DE operators (``2L + 1`` evaluations, generation 0) count toward
+the budget and are listed like any other evaluation.
+
+Hypervolume (hv.csv, search.json, the result): of the front of *all* points evaluated so far,
+objectives divided by the problem's reference point (``moecomp.search.front``).
 
 Resume: every random draw comes from the algorithm's ``random_state``, which is in the
 checkpoint together with the algorithm, the archive of evaluated points and the current

@@ -100,10 +100,10 @@ def directed_mutation(
     # directed: one rebalancing pair per chosen row
     do_pair = rng.random(n) < directedness
     kinds, kind_of = np.unique(cdir, return_inverse=True)
-    kind = rng.integers(0, len(kinds), size=n)
+    kind = np.asarray(rng.integers(0, len(kinds), size=n))
     g_low = rng.gumbel(size=(n, n_var))
     g_high = rng.gumbel(size=(n, n_var))
-    u = rng.random(n)
+    u = np.asarray(rng.random(n))
     if sensitivity is None or directedness <= 0.0:
         return Y
     r = sensitivity_rank(sensitivity, n_var, cdir)
@@ -133,7 +133,7 @@ class DirectedMutation(Mutation):
         compress_dir: np.ndarray,
         *,
         prob: float = 0.3,
-        strength: int = 3,
+        strength: int = 25,
         directedness: float = 0.7,
         weight_share: np.ndarray | None = None,
     ) -> None:
