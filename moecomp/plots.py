@@ -73,7 +73,7 @@ def front_info(
     df["dominated"] = ~on_front
     df["status"] = np.where(on_front, "Pareto front", "dominated")
     df["picked"] = df["id"].isin(list(labels))
-    df["label"] = df["id"].map(labels).fillna("")
+    df["label"] = df["id"].map(labels).astype(object).fillna("")
     return df.sort_values(
         ["picked", "dominated"], ascending=[True, False], kind="stable"
     ).reset_index(drop=True)
