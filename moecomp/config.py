@@ -294,13 +294,17 @@ def problem_from_dict(raw: dict[str, Any]) -> ProblemConfig:
     return build(ProblemConfig, raw, "")
 
 
-def load_problem(path: str | Path) -> ProblemConfig:
-    """Read and validate a problem TOML file."""
+def read_toml(path: str | Path, what: str) -> dict[str, Any]:
+    """A TOML file as a dict; a missing or invalid file is a ConfigError on field ``what``."""
     p = Path(path)
     if not p.is_file():
-        raise ConfigError("problem", f"no such file: {p}")
+        raise ConfigError(what, f"no such file: {p}")
     try:
-        raw = tomllib.loads(p.read_text(encoding="utf-8"))
+        return tomllib.loads(p.read_text(encoding="utf-8"))
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
-        raise ConfigError("problem", f"{p} is not valid TOML: {e}") from None
-    return problem_from_dict(raw)
+        raise ConfigError(what, f"{p} is not valid TOML: {e}") from None
+
+
+def load_problem(path: str | Path) -> ProblemConfig:
+    """Read and validate a problem TOML file."""
+    return problem_from_dict(read_toml(path, "problem"))

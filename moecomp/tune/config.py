@@ -24,13 +24,12 @@ Errors name the dotted field (``space.pop_size.low``) and what is allowed, as in
 from __future__ import annotations
 
 import dataclasses
-import tomllib
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, get_args, get_origin
 
-from moecomp.config import ProblemConfig, SearchConfig, build, load_problem
+from moecomp.config import ProblemConfig, SearchConfig, build, load_problem, read_toml
 from moecomp.errors import ConfigError
 
 # Search fields a study may not tune: the budget is fixed by the study (so trials compare),
@@ -257,13 +256,7 @@ def study_from_dict(raw: dict[str, Any], *, base_dir: str | Path = ".") -> Study
 def load_study_config(path: str | Path) -> StudyConfig:
     """Read and validate a study TOML file (the problem file it names must exist)."""
     p = Path(path)
-    if not p.is_file():
-        raise ConfigError("study", f"no such file: {p}")
-    try:
-        raw = tomllib.loads(p.read_text(encoding="utf-8"))
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
-        raise ConfigError("study", f"{p} is not valid TOML: {e}") from None
-    cfg = study_from_dict(raw, base_dir=p.parent)
+    cfg = study_from_dict(read_toml(p, "study"), base_dir=p.parent)
     if not cfg.problem_path.is_file():
         raise ConfigError(
             "problem",
