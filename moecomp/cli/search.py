@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -14,9 +15,16 @@ ALGORITHMS = ("nsga2", "nsga3", "spea2", "moead", "age")
 OPERATORS = ("de", "default")
 
 
-def read_params(path: Path) -> dict[str, Any]:
-    """SearchConfig overrides from a JSON file: an object of SearchConfig fields, either at
-    the top level or under a ``"search"`` (or ``"params"``) key."""
+def read_params(source: str | os.PathLike[str]) -> dict[str, Any]:
+    """SearchConfig overrides: from a JSON file (an object of SearchConfig fields, at the top
+    level or under ``"search"`` / ``"params"``), or the best trial of an Optuna study (a
+    study ``.toml``, an SQLite ``.db`` or a storage URL)."""
+    source = os.fspath(source)
+    if not source.endswith(".json"):
+        from moecomp.tune import best_params
+
+        return best_params(source)
+    path = Path(source)
     if not path.is_file():
         raise ConfigError("--params-from", f"no such file: {path}")
     try:
@@ -65,10 +73,10 @@ def register(app: typer.Typer) -> None:
             help="de (sensitivity sampling, directed mutation, layer-wise "
             "crossover) or default (pymoo's integer SBX/PM).",
         ),
-        params_from: Path | None = typer.Option(
+        params_from: str | None = typer.Option(
             None,
             "--params-from",
-            help="JSON file of search-setting overrides (e.g. tuned by `moecomp study`).",
+            help="Tuned settings: a study .toml/.db/URL (its best trial) or a JSON file.",
         ),
         no_progress: bool = typer.Option(False, "--no-progress", help="No progress bar."),
     ) -> None:
