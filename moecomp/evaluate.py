@@ -47,6 +47,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from moecomp.apply import n_pruned
+from moecomp.codec.streams import choose_freqs, table_bytes
 from moecomp.divergence import divergence
 from moecomp.errors import ConfigError
 from moecomp.plan import BITS_RANGE, CompressionPlan
@@ -73,8 +74,6 @@ TENSOR_HEADER_BYTES = 110
 """Per tensor in the JSON header: name, kind, shape, dtype (and n_kept, n_levels)."""
 STREAM_HEADER_BYTES = 100
 """Per coded stream in the JSON header: name, coder, n, alphabet, offset, length, CRC."""
-ANS_FREQ_TOTAL = 2**16
-"""The codec rescales a stream's histogram to at most about this total before storing it."""
 
 
 # --- metrics ----------------------------------------------------------------------------
@@ -150,14 +149,10 @@ def order0_bits(counts: np.ndarray) -> float:
 
 
 def histogram_bytes(counts: np.ndarray) -> int:
-    """Bytes of a stream's histogram as the codec stores it: ``{"freqs":[...]}`` in JSON,
-    counts rescaled to about ``ANS_FREQ_TOTAL`` (present symbols keep at least 1)."""
-    c = np.asarray(counts, dtype=np.int64)
-    total = int(c.sum())
-    if total > ANS_FREQ_TOTAL:
-        c = np.where(c > 0, np.maximum(np.rint(c * (ANS_FREQ_TOTAL / total)), 1), 0)
-    digits = np.floor(np.log10(np.maximum(c, 1))).astype(np.int64) + 1
-    return int(digits.sum()) + max(len(c) - 1, 0) + len('{"freqs":[]}')
+    """Bytes of a stream's histogram as the codec stores it (``{"freqs":[...]}`` in JSON):
+    the codec's own choice of table (``codec.streams.choose_freqs``), so the estimate
+    follows the file format."""
+    return table_bytes(choose_freqs(counts)) + len('{"freqs":}')
 
 
 def stream_bytes(counts: np.ndarray, *, raw_bytes_per_symbol: int) -> int:
