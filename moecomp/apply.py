@@ -6,6 +6,7 @@ least-relevant weights (a rank compare); the survivors are quantised to a small 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -43,10 +44,7 @@ class QuantizedLayer:
 
     @property
     def numel(self) -> int:
-        n = 1
-        for d in self.shape:
-            n *= d
-        return n
+        return math.prod(self.shape)
 
     def dequantize(self) -> torch.Tensor:
         """float32 tensor of ``shape``: ``codebook[indices]`` at the mask, exact 0 elsewhere."""

@@ -20,7 +20,7 @@ from typing import Any
 
 import pandas as pd
 
-from moecomp.runs import RunFolder, atomic_write_text
+from moecomp.runs import METRICS, RunFolder, atomic_write_text
 
 REPORT_MD = "report.md"
 REPORT_HTML = "report.html"
@@ -169,17 +169,7 @@ def _search_section(run: RunFolder) -> list[str]:
 def _front_section(run: RunFolder) -> list[str]:
     front = run.front()
     n_eval = len(run.evaluated())
-    cols = [
-        "id",
-        "gen",
-        "density",
-        "bits",
-        "divergence",
-        "size_bytes",
-        "ratio",
-        "accuracy",
-        "acc_drop",
-    ]
+    cols = ["id", "gen", *METRICS]
     cols += [c for c in ("shared_k",) if c in front.columns]
     top = front.sort_values("ratio", ascending=False).head(FRONT_ROWS)[cols]
     return [

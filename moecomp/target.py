@@ -7,6 +7,7 @@ regular expressions (full match against either).
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -33,10 +34,7 @@ class LayerRef:
 
     @property
     def numel(self) -> int:
-        n = 1
-        for d in self.shape:
-            n *= d
-        return n
+        return math.prod(self.shape)
 
 
 def _matches(entry: str, names: Iterable[str]) -> bool:
