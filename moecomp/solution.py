@@ -83,9 +83,6 @@ class RunContext:
         return Solution(key, CompressionPlan.from_dict(decoded.plan), decoded.layers,
                         decoded.state_dict, parent=decoded.meta.get("parent"))
 
-    def model(self, state: dict[str, torch.Tensor]) -> nn.Module:
-        return student_model(self.target.teacher, state)
-
 
 def student_model(teacher: nn.Module, state: dict[str, torch.Tensor]) -> nn.Module:
     """A copy of the teacher with ``state`` loaded (eval mode, no grad)."""
