@@ -1,10 +1,11 @@
 """Highest compression ratio (real .mcz files) within an accuracy budget, on a problem.
 
-Three stages, each measured on real files and the official test split:
-  1. post-training: the search's front alone (no retraining),
-  2. post-training + iterative bin merging (no retraining),
-  3. refine: distillation fine-tuning (masks kept, quantisation in the loop) for at most
-     ``--finetune-epochs`` epochs, then bin merging.
+Stages, each measured on real files and the official test split:
+  1. post-training: the search's front alone (no retraining), then + iterative bin merging,
+  2. post-training + layer-wise reconstruction (least squares + GPTQ rounding on 8,192
+     training images; no gradient training), then bin merging,
+  3. refine: reconstruction, distillation fine-tuning (masks kept, quantisation in the loop)
+     for at most ``--finetune-epochs`` epochs, then bin merging.
 Solutions are chosen on the VALIDATION split (accuracy drop <= --max-drop points vs the
 teacher); the test drop is reported, not selected on.
 
@@ -47,8 +48,12 @@ def main() -> None:
     ap.add_argument("--finetune-epochs", type=int, default=3)
     ap.add_argument("--candidates", type=int, default=5,
                     help="solutions within the budget (best estimated ratio first) exported")
-    ap.add_argument("--refine-drops", default="2,4,6,8,10,15,20,30",
-                    help="validation drops (points) of the solutions tried for fine-tuning")
+    ap.add_argument("--reconstruct-drops", default="1,2,3,4,5,6,8,10,12,15,20",
+                    help="validation drops (points, before reconstruction) of the solutions "
+                         "tried for reconstruction")
+    ap.add_argument("--refine-drops", default="4,8,15,25,40,60",
+                    help="validation drops (points, before reconstruction) of the solutions "
+                         "tried for reconstruction + fine-tuning")
     args = ap.parse_args()
     t0 = time.perf_counter()
     name = Path(args.problem).stem
@@ -86,29 +91,34 @@ def main() -> None:
         record("post-training + bin merging", r.key, str(best_post[0]),
                time.perf_counter() - t)
 
-    # 3. refine: fine-tune aggressive solutions, then merge within the budget
-    tried: set[int] = set()
-    for limit in (float(x) for x in args.refine_drops.split(",")):
-        cands = [i for i, d in drops.items() if d <= limit]
-        if not cands:
-            continue
-        i = max(cands, key=lambda k: float(est[k]))
-        if i in tried:
-            continue
-        tried.add(i)
-        t = time.perf_counter()
-        tuned = refine(ctx, i, merge=False, finetune_epochs=args.finetune_epochs,
-                       progress=False)
-        d = val_drop(ctx, tuned.key)
-        if d > args.max_drop:
-            rows.append((f"fine-tuned ({args.finetune_epochs} ep), val drop {d:.2f} > budget",
-                         tuned.key, str(i), tuned.file_bytes, tuned.ratio, d,
-                         teacher_test - tuned.test_acc, time.perf_counter() - t))
-            continue
-        merged = refine(ctx, tuned.key, merge=True, tolerance=args.max_drop - d,
-                        progress=False)
-        record(f"refine ({args.finetune_epochs} ep) + bin merging", merged.key,
-               f"{i} -> {tuned.key}", time.perf_counter() - t)
+    def candidates(limits: str) -> list[int]:
+        """Per drop limit, the best estimated ratio within it (each solution once)."""
+        out: list[int] = []
+        for limit in (float(x) for x in limits.split(",")):
+            within = [i for i, d in drops.items() if d <= limit]
+            if within:
+                best = max(within, key=lambda k: float(est[k]))
+                out += [best] if best not in out else []
+        return out
+
+    # 2 and 3: reconstruct (and fine-tune) aggressive solutions, then merge within the budget
+    for stage, epochs, limits in (("reconstruction", 0, args.reconstruct_drops),
+                                  (f"reconstruction + fine-tuning ({args.finetune_epochs} ep)",
+                                   args.finetune_epochs, args.refine_drops)):
+        for i in candidates(limits):
+            t = time.perf_counter()
+            tuned = refine(ctx, i, merge=False, reconstruct=True, finetune_epochs=epochs,
+                           progress=False)
+            d = val_drop(ctx, tuned.key)
+            if d > args.max_drop:
+                rows.append((f"{stage}, val drop {d:.2f} > budget", tuned.key, str(i),
+                             tuned.file_bytes, tuned.ratio, d, teacher_test - tuned.test_acc,
+                             time.perf_counter() - t))
+                continue
+            merged = refine(ctx, tuned.key, merge=True, tolerance=args.max_drop - d,
+                            progress=False)
+            record(f"{stage} + bin merging", merged.key, f"{i} -> {tuned.key}",
+                   time.perf_counter() - t)
 
     print(f"# Compression within {args.max_drop} point(s) of accuracy: {name}\n")
     print(f"- command: `python {' '.join(sys.argv)}`")

@@ -1,10 +1,12 @@
-"""Refine one chosen solution: distillation fine-tuning and iterative bin merging.
+"""Refine one chosen solution: reconstruction, distillation fine-tuning, bin merging.
 
 Only picked solutions are refined (it costs far more per solution than the search's
-evaluation). Fine-tuning keeps the masks fixed and quantises in the loop (straight-through
-estimator); bin merging (seed 2) then merges neighbouring levels while the validation
-accuracy drop stays within a tolerance. The refined solution is written to the run folder
-as ``refined/rN.mcz`` with a row in ``refined.csv`` that records its lineage.
+evaluation). Three optional steps, in this order: layer-wise reconstruction (``reconstruct``:
+least-squares re-fit of the survivors and GPTQ rounding on training images, no gradient
+training); fine-tuning, which keeps the masks fixed and quantises in the loop
+(straight-through estimator); bin merging (seed 2), which merges neighbouring levels while
+the validation accuracy drop stays within a tolerance. The refined solution is written to
+the run folder as ``refined/rN.mcz`` with a row in ``refined.csv`` that records its lineage.
 """
 
 from __future__ import annotations
@@ -23,11 +25,12 @@ from tqdm.auto import tqdm
 
 from moecomp.apply import QuantizedLayer, student_state_dict
 from moecomp.codec import write_mcz
-from moecomp.data import Split, load_dataset
+from moecomp.data import Split, Splits, load_dataset
 from moecomp.divergence import kl
 from moecomp.errors import ConfigError
 from moecomp.merge import merge_bins
 from moecomp.quantize import kmeans_quantize, uniform_quantize
+from moecomp.reconstruct import reconstruct as reconstruct_layers
 from moecomp.runs import atomic_write_csv
 from moecomp.solution import RunContext, Solution, dense_tensors, student_model
 from moecomp.train import accuracy
@@ -46,6 +49,7 @@ class RefineResult:
     fidelity_after: float
     tolerance: float
     finetune_epochs: int
+    reconstructed: bool
     val_acc: float
     test_acc: float
     file_bytes: int
@@ -113,13 +117,35 @@ def finetune(model: nn.Module, teacher: nn.Module, layers: dict[str, QuantizedLa
 def requantize(weights: dict[str, torch.Tensor], layers: dict[str, QuantizedLayer],
                bits: dict[str, int], quantizer: str) -> dict[str, QuantizedLayer]:
     """Quantise fine-tuned survivors again with the plan's quantizer (same masks)."""
-    fn = kmeans_quantize if quantizer == "kmeans" else uniform_quantize
     out = {}
     for name, ql in layers.items():
         values = weights[name].reshape(-1)[ql.mask.reshape(-1)]
-        idx, cb = fn(values.float(), bits[name])
+        idx, cb = _quantizer(quantizer)(values.float(), bits[name])
         out[name] = QuantizedLayer(ql.shape, ql.mask, idx, cb)
     return out
+
+
+def _quantizer(kind: str) -> Callable[[torch.Tensor, int], tuple[torch.Tensor, torch.Tensor]]:
+    return kmeans_quantize if kind == "kmeans" else uniform_quantize
+
+
+def _reconstructed(ctx: RunContext, sol: Solution, data: Splits, n_images: int, seed: int,
+                   progress: bool) -> tuple[dict[str, QuantizedLayer], dict[str, torch.Tensor]]:
+    """The solution after layer-wise reconstruction on ``n_images`` training images; a
+    layer of a shared codebook keeps that codebook, any other gets its plan's quantizer
+    on the re-fitted survivors."""
+    plan = sol.plan.layers
+
+    def grid(name: str, values: torch.Tensor) -> torch.Tensor:
+        if plan[name].quantizer == "shared":
+            return sol.layers[name].codebook
+        return _quantizer(plan[name].quantizer)(values, plan[name].bits)[1]
+
+    gen = torch.Generator().manual_seed(seed)
+    pick = torch.randperm(len(data.train), generator=gen)[:n_images]
+    layers, state, _ = reconstruct_layers(ctx.target.teacher, sol.state, sol.layers, grid,
+                                          data.train.x[pick], progress=progress)
+    return layers, state
 
 
 # --- the refine step ---------------------------------------------------------------------
@@ -157,8 +183,12 @@ def next_key(ctx: RunContext) -> str:
 def refine(run: RunContext | str | os.PathLike[str], solution: str | int, *, merge: bool = True,
            tolerance: float = 0.5, metric: FidelityKind = "accuracy",
            finetune_epochs: int = 0, lr: float = 2e-3, seed: int = 0,
+           reconstruct: bool = False, calibration: int = 8192,
            progress: bool = True) -> RefineResult:
     """Refine one solution of a run and add it to the run as ``refined/rN.mcz``.
+
+    reconstruct: re-fit survivors and biases layer by layer on ``calibration`` training
+        images first (see ``moecomp.reconstruct``); no gradient training.
 
     tolerance: how much worse than the unmerged (fine-tuned) solution the merged one may be,
         in units of ``metric``: validation accuracy points ("accuracy") or calibration KL in
@@ -170,15 +200,20 @@ def refine(run: RunContext | str | os.PathLike[str], solution: str | int, *, mer
         raise ConfigError("tolerance", f"must be >= 0, got {tolerance!r}")
     if finetune_epochs < 0:
         raise ConfigError("finetune_epochs", f"must be >= 0, got {finetune_epochs!r}")
+    if reconstruct and not calibration >= 1:
+        raise ConfigError("calibration", f"must be >= 1 training images, got {calibration!r}")
     ctx = run if isinstance(run, RunContext) else RunContext(run, progress=progress)
     sol: Solution = ctx.solution(solution)
     target = ctx.target
     bits = {n: lp.bits for n, lp in sol.plan.layers.items()}
     layers, state = sol.layers, sol.state
     t0 = time.perf_counter()
-    if finetune_epochs > 0:
+    if reconstruct or finetune_epochs > 0:
         data = load_dataset(ctx.problem.data.dataset, path=ctx.problem.data.path,
                             seed=ctx.problem.data.seed)
+    if reconstruct:
+        layers, state = _reconstructed(ctx, sol, data, calibration, seed, progress)
+    if finetune_epochs > 0:
         model = student_model(target.teacher, state)
         trained = finetune(model, target.teacher, layers, bits, data.train,
                            epochs=finetune_epochs, lr=lr, seed=seed, progress=progress)
@@ -198,8 +233,9 @@ def refine(run: RunContext | str | os.PathLike[str], solution: str | int, *, mer
     folder = ctx.run.path / "refined"
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"{key}.mcz"
-    meta = {"parent": sol.key, "problem": ctx.problem.name, "finetune_epochs": finetune_epochs,
-            "merge": merge, "tolerance": tolerance, "metric": metric}
+    meta = {"parent": sol.key, "problem": ctx.problem.name, "reconstruct": reconstruct,
+            "finetune_epochs": finetune_epochs, "merge": merge, "tolerance": tolerance,
+            "metric": metric}
     size = write_mcz(path, layers, dense_tensors(state, layers), plan=sol.plan.to_dict(),
                      meta=meta, order=list(state))
     n_params = sum(int(v.numel()) for v in state.values() if v.is_floating_point())
@@ -207,7 +243,7 @@ def refine(run: RunContext | str | os.PathLike[str], solution: str | int, *, mer
         key=key, parent=sol.key, levels_before=before,
         levels_after={n: ql.n_levels for n, ql in layers.items()}, fidelity_metric=metric,
         fidelity_before=f_before, fidelity_after=f_after, tolerance=tolerance,
-        finetune_epochs=finetune_epochs,
+        finetune_epochs=finetune_epochs, reconstructed=reconstruct,
         val_acc=accuracy(model, target.val) if target.val is not None else float("nan"),
         test_acc=accuracy(model, target.test) if target.test is not None else float("nan"),
         file_bytes=size, ratio=4 * n_params / size, path=str(path))
@@ -218,7 +254,8 @@ def refine(run: RunContext | str | os.PathLike[str], solution: str | int, *, mer
 def _record(ctx: RunContext, res: RefineResult, *, seconds: float) -> None:
     csv = ctx.run.path / "refined.csv"
     row = {
-        "key": res.key, "parent": res.parent, "finetune_epochs": res.finetune_epochs,
+        "key": res.key, "parent": res.parent, "reconstructed": res.reconstructed,
+        "finetune_epochs": res.finetune_epochs,
         "metric": res.fidelity_metric, "tolerance": res.tolerance,
         "fidelity_before": res.fidelity_before, "fidelity_after": res.fidelity_after,
         "levels_before": json.dumps(res.levels_before),

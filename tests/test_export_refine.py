@@ -1,6 +1,5 @@
 """Export -> decode -> same model; refine never exceeds its tolerance."""
 
-import numpy as np
 import pytest
 import torch
 from typer.testing import CliRunner
@@ -10,25 +9,8 @@ from moecomp.codec import read_mcz
 from moecomp.errors import RunError
 from moecomp.export import export_solution
 from moecomp.refine import refine
-from moecomp.runs import METRICS, RunFolder, atomic_write_csv, solutions_frame
-from moecomp.solution import RunContext, student_model
+from moecomp.solution import student_model
 from moecomp.train import accuracy
-
-
-@pytest.fixture(scope="module")
-def run_ctx(tmp_path_factory, digits_problem, digits_target):
-    """A small hand-made run folder of three digits solutions."""
-    run = RunFolder(tmp_path_factory.mktemp("run"))
-    run.write_problem(digits_problem)
-    names = digits_target.layer_names
-    s = np.array([[0.5, 0.5, 0.3], [0.8, 0.7, 0.5], [0.9, 0.9, 0.6]])
-    b = np.array([[4, 4, 6], [3, 3, 4], [2, 2, 3]])
-    df = solutions_frame(np.arange(3), 0, names, s, b, {m: np.zeros(3) for m in METRICS})
-    atomic_write_csv(run.file("evaluated.csv"), df)
-    atomic_write_csv(run.file("front.csv"), df)
-    ctx = RunContext(run)
-    ctx.target = digits_target  # reuse the session's teacher (cached_property slot)
-    return ctx
 
 
 def test_export_decodes_to_the_in_memory_solution(run_ctx, tmp_path):

@@ -1,4 +1,4 @@
-"""`moecomp refine RUN --solution ID`: fine-tune and/or merge bins of one solution."""
+"""`moecomp refine RUN --solution ID`: reconstruct, fine-tune and/or merge bins of one solution."""
 
 from __future__ import annotations
 
@@ -20,6 +20,12 @@ def register(app: typer.Typer) -> None:
         tolerance: float = typer.Option(0.5, "--tolerance",
                                         help="Allowed loss: accuracy points or KL nats."),
         metric: str = typer.Option("accuracy", "--metric", help="accuracy | divergence"),
+        reconstruct: bool = typer.Option(False, "--reconstruct",
+                                         help="Re-fit survivors and biases layer by layer "
+                                              "(least squares + GPTQ rounding on training "
+                                              "images; no gradient training)."),
+        calibration: int = typer.Option(8192, "--calibration",
+                                        help="Training images used by --reconstruct."),
         finetune_epochs: int = typer.Option(0, "--finetune-epochs",
                                             help="Distillation epochs (masks kept, "
                                                  "quantisation in the loop)."),
@@ -28,7 +34,8 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Refine a solution; the result is added to the run as refined/rN.mcz."""
         r = refine_solution(run, solution, merge=merge_bins, tolerance=tolerance, metric=metric,
-                            finetune_epochs=finetune_epochs, lr=lr, seed=seed)
+                            finetune_epochs=finetune_epochs, lr=lr, seed=seed,
+                            reconstruct=reconstruct, calibration=calibration)
         c = Console()
         c.print(f"[bold]{r.key}[/] (from solution {r.parent}): {r.path}")
         for n in r.levels_before:
