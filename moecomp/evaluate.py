@@ -20,16 +20,17 @@ It is faster because work that individuals share is done once:
   bounded LRU keyed by the prefix genes, so a converging population recomputes only the
   layers where it differs.
 
-Coded size is an *estimate* of the bytes of the ``.mcz`` file ``moecomp.codec`` writes (its
-ANS coder lands within about 1 % of the order-0 entropy), computed without coding anything:
-per compressed tensor, the positions of the survivors at the order-0 entropy of the keep mask
-(``numel * H2(density)`` bits), the level indices at the order-0 entropy of their histogram
-(or raw bytes when cheaper, as the codec would choose), the histogram the decoder needs, the
-float32 codebook (base64 in the header), and constants per stream, tensor and file for the
-JSON header; every other tensor of the state dict (biases, buffers) is stored as it is
-(float32: 4 bytes per element). See :func:`layer_coded_bytes`; ``bench/bench_evaluate.py``
-compares the estimate with real files (within a few percent: the codec's zstd can beat the
-order-0 entropy on structured masks, and header lengths vary).
+Coded size is an *estimate* of the bytes of the ``.mcz`` file ``moecomp.codec`` writes (its ANS
+coder lands within about 1 % of the order-0 entropy), computed without coding anything: per
+compressed tensor, the positions of the survivors at the order-0 entropy of the keep mask
+(``numel * H2(density)`` bits), the level indices at the order-0 entropy of their histogram (or
+raw bytes when cheaper, as the codec would choose), the histogram the decoder needs, the
+float32 codebook (base64 in the header), and constants per stream, tensor and file for the JSON
+header, all as they cost once the codec has zstd-compressed the header; every other tensor of
+the state dict (biases, buffers) is stored as it is (float32: 4 bytes per element). See
+:func:`layer_coded_bytes`; ``bench/bench_evaluate.py`` compares the estimate with real files
+(within a few percent: the codec's zstd can beat the order-0 entropy on structured masks, and
+header lengths vary).
 """
 
 from __future__ import annotations
@@ -66,14 +67,22 @@ above 32 MiB with fresh mmap pages every time; smaller ones are recycled, and pa
 would otherwise cost more than batching saves (bench/bench_evaluate.py)."""
 
 # --- coded-size model (bytes); constants estimate the .mcz container's JSON header ----------
-FILE_HEADER_BYTES = 128
-"""Magic, version, lengths, CRC and the header's fixed keys."""
-PLAN_BYTES_PER_LAYER = 72
+# The codec stores the header zstd-compressed: the constants are what each part adds to the
+# compressed header, fitted on the real files of runs/*/bench (LeNet-300-100, LeNet-5) and
+# random digits-MLP plans: the header part lands within 90 bytes (under 1 % of the file).
+FILE_HEADER_BYTES = 310
+"""The 16-byte prefix, the header's fixed keys and meta, and zstd's cost of learning the keys
+that later tensors repeat."""
+PLAN_BYTES_PER_LAYER = 30
 """The plan kept in the header: name, sparsity, bits and quantizer of each layer."""
-TENSOR_HEADER_BYTES = 110
-"""Per tensor in the JSON header: name, kind, shape, dtype (and n_kept, n_levels)."""
-STREAM_HEADER_BYTES = 100
-"""Per coded stream in the JSON header: name, coder, n, alphabet, offset, length, CRC."""
+TENSOR_HEADER_BYTES = 15
+"""Per tensor in the header: name, kind, shape, dtype (and n_kept, n_levels)."""
+STREAM_HEADER_BYTES = 14
+"""Per coded stream in the header: name, coder, n, alphabet, offset, length, CRC."""
+CODEBOOK_HEADER_BYTES = 15
+"""Per codebook in the header besides its 4 bytes a level: its key and quotes."""
+HISTOGRAM_ZSTD_SHARE = 0.5
+"""Share of its JSON length an ANS histogram takes in the compressed header (0.35-0.62)."""
 
 
 # --- metrics ----------------------------------------------------------------------------
@@ -159,14 +168,20 @@ def stream_bytes(counts: np.ndarray, *, raw_bytes_per_symbol: int) -> int:
     """Estimated payload + model bytes of one stream of symbols with histogram ``counts``.
 
     0 for an empty or single-valued stream (the codec's ``const`` coder); otherwise the
-    cheaper of ANS (order-0 entropy plus the stored histogram) and raw bytes.
+    cheaper of ANS (order-0 entropy plus the stored histogram) and raw bytes, as the codec
+    chooses.
     """
     c = np.asarray(counts, dtype=np.int64)
     n = int(c.sum())
     if int((c > 0).sum()) <= 1:
         return 0
-    ans = math.ceil(order0_bits(c) / 8.0) + histogram_bytes(c)
-    return min(ans, n * raw_bytes_per_symbol)
+    payload, table = math.ceil(order0_bits(c) / 8.0), histogram_bytes(c)
+    raw = n * raw_bytes_per_symbol
+    # The codec weighs the histogram at its JSON length when it picks a coder, but the file
+    # stores it in the compressed header.
+    if payload + table > raw:
+        return raw
+    return payload + math.ceil(HISTOGRAM_ZSTD_SHARE * table)
 
 
 def layer_coded_bytes(numel: int, level_counts: np.ndarray, n_levels: int) -> int:
@@ -190,8 +205,9 @@ def layer_coded_bytes(numel: int, level_counts: np.ndarray, n_levels: int) -> in
 
 
 def codebook_bytes(n_levels: int) -> int:
-    """The float32 codebook as the header stores it: base64 of ``4 * n_levels`` bytes."""
-    return 4 * math.ceil(4 * n_levels / 3)
+    """The float32 codebook in the compressed header: base64 of ``4 * n_levels`` bytes, which
+    zstd's entropy coding brings back to about the float bits, plus the key and quotes."""
+    return 4 * n_levels + CODEBOOK_HEADER_BYTES
 
 
 def dense_coded_bytes(nbytes: int) -> int:

@@ -36,5 +36,5 @@ def register(app: typer.Typer) -> None:
                       str(r.bits), "-" if r.n_levels is None else str(r.n_levels),
                       f"{r.coded_bytes:,}", ",".join(r.coders))
         total = sum(r.coded_bytes for r in rows)
-        t.caption = f"payload + models + codebooks: {total:,} bytes"
+        t.caption = f"payload + models + codebooks: {total:,} bytes (header parts uncompressed)"
         Console().print(t)

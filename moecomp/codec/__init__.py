@@ -7,6 +7,7 @@ of one integer stream (constriction ANS, zstd, raw, const; the cheapest kept per
 from moecomp.codec.container import (
     DEFAULT_MAX_BYTES,
     DTYPES,
+    FLAG_HEADER_ZSTD,
     FORMAT_VERSION,
     MAGIC,
     MAX_ELEMENTS,
@@ -27,6 +28,7 @@ __all__ = [
     "CODERS",
     "DEFAULT_MAX_BYTES",
     "DTYPES",
+    "FLAG_HEADER_ZSTD",
     "FORMAT_VERSION",
     "MAGIC",
     "MAX_ELEMENTS",

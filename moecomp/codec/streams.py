@@ -21,6 +21,7 @@ stored in the header to decode it):
 
 Decoding trusts nothing: every failure of the libraries on bad input becomes a ``CodecError``,
 and no function allocates more than ``n`` symbols, which the caller has bounded.
+``zstd_compress`` / ``zstd_decompress`` (bounded) also serve the container's compressed header.
 """
 
 from __future__ import annotations
@@ -222,8 +223,7 @@ def encode_stream(
     if "raw" in coders:
         candidates.append(CodedStream("raw", n, alphabet, raw))
     if "zstd" in coders:
-        z = zstandard.ZstdCompressor(level=ZSTD_LEVEL, write_content_size=True).compress(raw)
-        candidates.append(CodedStream("zstd", n, alphabet, z))
+        candidates.append(CodedStream("zstd", n, alphabet, zstd_compress(raw, level=ZSTD_LEVEL)))
     if "ans" in coders or "ans_bits" in coders:
         counts = np.bincount(sym, minlength=alphabet)
         if "ans" in coders:
@@ -257,7 +257,7 @@ def decode_stream(
     if coder == "raw":
         out = _from_bytes(payload, n, dtype)
     elif coder == "zstd":
-        out = _from_bytes(_zstd_decompress(payload, n * dtype.itemsize), n, dtype)
+        out = _from_bytes(zstd_decompress(payload, n * dtype.itemsize), n, dtype)
     elif coder == "ans":
         out = _decode_ans(payload, n, _ans_freqs(params, alphabet)).astype(dtype)
     elif coder == "ans_bits":
@@ -292,23 +292,39 @@ def _from_bytes(buf: bytes | memoryview, n: int, dtype: np.dtype[Any]) -> np.nda
     return np.frombuffer(buf, dtype=dtype).astype(dtype.newbyteorder("="))
 
 
-def _zstd_decompress(payload: bytes | memoryview, expected: int) -> bytes:
+def zstd_compress(data: bytes, *, level: int) -> bytes:
+    """One zstd frame of ``data`` that states its content size, as ``zstd_decompress`` needs."""
+    return zstandard.ZstdCompressor(level=level, write_content_size=True).compress(data)
+
+
+def zstd_decompress(frame: bytes | memoryview, size: int, *, exact: bool = True) -> bytes:
+    """The content of one zstd frame: exactly ``size`` bytes, or at most ``size`` when not
+    ``exact`` (the frame must state its content size either way).
+
+    Used for ``zstd`` streams and for the compressed ``.mcz`` header. A frame that claims a
+    wrong or too large size is refused before anything is allocated; no valid frame header, an
+    unstated size, corrupt data or trailing bytes raise ``CodecError`` too.
+    """
     # python-zstandard sizes its output from the frame header and ignores max_output_size
     # when the header states a size, so the claimed size is checked before decompressing.
     try:
-        claimed = zstandard.frame_content_size(payload)
+        claimed = zstandard.frame_content_size(frame)
     except zstandard.ZstdError as e:
-        raise CodecError(f"zstd stream has no valid frame header: {e}") from None
-    if claimed != expected:
-        raise CodecError(f"zstd frame claims {claimed} bytes, expected {expected}")
+        raise CodecError(f"zstd frame has no valid frame header: {e}") from None
+    if claimed < 0:
+        raise CodecError("zstd frame does not state its content size")
+    if exact and claimed != size:
+        raise CodecError(f"zstd frame claims {claimed} bytes, expected {size}")
+    if claimed > size:
+        raise CodecError(f"zstd frame claims {claimed} bytes, over the limit of {size}")
     try:
         out = zstandard.ZstdDecompressor().decompress(
-            payload, max_output_size=expected, allow_extra_data=False
+            frame, max_output_size=claimed, allow_extra_data=False
         )
     except zstandard.ZstdError as e:
-        raise CodecError(f"zstd stream is corrupt: {e}") from None
-    if len(out) != expected:
-        raise CodecError(f"zstd stream decoded to {len(out)} bytes, expected {expected}")
+        raise CodecError(f"zstd frame is corrupt: {e}") from None
+    if len(out) != claimed:
+        raise CodecError(f"zstd frame decoded to {len(out)} bytes, it claims {claimed}")
     return out
 
 

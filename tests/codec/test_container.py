@@ -2,19 +2,24 @@
 
 from __future__ import annotations
 
+import json
 import math
+import struct
+import zlib
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
 import torch
+import zstandard
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from moecomp.apply import QuantizedLayer
+from moecomp.apply import QuantizedLayer, apply_plan
 from moecomp.codec import (
     DTYPES,
+    FLAG_HEADER_ZSTD,
     decode_model,
     encode_model,
     inspect_mcz,
@@ -23,6 +28,10 @@ from moecomp.codec import (
     write_mcz,
 )
 from moecomp.errors import CodecError
+from moecomp.plan import CompressionPlan
+from moecomp.relevance.base import scores_to_ranks
+
+PREFIX = struct.Struct("<4sHHII")  # magic, version, flags, header length, header CRC32
 
 SPECIAL_FLOATS = [
     0.0,
@@ -200,6 +209,52 @@ def test_files_round_trip_and_respect_the_size_limit(tmp_path: Path) -> None:
         inspect_mcz(path, max_bytes=n - 1)
     with pytest.raises(CodecError, match="max_bytes"):
         decode_model(path.read_bytes(), max_bytes=n + 100)  # decoded tensors need more
+
+
+@pytest.fixture(scope="module")
+def digits_file(digits_target: Any) -> bytes:
+    """The .mcz bytes of the trained digits MLP at 70 % sparsity and 4 bits, plan included."""
+    weights = digits_target.weights()
+    ranks = {n: scores_to_ranks(w.abs()) for n, w in weights.items()}
+    plan = CompressionPlan.uniform(list(weights), sparsity=0.7, bits=4)
+    layers = apply_plan(plan, weights, ranks)
+    state = digits_target.state_dict()
+    dense = {k: v for k, v in state.items() if k not in layers}
+    return encode_model(layers, dense, plan=plan.to_dict(), meta={"x": 1}, order=list(state))
+
+
+def stored_header(data: bytes) -> tuple[int, bytes, bytes]:
+    """(flags, header as stored, payload) of a file."""
+    _, _, flags, hlen, _ = PREFIX.unpack(data[: PREFIX.size])
+    return flags, data[PREFIX.size : PREFIX.size + hlen], data[PREFIX.size + hlen :]
+
+
+def test_the_header_is_stored_zstd_compressed_and_smaller(digits_file: bytes) -> None:
+    flags, stored, _ = stored_header(digits_file)
+    assert flags == FLAG_HEADER_ZSTD
+    header_json = zstandard.ZstdDecompressor().decompress(stored)
+    header = json.loads(header_json)
+    assert any("freqs" in s for t in header["tensors"] for s in t["streams"])  # ANS tables
+    assert len(stored) < 0.6 * len(header_json)
+
+
+def test_a_plain_json_header_reads_as_before(digits_file: bytes, tmp_path: Path) -> None:
+    """Files with flags 0 hold the header as plain JSON; they decode to the same model."""
+    _, stored, payload = stored_header(digits_file)
+    plain = zstandard.ZstdDecompressor().decompress(stored)
+    prefix = PREFIX.pack(b"MCZ\x00", 1, 0, len(plain), zlib.crc32(plain))
+    old = prefix + plain + payload
+    assert len(old) > len(digits_file)
+    new_model, old_model = decode_model(digits_file), decode_model(old)
+    assert list(old_model.state_dict) == list(new_model.state_dict)
+    for name, t in new_model.state_dict.items():
+        assert bits_of(old_model.state_dict[name]) == bits_of(t)
+    assert (old_model.plan, old_model.meta) == (new_model.plan, new_model.meta)
+    assert old_model.streams == new_model.streams
+    path = tmp_path / "old.mcz"
+    path.write_bytes(old)
+    assert inspect_mcz(path) == inspect_model(digits_file)
+    assert read_mcz(path).plan == new_model.plan
 
 
 def _bad(**kw: Any) -> QuantizedLayer:

@@ -19,10 +19,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from moecomp.apply import QuantizedLayer
-from moecomp.codec import CODERS, decode_model, encode_model, inspect_model
+from moecomp.codec import CODERS, MAX_HEADER_BYTES, decode_model, encode_model, inspect_model
 from moecomp.errors import CodecError
 
 PREFIX = struct.Struct("<4sHHII")  # the documented layout, written out independently here
+ZSTD = 1  # the flag bit of a zstd-compressed header
 
 
 def _layer(
@@ -58,14 +59,29 @@ GOOD = encode_model(
 
 
 def split(data: bytes) -> tuple[dict[str, Any], bytes]:
-    _, _, _, hlen, _ = PREFIX.unpack(data[:16])
-    return json.loads(data[16 : 16 + hlen]), data[16 + hlen :]
+    """The JSON header and the payload of a file."""
+    _, _, flags, hlen, _ = PREFIX.unpack(data[:16])
+    stored = data[16 : 16 + hlen]
+    raw = zstandard.ZstdDecompressor().decompress(stored) if flags & ZSTD else stored
+    return json.loads(raw), data[16 + hlen :]
 
 
-def build(header: dict[str, Any] | bytes, payload: bytes, *, version: int = 1) -> bytes:
-    """A file from a header and payload, with a correct header CRC."""
+def build(
+    header: dict[str, Any] | bytes, payload: bytes, *, version: int = 1, flags: int = 0
+) -> bytes:
+    """A file from a header (a dict, or the header bytes to store as they are) and payload,
+    with a correct header CRC. With the default ``flags`` the header is plain JSON."""
     raw = header if isinstance(header, bytes) else json.dumps(header).encode()
-    return PREFIX.pack(b"MCZ\x00", version, 0, len(raw), zlib.crc32(raw)) + raw + payload
+    return PREFIX.pack(b"MCZ\x00", version, flags, len(raw), zlib.crc32(raw)) + raw + payload
+
+
+def zstd_frame(raw: bytes, **kw: Any) -> bytes:
+    """``raw`` as one zstd frame, as a compressed header stores it."""
+    return zstandard.ZstdCompressor(**kw).compress(raw)
+
+
+def bits_of(t: torch.Tensor) -> bytes:
+    return t.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
 
 
 def assert_refused(data: bytes, match: str | None = None) -> None:
@@ -117,7 +133,9 @@ def test_single_byte_flips_are_refused() -> None:
         (0, b"MCZ\x01", "magic"),
         (1, 2, "version"),
         (1, 0, "version"),
-        (2, 1, "flags"),
+        (2, 2, "flags 0x0002"),
+        (2, 0x8001, "flags 0x8001"),
+        (2, 0, "JSON"),  # the compressed header read as plain JSON
         (3, 2**31, "header length"),
         (3, 2**24, "truncated header"),
         (3, 0, "CRC"),
@@ -229,6 +247,87 @@ def test_crafted_headers_with_valid_crc_are_refused(case: str) -> None:
 )
 def test_crafted_json_is_refused(raw: bytes, match: str) -> None:
     assert_refused(build(raw, b""), match)
+    assert_refused(build(zstd_frame(raw), b"", flags=ZSTD), match)
+
+
+def _stored_header(data: bytes) -> bytes:
+    _, _, _, hlen, _ = PREFIX.unpack(data[:16])
+    return data[16 : 16 + hlen]
+
+
+def _understated_frame() -> bytes:
+    """A zstd frame whose header claims 50 content bytes; the data expands to 102."""
+    frame = bytearray(zstd_frame(b"{}" + b" " * 100))
+    assert frame[4] == 0x20 and frame[5] == 102  # single segment, 1-byte content size
+    frame[5] = 50
+    return bytes(frame)
+
+
+GOOD_STORED = _stored_header(GOOD)
+BAD_FRAMES = {
+    "not a frame": (b"garbage!", "frame header"),
+    "empty": (b"", "frame header"),
+    "truncated": (GOOD_STORED[:-3], "corrupt"),
+    "trailing bytes": (GOOD_STORED + b"\x00", "corrupt"),
+    "two frames": (GOOD_STORED + GOOD_STORED, "corrupt"),
+    "size not stated": (zstd_frame(b"{}", write_content_size=False), "does not state"),
+    "size understated": (_understated_frame(), "corrupt"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_FRAMES))
+def test_corrupt_compressed_headers_with_valid_crc_are_refused(case: str) -> None:
+    frame, match = BAD_FRAMES[case]
+    data = build(frame, split(GOOD)[1], flags=ZSTD)
+    for read in (decode_model, inspect_model):
+        with pytest.raises(CodecError, match=f"compressed header.*{match}"):
+            read(data)
+
+
+def test_byte_flips_in_a_compressed_header_with_valid_crc_are_handled() -> None:
+    """With the CRC recomputed, a flip inside the frame raises CodecError or, where zstd
+    decodes it to other valid JSON (say, another codebook), reads as that JSON stored plain."""
+    payload = split(GOOD)[1]
+    rng = np.random.default_rng(1)
+    refused = 0
+    for pos in rng.integers(0, len(GOOD_STORED), 200):
+        bad = bytearray(GOOD_STORED)
+        bad[pos] ^= int(rng.integers(1, 256))
+        try:
+            out = decode_model(build(bytes(bad), payload, flags=ZSTD))
+        except CodecError:
+            refused += 1
+            continue
+        plain = decode_model(build(zstandard.ZstdDecompressor().decompress(bad), payload))
+        assert out.state_dict.keys() == plain.state_dict.keys()
+        for name, t in plain.state_dict.items():
+            assert bits_of(out.state_dict[name]) == bits_of(t)
+    assert refused > 150
+
+
+@pytest.mark.parametrize(
+    ("raw", "max_bytes", "match"),
+    [
+        (b"{" + b" " * MAX_HEADER_BYTES + b"}", None, "over the limit"),
+        (b"{" + b" " * 2_000_000 + b"}", 1_000_000, "max_bytes"),  # a small file, a huge header
+    ],
+)
+def test_header_bombs_are_refused_before_allocating(
+    raw: bytes, max_bytes: int | None, match: str
+) -> None:
+    data = build(zstd_frame(raw, level=19), GOOD_PAYLOAD, flags=ZSTD)
+    assert len(data) < 10_000
+    kwargs = {} if max_bytes is None else {"max_bytes": max_bytes}
+    tracemalloc.start()
+    try:
+        with pytest.raises(CodecError, match=match):
+            decode_model(data, **kwargs)
+        with pytest.raises(CodecError, match=match):
+            inspect_model(data, **kwargs)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 200_000
 
 
 def _with_payload(base: bytes, stream_path: str, new: bytes, **fields: Any) -> bytes:
@@ -370,6 +469,7 @@ def test_any_header_value_swapped_for_any_json_is_handled(
     st.binary(max_size=300)
     | st.binary(max_size=300).map(lambda b: GOOD[:4] + b)
     | st.binary(max_size=300).map(lambda b: build(b, b""))
+    | st.binary(max_size=300).map(lambda b: build(b, b"", flags=ZSTD))
     | st.binary(max_size=300).map(lambda b: build(split(GOOD)[0], b))
 )
 def test_arbitrary_bytes_raise_only_codec_errors(data: bytes) -> None:

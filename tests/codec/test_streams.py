@@ -21,6 +21,8 @@ from moecomp.codec.streams import (
     quantize_freqs,
     symbol_dtype,
     table_bytes,
+    zstd_compress,
+    zstd_decompress,
 )
 from moecomp.errors import CodecError
 
@@ -237,3 +239,16 @@ def test_zstd_frame_must_claim_the_expected_size() -> None:
     trailing = cs.payload + b"\x00"
     with pytest.raises(CodecError):
         decode_stream(trailing, coder="zstd", n=cs.n, alphabet=4, params={})
+
+
+def test_zstd_decompress_up_to_a_limit() -> None:
+    frame = zstd_compress(b"x" * 1000, level=19)
+    assert zstd_decompress(frame, 1000, exact=False) == b"x" * 1000
+    assert zstd_decompress(frame, 5000, exact=False) == b"x" * 1000
+    with pytest.raises(CodecError, match="claims 1000 bytes, expected 5000"):
+        zstd_decompress(frame, 5000)
+    with pytest.raises(CodecError, match="claims 1000 bytes, over the limit of 999"):
+        zstd_decompress(frame, 999, exact=False)
+    unsized = zstandard.ZstdCompressor(write_content_size=False).compress(b"x" * 1000)
+    with pytest.raises(CodecError, match="does not state"):
+        zstd_decompress(unsized, 5000, exact=False)
