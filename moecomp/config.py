@@ -73,6 +73,10 @@ class LayersConfig:
     include: tuple[str, ...] = ()
     exclude: tuple[str, ...] = ()
     types: tuple[str, ...] = ("Linear", "Conv1d", "Conv2d", "Conv3d")
+    # How the tensors that are not compressed (biases, other layers, buffers) are stored:
+    # their floating values are rounded to this dtype in every student and in the file.
+    # float16 halves their bytes (5 % of a 60x LeNet-300-100 file) for no measurable loss.
+    dense_dtype: Literal["float32", "float16", "bfloat16"] = "float32"
 
 
 @dataclass(frozen=True)

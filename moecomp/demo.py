@@ -76,9 +76,11 @@ def run_demo(out: Path, *, budget: int | None = None, fresh: bool = False,
             f"({best['ratio']:.1f}x estimated, test drop {best['test_drop']:.2f} points); "
             f"knee: solution(s) {', '.join(str(int(i)) for i in knee['id'])}")
 
-    c.rule("4. refine (2 distillation epochs, then bin merging within 0.5 points)")
+    c.rule("4. refine (layer-wise reconstruction, 2 distillation epochs, then bin merging "
+           "within 0.5 points)")
     ctx = RunContext(out)
-    ref = refine(ctx, int(best["id"]), merge=True, tolerance=0.5, finetune_epochs=2)
+    ref = refine(ctx, int(best["id"]), merge=True, tolerance=0.5, reconstruct=True,
+                 finetune_epochs=2)
     c.print(f"{ref.key}: levels {sum(ref.levels_before.values())} -> "
             f"{sum(ref.levels_after.values())}, test {ref.test_acc:.2f} %, {ref.ratio:.1f}x")
 

@@ -506,7 +506,7 @@ class Evaluator:
 
         tensors = {n: p.detach() for n, p in target.teacher.named_parameters()}
         tensors.update({n: b.detach() for n, b in target.teacher.named_buffers()})
-        self._tensors = tensors
+        self._tensors = target.round_dense(tensors)
         self._by_rank_w: list[torch.Tensor] = []
         self._by_rank_pos: list[torch.Tensor] = []
         for ref in target.layers:
@@ -540,9 +540,11 @@ class Evaluator:
 
         state = target.state_dict()
         self._fp32_bytes = 4.0 * sum(v.numel() for v in state.values() if v.is_floating_point())
+        dense = target.dense_torch_dtype
         self._fixed_bytes = float(
             fixed_coded_bytes(
-                [_tensor_bytes(v) for n, v in state.items() if n not in self._index],
+                [_tensor_bytes(v.to(dense) if v.is_floating_point() else v)
+                 for n, v in state.items() if n not in self._index],
                 len(self._names),
             )
         )
@@ -712,7 +714,8 @@ class Evaluator:
             y = x
             for st in stages:
                 y = st.fn(y, {n: self._tensors[n] for n in st.params})
-            ref = self.target.teacher(x)
+            # the reference runs on the same tensors (dense ones rounded to their dtype)
+            ref = torch.func.functional_call(self.target.teacher, self._tensors, (x,))
         if y.shape != ref.shape or not torch.allclose(y, ref, rtol=1e-4, atol=1e-5):
             return "outputs differ from the model's forward"
         return None

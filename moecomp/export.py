@@ -51,7 +51,8 @@ def export_solution(run: RunContext | str | os.PathLike[str], solution: str | in
     plan_json = mcz.with_name(mcz.stem + ".plan.json")
     plan_json.write_text(sol.plan.to_json())
     meta = {"problem": ctx.problem.name, "solution": sol.key, "parent": sol.parent}
-    size = write_mcz(mcz, sol.layers, dense_tensors(sol.state, sol.layers),
+    size = write_mcz(mcz, sol.layers, dense_tensors(sol.state, sol.layers,
+                                                      dtype=ctx.target.dense_torch_dtype),
                      plan=sol.plan.to_dict(), meta=meta, order=list(sol.state))
 
     # Verify: the decoded file's model must give the in-memory solution's outputs exactly.
@@ -73,7 +74,8 @@ def export_solution(run: RunContext | str | os.PathLike[str], solution: str | in
     st_path = None
     if safetensors:
         st_path = mcz.with_suffix(".safetensors")
-        save_file({k: v.contiguous() for k, v in decoded.state_dict.items()}, str(st_path))
+        # the decoded model's own state: dense tensors back in the teacher's dtypes
+        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(st_path))
     onnx_path = None
     if onnx:
         onnx_path = mcz.with_suffix(".onnx")

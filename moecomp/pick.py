@@ -324,7 +324,7 @@ def holdout_accuracy(
             splits[name] = split
     teacher_acc = {k: accuracy(target.teacher, s) for k, s in splits.items()}
     weights = target.weights()
-    teacher_state = target.state_dict()
+    teacher_state = target.student_base()
     student = copy.deepcopy(target.teacher)
     rows = []
     for plan in plans:

@@ -220,6 +220,8 @@ def refine(run: RunContext | str | os.PathLike[str], solution: str | int, *, mer
         quantizer = ctx.problem.genes.quantizer
         layers = requantize(trained, layers, bits, quantizer)
         state = student_state_dict({k: trained.get(k, v) for k, v in state.items()}, layers)
+    # re-fitted and fine-tuned biases are rounded as they will be stored
+    state = target.round_dense(state)
     fidelity = _fidelity(ctx, state, metric)
     before = {n: ql.n_levels for n, ql in layers.items()}
     f_before = fidelity(layers)
@@ -236,7 +238,9 @@ def refine(run: RunContext | str | os.PathLike[str], solution: str | int, *, mer
     meta = {"parent": sol.key, "problem": ctx.problem.name, "reconstruct": reconstruct,
             "finetune_epochs": finetune_epochs, "merge": merge, "tolerance": tolerance,
             "metric": metric}
-    size = write_mcz(path, layers, dense_tensors(state, layers), plan=sol.plan.to_dict(),
+    size = write_mcz(path, layers, dense_tensors(state, layers,
+                                                 dtype=target.dense_torch_dtype),
+                     plan=sol.plan.to_dict(),
                      meta=meta, order=list(state))
     n_params = sum(int(v.numel()) for v in state.values() if v.is_floating_point())
     res = RefineResult(

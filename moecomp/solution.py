@@ -71,7 +71,7 @@ class RunContext:
 
     def from_plan(self, key: str, plan: CompressionPlan) -> Solution:
         layers = apply_plan(plan, self.target.weights(), self.ranks)
-        return Solution(key, plan, layers, student_state_dict(self.target.state_dict(), layers))
+        return Solution(key, plan, layers, student_state_dict(self.target.student_base(), layers))
 
     def _refined(self, key: str) -> Solution:
         path = self.run.path / "refined" / f"{key}.mcz"
@@ -80,8 +80,11 @@ class RunContext:
         decoded = read_mcz(path)
         if decoded.plan is None:
             raise RunError(f"{path} holds no plan")
-        return Solution(key, CompressionPlan.from_dict(decoded.plan), decoded.layers,
-                        decoded.state_dict, parent=decoded.meta.get("parent"))
+        # dense tensors come back in their stored dtype; students run in the teacher's
+        dtypes = {k: v.dtype for k, v in self.target.state_dict().items()}
+        state = {k: v.to(dtypes.get(k, v.dtype)) for k, v in decoded.state_dict.items()}
+        return Solution(key, CompressionPlan.from_dict(decoded.plan), decoded.layers, state,
+                        parent=decoded.meta.get("parent"))
 
 
 def student_model(teacher: nn.Module, state: dict[str, torch.Tensor]) -> nn.Module:
@@ -94,7 +97,10 @@ def student_model(teacher: nn.Module, state: dict[str, torch.Tensor]) -> nn.Modu
     return model
 
 
-def dense_tensors(state: dict[str, torch.Tensor], layers: dict[str, QuantizedLayer]
-                  ) -> dict[str, torch.Tensor]:
-    """The state entries the codec stores losslessly (everything not compressed)."""
-    return {k: v.detach().contiguous() for k, v in state.items() if k not in layers}
+def dense_tensors(state: dict[str, torch.Tensor], layers: dict[str, QuantizedLayer], *,
+                  dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+    """The state entries the codec stores as they are (everything not compressed), floating
+    ones in ``dtype`` (the problem's ``layers.dense_dtype``; the state already holds values
+    rounded to it, see ``Target.round_dense``, so storing them loses nothing)."""
+    return {k: (v.detach().to(dtype) if v.is_floating_point() else v.detach()).contiguous()
+            for k, v in state.items() if k not in layers}

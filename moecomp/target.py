@@ -89,6 +89,10 @@ def select_layers(model: nn.Module, *, include: Iterable[str] = (),
     return refs
 
 
+DENSE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+"""The ``layers.dense_dtype`` choices."""
+
+
 @dataclass
 class Target:
     """What is compressed and what fidelity is measured against.
@@ -105,6 +109,7 @@ class Target:
     test: Split | None = None
     divergence: str = "kl"
     task: str = "classification"
+    dense_dtype: str = "float32"
     teacher_out: torch.Tensor = field(init=False)
 
     def __post_init__(self) -> None:
@@ -125,6 +130,23 @@ class Target:
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return {k: v.detach() for k, v in self.teacher.state_dict().items()}
+
+    @property
+    def dense_torch_dtype(self) -> torch.dtype:
+        """The dtype the uncompressed floating tensors are stored in."""
+        return DENSE_DTYPES[self.dense_dtype]
+
+    def round_dense(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """``state`` with every floating tensor that is not compressed rounded to the dense
+        dtype (kept in its own dtype), as a student has it after storage."""
+        dt, skip = self.dense_torch_dtype, set(self.layer_names)
+        return {k: v.to(dt).to(v.dtype) if k not in skip and v.is_floating_point() else v
+                for k, v in state.items()}
+
+    def student_base(self) -> dict[str, torch.Tensor]:
+        """The teacher's state with the uncompressed tensors as a student stores them: what
+        every student is built from."""
+        return self.round_dense(self.state_dict())
 
     @property
     def n_params(self) -> int:
@@ -193,4 +215,5 @@ def build_target(problem: ProblemConfig, *, data: Splits | None = None,
         val=data.val,
         test=data.test,
         divergence=problem.objectives.divergence,
+        dense_dtype=problem.layers.dense_dtype,
     )

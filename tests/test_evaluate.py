@@ -39,10 +39,12 @@ def oracle(
 ) -> dict[str, np.ndarray]:
     """The naive computation, one plan at a time: copy, load, forward, measure."""
     weights = target.weights()
-    state = target.state_dict()
+    # biases as a student stores them: rounded to the problem's dense dtype, its bytes each
+    state = target.student_base()
     n_fp32 = sum(v.numel() for v in state.values() if v.is_floating_point())
+    dense_size = torch.empty(0, dtype=target.dense_torch_dtype).element_size()
     fixed = fixed_coded_bytes(
-        [v.numel() * v.element_size() for k, v in state.items() if k not in weights], len(weights)
+        [v.numel() * dense_size for k, v in state.items() if k not in weights], len(weights)
     )
     t_acc = None
     if target.calib_y is not None:

@@ -80,3 +80,21 @@ def test_weights_file_that_is_not_a_state_dict_is_refused(tmp_path):
     junk.write_bytes(b"not a torch file")
     with pytest.raises(ConfigError, match="weights-only"):
         load_weights(junk)
+
+
+def test_round_dense_rounds_only_uncompressed_floats(digits_target):
+    assert digits_target.dense_dtype == "float16"  # problems/digits-mlp.toml
+    base = digits_target.student_base()
+    for k, v in digits_target.state_dict().items():
+        assert base[k].dtype == v.dtype
+        if k in digits_target.layer_names:
+            assert base[k] is v or torch.equal(base[k], v)
+        else:
+            assert torch.equal(base[k], v.half().float())
+    assert any(not torch.equal(base[k], v) for k, v in digits_target.state_dict().items())
+
+
+def test_dense_dtype_names_its_choices():
+    with pytest.raises(ConfigError, match=r"layers\.dense_dtype.*float16"):
+        problem_from_dict({"name": "x", "model": {"zoo": "mlp-digits"},
+                           "data": {"dataset": "digits"}, "layers": {"dense_dtype": "float8"}})

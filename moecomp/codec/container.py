@@ -439,6 +439,11 @@ def _parse_header(
         tensors.append(t)
     if offset != payload_bytes:
         raise CodecError(f"streams cover {offset} of {payload_bytes} payload bytes")
+    planned = plan.get("layers") if plan is not None else None
+    quantized = {t.name for t in tensors if t.kind == "quantized"}
+    if isinstance(planned, dict) and set(planned) != quantized:
+        raise CodecError(f"the header's plan compresses {sorted(planned)}, the file holds "
+                         f"compressed tensors {sorted(quantized)}")
     return _Header(plan=plan, meta=meta, tensors=tensors)
 
 
@@ -450,6 +455,8 @@ def _parse_tensor(rt: Any, where: str) -> _Tensor:
     if not isinstance(rt, dict):
         raise CodecError(f"header field {where}: must be an object")
     name = _field(rt, "name", str, where)
+    if not name:
+        raise CodecError(f"header field {where}.name: must not be empty")
     where = f"tensor {name!r}"
     kind = _field(rt, "kind", str, where)
     shape_list = _field(rt, "shape", list, where)

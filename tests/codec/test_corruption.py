@@ -52,7 +52,7 @@ DENSE = {"fc1.bias": torch.linspace(-1, 1, 60), "fc3.bias": torch.zeros(10)}
 GOOD = encode_model(
     LAYERS,
     DENSE,
-    plan={"shared_k": None},
+    plan={"shared_k": None, "layers": {n: {} for n in LAYERS}},
     meta={"run": "t"},
     order=["fc1.weight", "fc1.bias", "fc2.weight", "fc3.weight", "fc3.bias"],
 )
@@ -477,3 +477,11 @@ def test_arbitrary_bytes_raise_only_codec_errors(data: bytes) -> None:
         decode_model(data)
     with pytest.raises(CodecError):
         inspect_model(data)
+
+
+@pytest.mark.parametrize("name", ["", "fc9.weight"])
+def test_a_renamed_compressed_tensor_is_refused(name: str) -> None:
+    header, payload = split(GOOD)
+    header["tensors"][0]["name"] = name
+    with pytest.raises(CodecError, match="empty|plan compresses"):
+        decode_model(build(header, payload))
