@@ -1,10 +1,13 @@
 """Layer-wise reconstruction: least-squares oracle, GPTQ rounding, masks and codebooks kept."""
 
+import re
+
 import pytest
 import torch
 from torch import nn
 
 from moecomp.apply import apply_layer, student_state_dict
+from moecomp.errors import ConfigError
 from moecomp.quantize import uniform_quantize
 from moecomp.reconstruct import _fit_layer, _statistics, fit_row, reconstruct
 from moecomp.refine import refine
@@ -140,3 +143,20 @@ def test_refine_with_reconstruction_lowers_calibration_divergence(run_ctx):
     for n, ql in parent.layers.items():
         assert torch.equal(ql.mask, child.layers[n].mask)
         assert child.layers[n].n_levels <= 2 ** parent.plan.layers[n].bits
+
+
+def test_cli_refine_reconstructs_and_names_a_bad_calibration(run_ctx):
+    from typer.testing import CliRunner
+
+    from moecomp.cli import app
+
+    run = str(run_ctx.run.path)
+    ok = CliRunner().invoke(app, ["refine", run, "--solution", "1", "--reconstruct",
+                                  "--calibration", "256", "--no-merge-bins"])
+    assert ok.exit_code == 0, ok.output
+    key = re.search(r"(r\d+) \(from solution 1\)", ok.output).group(1)
+    assert run_ctx.solution(key).parent == "1"
+    bad = CliRunner().invoke(app, ["refine", run, "--solution", "1", "--reconstruct",
+                                   "--calibration", "0"])
+    # main() prints a MoecompError as one line; the runner hands back the exception itself
+    assert isinstance(bad.exception, ConfigError) and "calibration" in str(bad.exception)
