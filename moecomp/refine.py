@@ -59,13 +59,14 @@ class RefineResult:
 
 # --- quantisation in the loop ------------------------------------------------------------
 
-def _fake_quant(w: torch.Tensor, mask: torch.Tensor, bits: int) -> torch.Tensor:
-    """Masked weight whose survivors are replaced by their uniform bin means in the forward
-    pass; gradients pass straight through to the float survivors."""
+def _fake_quant(w: torch.Tensor, mask: torch.Tensor, bits: int, quantizer: str = "uniform"
+                ) -> torch.Tensor:
+    """Masked weight whose survivors are replaced by their levels under the plan's quantizer
+    in the forward pass; gradients pass straight through to the float survivors."""
     values = w[mask]
     if values.numel() == 0:
         return torch.zeros_like(w)
-    idx, codebook = uniform_quantize(values.detach(), bits)
+    idx, codebook = _quantizer(quantizer)(values.detach(), bits)
     q = torch.zeros_like(w)
     q[mask] = values + (codebook[idx] - values).detach()
     return q
@@ -73,6 +74,7 @@ def _fake_quant(w: torch.Tensor, mask: torch.Tensor, bits: int) -> torch.Tensor:
 
 def finetune(model: nn.Module, teacher: nn.Module, layers: dict[str, QuantizedLayer],
              bits: dict[str, int], train: Split, *, epochs: int, lr: float = 2e-3,
+             quantizers: dict[str, str] | None = None,
              batch_size: int = 128, temperature: float = 2.0, seed: int = 0,
              progress: bool = True) -> dict[str, torch.Tensor]:
     """Distil the teacher into the masked, quantised student; returns float parameters.
@@ -83,6 +85,7 @@ def finetune(model: nn.Module, teacher: nn.Module, layers: dict[str, QuantizedLa
     params = {k: v.detach().clone().requires_grad_(True)
               for k, v in model.named_parameters()}
     masks = {n: layers[n].mask for n in layers}
+    kinds = quantizers or {}
     opt = torch.optim.Adam(params.values(), lr=lr)
     gen = torch.Generator().manual_seed(seed)
     n = len(train)
@@ -97,7 +100,8 @@ def finetune(model: nn.Module, teacher: nn.Module, layers: dict[str, QuantizedLa
             x, y = train.x[idx], train.y[idx]
             with torch.no_grad():
                 t_out = teacher(x)
-            live = {k: (_fake_quant(v, masks[k], bits[k]) if k in masks else v)
+            live = {k: (_fake_quant(v, masks[k], bits[k], kinds.get(k, "uniform"))
+                        if k in masks else v)
                     for k, v in params.items()}
             s_out = functional_call(model, live, (x,))
             loss = temperature**2 * kl(t_out / temperature, s_out / temperature)
@@ -115,12 +119,12 @@ def finetune(model: nn.Module, teacher: nn.Module, layers: dict[str, QuantizedLa
 
 
 def requantize(weights: dict[str, torch.Tensor], layers: dict[str, QuantizedLayer],
-               bits: dict[str, int], quantizer: str) -> dict[str, QuantizedLayer]:
-    """Quantise fine-tuned survivors again with the plan's quantizer (same masks)."""
+               bits: dict[str, int], quantizers: dict[str, str]) -> dict[str, QuantizedLayer]:
+    """Quantise fine-tuned survivors again with the plan's quantizers (same masks)."""
     out = {}
     for name, ql in layers.items():
         values = weights[name].reshape(-1)[ql.mask.reshape(-1)]
-        idx, cb = _quantizer(quantizer)(values.float(), bits[name])
+        idx, cb = _quantizer(quantizers[name])(values.float(), bits[name])
         out[name] = QuantizedLayer(ql.shape, ql.mask, idx, cb)
     return out
 
@@ -204,6 +208,10 @@ def refine(run: RunContext | str | os.PathLike[str], solution: str | int, *, mer
         raise ConfigError("calibration", f"must be >= 1 training images, got {calibration!r}")
     ctx = run if isinstance(run, RunContext) else RunContext(run, progress=progress)
     sol: Solution = ctx.solution(solution)
+    if finetune_epochs > 0 and any(lp.quantizer == "shared" for lp in sol.plan.layers.values()):
+        raise ConfigError("finetune_epochs", "fine-tuning keeps each layer's own codebook; a "
+                          "plan with the shared quantizer can be reconstructed and merged, "
+                          "not fine-tuned (use --finetune-epochs 0)")
     target = ctx.target
     bits = {n: lp.bits for n, lp in sol.plan.layers.items()}
     layers, state = sol.layers, sol.state
@@ -215,10 +223,11 @@ def refine(run: RunContext | str | os.PathLike[str], solution: str | int, *, mer
         layers, state = _reconstructed(ctx, sol, data, calibration, seed, progress)
     if finetune_epochs > 0:
         model = student_model(target.teacher, state)
+        kinds = {n: lp.quantizer for n, lp in sol.plan.layers.items()}
         trained = finetune(model, target.teacher, layers, bits, data.train,
-                           epochs=finetune_epochs, lr=lr, seed=seed, progress=progress)
-        quantizer = ctx.problem.genes.quantizer
-        layers = requantize(trained, layers, bits, quantizer)
+                           epochs=finetune_epochs, lr=lr, seed=seed, quantizers=kinds,
+                           progress=progress)
+        layers = requantize(trained, layers, bits, kinds)
         state = student_state_dict({k: trained.get(k, v) for k, v in state.items()}, layers)
     # re-fitted and fine-tuned biases are rounded as they will be stored
     state = target.round_dense(state)

@@ -84,3 +84,19 @@ def test_dense_tensors_are_stored_in_the_problems_dtype(run_ctx, tmp_path):
     n_bias = sum(sol.state[k].numel() for k in biases)
     # float16 saves 2 bytes a bias, less what zstd would have saved on them anyway
     assert len(as_fp32) - r.file_bytes > n_bias
+
+
+@pytest.mark.parametrize("kind", ["uniform", "kmeans"])
+def test_quantisation_in_the_loop_uses_the_plans_quantizer(kind):
+    from moecomp.quantize import kmeans_quantize, uniform_quantize
+    from moecomp.refine import _fake_quant
+
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(20, 30, generator=g).requires_grad_(True)
+    mask = torch.rand(20, 30, generator=g) > 0.6
+    q = _fake_quant(w, mask, 2, kind)
+    idx, cb = (kmeans_quantize if kind == "kmeans" else uniform_quantize)(w[mask].detach(), 2)
+    torch.testing.assert_close(q[mask].detach(), cb[idx], rtol=0, atol=1e-6)  # v + (c - v)
+    assert torch.count_nonzero(q[~mask]) == 0
+    q.sum().backward()  # straight through: every survivor gets gradient 1, pruned ones 0
+    assert torch.equal(w.grad, mask.float())
