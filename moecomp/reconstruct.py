@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 
 from moecomp.apply import QuantizedLayer, student_state_dict
 from moecomp.errors import ConfigError
+from moecomp.solution import student_model
 
 Grid = Callable[[str, torch.Tensor], torch.Tensor]
 """``grid(name, values (m,)) -> codebook (k,)``: the levels a layer's survivors may take."""
@@ -163,7 +164,7 @@ def reconstruct(teacher: nn.Module, state: dict[str, torch.Tensor],
     """
     if len(x) == 0:
         raise ConfigError("reconstruct", "needs at least one calibration input")
-    student = _copy_eval(teacher, state)
+    student = student_model(teacher, state)
     modules = {n.rsplit(".", 1)[0]: n for n in layers if n.endswith(".weight")}
     modules = {m: n for m, n in modules.items() if _fittable(teacher.get_submodule(m))}
     new_layers = dict(layers)
@@ -176,16 +177,15 @@ def reconstruct(teacher: nn.Module, state: dict[str, torch.Tensor],
         bias = f"{mod_name}.bias" if getattr(t_mod, "bias", None) is not None else None
         h, g, yy, n_rows = _statistics(teacher, student, t_mod, s_mod, x, batch_size, bias)
         ql = layers[name]
+        mask = ql.mask.reshape(ql.shape[0], -1)
         w_old = state[name].reshape(ql.shape[0], -1).to(torch.float64)
         b_old = state[bias].to(torch.float64) if bias else None
         mse_before = _mse(h, g, yy, n_rows, w_old, b_old)
+        # the grid comes from the unrounded fit, as the plan's quantizer would place it
         ls = _fit_layer(h, g, ql, None, bias is not None, damp)
-        codebook = grid(name, ls[:, :-1][ql.mask.reshape(ql.shape[0], -1)].float()
-                        if bias else ls[ql.mask.reshape(ql.shape[0], -1)].float())
-        codebook = torch.sort(codebook.float()).values
+        codebook = torch.sort(grid(name, (ls[:, :-1] if bias else ls)[mask].float())).values
         fitted = _fit_layer(h, g, ql, codebook, bias is not None, damp)
         w_new = fitted[:, :-1] if bias else fitted
-        mask = ql.mask.reshape(ql.shape[0], -1)
         idx = nearest(w_new[mask], codebook.to(torch.float64))
         layer = QuantizedLayer(ql.shape, ql.mask, idx, codebook)
         w_q = layer.dequantize().reshape(ql.shape[0], -1).to(torch.float64)
@@ -202,14 +202,6 @@ def reconstruct(teacher: nn.Module, state: dict[str, torch.Tensor],
             student.load_state_dict(new_state)
         fits.append(LayerFit(name, mse_before, min(mse_after, mse_before)))
     return new_layers, new_state, fits
-
-
-def _copy_eval(teacher: nn.Module, state: dict[str, torch.Tensor]) -> nn.Module:
-    import copy
-
-    model = copy.deepcopy(teacher)
-    model.load_state_dict(state)
-    return model.eval()
 
 
 @torch.no_grad()
