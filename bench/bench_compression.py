@@ -71,9 +71,15 @@ def main() -> None:
     ctx = RunContext(out)
     teacher_test = accuracy(ctx.target.teacher, ctx.target.test)
     front = ctx.run.front().sort_values("ratio", ascending=False)
-    # every front solution's validation drop (one forward on the validation split each)
-    drops = {int(r.id): val_drop(ctx, str(int(r.id))) for r in front.itertuples()}
     est = front.set_index("id")["ratio"]
+    drops: dict[int, float] = {}
+
+    def drop(i: int) -> float:
+        """A front solution's validation drop (one forward on the validation split), once."""
+        if i not in drops:
+            drops[i] = val_drop(ctx, str(i))
+        return drops[i]
+
     rows = []
     over = []  # tried, but over the validation budget before merging
 
@@ -84,8 +90,10 @@ def main() -> None:
                      teacher_test - e.test_acc, seconds))
 
     # 1. post-training: best real ratio among front solutions within the validation budget
-    ok = sorted((i for i, d in drops.items() if d <= args.max_drop), key=lambda k: -est[k])
-    ok = ok[: args.candidates]
+    ok = []
+    for i in (int(k) for k in est.index):  # best estimated ratio first
+        if len(ok) < args.candidates and drop(i) <= args.max_drop:
+            ok.append(i)
     best_post = None
     for i in ok:
         e = export_solution(ctx, i, out=out / "bench" / f"{i}.mcz")
@@ -96,7 +104,7 @@ def main() -> None:
         # 2. + bin merging within the remaining validation budget
         t = time.perf_counter()
         r = refine(ctx, best_post[0], merge=True,
-                   tolerance=max(0.0, args.max_drop - drops[best_post[0]]), progress=False)
+                   tolerance=max(0.0, args.max_drop - drop(best_post[0])), progress=False)
         record("post-training + bin merging", r.key, str(best_post[0]),
                time.perf_counter() - t)
 
@@ -104,13 +112,15 @@ def main() -> None:
         """The ``per_bin`` lowest validation drops of each x1.1-wide bin of estimated
         ratios in [lo, hi], most compressed bin first."""
         bins: dict[int, list[int]] = {}
-        for i in drops:
+        for i in (int(k) for k in est.index):
             if lo <= est[i] <= hi:
                 bins.setdefault(int(math.log(est[i] / lo) / math.log(1.1)), []).append(i)
         return [i for b in sorted(bins, reverse=True)
-                for i in sorted(bins[b], key=lambda k: drops[k])[:per_bin]]
+                for i in sorted(bins[b], key=drop)[:per_bin]]
 
-    # 2 and 3: reconstruct / fine-tune aggressive solutions, then merge within the budget
+    # 2 and 3: reconstruct / fine-tune aggressive solutions; the best one within the budget
+    # is then bin-merged (merging costs one validation pass per tried pair: minutes on
+    # LeNet-5, so once per stage)
     base = float(est[best_post[0]]) if best_post is not None else float(est.min())
     r_lo, r_hi = (float(x) for x in args.reconstruct_range.split(","))
     f_lo, f_hi = (float(x) for x in args.refine_range.split(","))
@@ -120,6 +130,7 @@ def main() -> None:
             ("reconstruction", True, 0, candidates(r_lo * base, r_hi * base, n_rec)),
             (f"reconstruction + {ft}" if args.refine_reconstruct else ft,
              args.refine_reconstruct, args.finetune_epochs, candidates(f_lo, f_hi, n_ft))):
+        within: list[tuple[float, str, int, float]] = []  # ratio, key, parent, val drop
         for i in cands:
             t = time.perf_counter()
             tuned = refine(ctx, i, merge=False, reconstruct=recon, finetune_epochs=epochs,
@@ -130,10 +141,12 @@ def main() -> None:
                              teacher_test - tuned.test_acc, time.perf_counter() - t))
                 continue
             record(stage, tuned.key, str(i), time.perf_counter() - t)
+            within.append((tuned.ratio, tuned.key, i, d))
+        if within:
+            _, key, i, d = max(within)
             t = time.perf_counter()
-            merged = refine(ctx, tuned.key, merge=True, tolerance=args.max_drop - d,
-                            progress=False)
-            record(f"{stage} + bin merging", merged.key, f"{i} -> {tuned.key}",
+            merged = refine(ctx, key, merge=True, tolerance=args.max_drop - d, progress=False)
+            record(f"{stage} + bin merging", merged.key, f"{i} -> {key}",
                    time.perf_counter() - t)
 
     print(f"# Compression within {args.max_drop} point(s) of accuracy: {name}\n")
