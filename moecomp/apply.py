@@ -115,14 +115,14 @@ def apply_layer(
         ``shared`` quantizer pools several tensors and is only available through ``apply_plan``.
     Returns a CPU ``QuantizedLayer``; survivors are in row-major order of the kept positions.
     """
-    if quantizer not in _SINGLE:
+    if quantizer not in SINGLE_QUANTIZERS:
         raise ConfigError(
             "quantizer",
-            f"must be one of {', '.join(_SINGLE)} for a single tensor ('shared' needs "
+            f"must be one of {', '.join(SINGLE_QUANTIZERS)} for a single tensor ('shared' needs "
             f"apply_plan and the plan's shared_k); got {quantizer!r}",
         )
     mask, values = _survivors(weight, rank, sparsity, "weight")
-    indices, codebook = _SINGLE[quantizer](values, bits)
+    indices, codebook = SINGLE_QUANTIZERS[quantizer](values, bits)
     return QuantizedLayer(tuple(weight.shape), mask, indices, codebook)
 
 
@@ -150,7 +150,7 @@ def apply_plan(
             shared[name] = _survivors(weights[name], ranks[name], lp.sparsity, name)
             continue
         mask, values = _survivors(weights[name], ranks[name], lp.sparsity, name)
-        indices, codebook = _SINGLE[lp.quantizer](values, lp.bits)
+        indices, codebook = SINGLE_QUANTIZERS[lp.quantizer](values, lp.bits)
         out[name] = QuantizedLayer(tuple(weights[name].shape), mask, indices, codebook)
     if shared:
         assert plan.shared_k is not None  # CompressionPlan validates this
@@ -187,8 +187,9 @@ def student_state_dict(
     return out
 
 
-# quantizers that work on one tensor alone: name -> (values (m,), bits) -> (indices, codebook)
-_SINGLE: dict[str, Callable[[torch.Tensor, int], tuple[torch.Tensor, torch.Tensor]]] = {
+# quantizers that work on one tensor alone: name -> (values (m,), bits) -> (indices, codebook);
+# refine uses them too (fine-tuning in the loop, re-quantising, reconstruction grids)
+SINGLE_QUANTIZERS: dict[str, Callable[[torch.Tensor, int], tuple[torch.Tensor, torch.Tensor]]] = {
     "uniform": uniform_quantize,
     "kmeans": kmeans_quantize,
 }

@@ -27,7 +27,8 @@ compressed tensor, the positions of the survivors at the order-0 entropy of the 
 raw bytes when cheaper, as the codec would choose), the histogram the decoder needs, the
 float32 codebook (base64 in the header), and constants per stream, tensor and file for the JSON
 header, all as they cost once the codec has zstd-compressed the header; every other tensor of
-the state dict (biases, buffers) is stored as it is (float32: 4 bytes per element). See
+the state dict (biases, buffers) is stored as it is, in the problem's ``layers.dense_dtype``
+(2 bytes per element for float16). See
 :func:`layer_coded_bytes`; ``bench/bench_evaluate.py`` compares the estimate with real files
 (within a few percent: the codec's zstd can beat the order-0 entropy on structured masks, and
 header lengths vary).

@@ -23,13 +23,12 @@ from torch import nn
 from torch.func import functional_call
 from tqdm.auto import tqdm
 
-from moecomp.apply import QuantizedLayer, student_state_dict
+from moecomp.apply import SINGLE_QUANTIZERS, QuantizedLayer, student_state_dict
 from moecomp.codec import write_mcz
 from moecomp.data import Split, Splits, load_dataset
 from moecomp.divergence import kl
 from moecomp.errors import ConfigError
 from moecomp.merge import merge_bins
-from moecomp.quantize import kmeans_quantize, uniform_quantize
 from moecomp.reconstruct import reconstruct as reconstruct_layers
 from moecomp.runs import atomic_write_csv
 from moecomp.solution import RunContext, Solution, dense_tensors, student_model
@@ -66,7 +65,7 @@ def _fake_quant(w: torch.Tensor, mask: torch.Tensor, bits: int, quantizer: str =
     values = w[mask]
     if values.numel() == 0:
         return torch.zeros_like(w)
-    idx, codebook = _quantizer(quantizer)(values.detach(), bits)
+    idx, codebook = SINGLE_QUANTIZERS[quantizer](values.detach(), bits)
     q = torch.zeros_like(w)
     q[mask] = values + (codebook[idx] - values).detach()
     return q
@@ -124,13 +123,9 @@ def requantize(weights: dict[str, torch.Tensor], layers: dict[str, QuantizedLaye
     out = {}
     for name, ql in layers.items():
         values = weights[name].reshape(-1)[ql.mask.reshape(-1)]
-        idx, cb = _quantizer(quantizers[name])(values.float(), bits[name])
+        idx, cb = SINGLE_QUANTIZERS[quantizers[name]](values.float(), bits[name])
         out[name] = QuantizedLayer(ql.shape, ql.mask, idx, cb)
     return out
-
-
-def _quantizer(kind: str) -> Callable[[torch.Tensor, int], tuple[torch.Tensor, torch.Tensor]]:
-    return kmeans_quantize if kind == "kmeans" else uniform_quantize
 
 
 def _reconstructed(ctx: RunContext, sol: Solution, data: Splits, n_images: int, seed: int,
@@ -143,7 +138,7 @@ def _reconstructed(ctx: RunContext, sol: Solution, data: Splits, n_images: int, 
     def grid(name: str, values: torch.Tensor) -> torch.Tensor:
         if plan[name].quantizer == "shared":
             return sol.layers[name].codebook
-        return _quantizer(plan[name].quantizer)(values, plan[name].bits)[1]
+        return SINGLE_QUANTIZERS[plan[name].quantizer](values, plan[name].bits)[1]
 
     gen = torch.Generator().manual_seed(seed)
     pick = torch.randperm(len(data.train), generator=gen)[:n_images]
