@@ -23,15 +23,16 @@ It is faster because work that individuals share is done once:
 Coded size is an *estimate* of the bytes of the ``.mcz`` file ``moecomp.codec`` writes (its ANS
 coder lands within about 1 % of the order-0 entropy), computed without coding anything: per
 compressed tensor, the positions of the survivors at the order-0 entropy of the keep mask
-(``numel * H2(density)`` bits), the level indices at the order-0 entropy of their histogram (or
-raw bytes when cheaper, as the codec would choose), the histogram the decoder needs, the
-float32 codebook (base64 in the header), and constants per stream, tensor and file for the JSON
-header, all as they cost once the codec has zstd-compressed the header; every other tensor of
-the state dict (biases, buffers) is stored as it is, in the problem's ``layers.dense_dtype``
-(2 bytes per element for float16). See
-:func:`layer_coded_bytes`; ``bench/bench_evaluate.py`` compares the estimate with real files
-(within a few percent: the codec's zstd can beat the order-0 entropy on structured masks, and
-header lengths vary).
+(``numel * H2(density)`` bits) or, when cheaper, at the ideal code length of the codec's
+``ans_mask`` model of that very mask (row counts and column history, ``codec.masks``; one
+estimate per layer and pruned count, cached), the level indices at the order-0 entropy of
+their histogram (or raw bytes when cheaper, as the codec would choose), the histogram the
+decoder needs, the float32 codebook (base64 in the header), and constants per stream, tensor
+and file for the JSON header, all as they cost once the codec has zstd-compressed the header;
+every other tensor of the state dict (biases, buffers) is stored as it is, in the problem's
+``layers.dense_dtype`` (2 bytes per element for float16). See :func:`layer_coded_bytes`;
+``bench/bench_evaluate.py`` compares the estimate with real files (within a few percent:
+the codec's zstd can beat the order-0 entropy on structured masks, and header lengths vary).
 """
 
 from __future__ import annotations
@@ -49,6 +50,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from moecomp.apply import n_pruned
+from moecomp.codec.masks import estimate_mask_bytes, grid_of
 from moecomp.codec.streams import choose_freqs, table_bytes
 from moecomp.divergence import divergence
 from moecomp.errors import ConfigError
@@ -185,16 +187,31 @@ def stream_bytes(counts: np.ndarray, *, raw_bytes_per_symbol: int) -> int:
     return payload + math.ceil(HISTOGRAM_ZSTD_SHARE * table)
 
 
-def layer_coded_bytes(numel: int, level_counts: np.ndarray, n_levels: int) -> int:
+def mask_coded_bytes(mask: np.ndarray) -> int | None:
+    """Estimated bytes of a 2-D keep mask under the codec's ``ans_mask`` coder (payload plus
+    its header entry as it costs once compressed), or None where that coder does not apply."""
+    est = estimate_mask_bytes(mask)
+    if est is None:
+        return None
+    payload, model = est
+    return payload + math.ceil(HISTOGRAM_ZSTD_SHARE * model)
+
+
+def layer_coded_bytes(numel: int, level_counts: np.ndarray, n_levels: int, *,
+                      mask_bytes: int | None = None) -> int:
     """Estimated bytes of one compressed tensor in a ``.mcz`` file.
 
     numel: weights of the tensor; level_counts: ``(n_levels,)`` how many survivors use each
     codebook level (their sum is the number kept); n_levels: codebook size ``k``.
-    Positions: a stream of ``numel`` keep/drop flags (order-0 entropy ``numel * H2(density)``);
-    indices: a stream of ``n_kept`` level indices; plus the float32 codebook and headers.
+    Positions: a stream of ``numel`` keep/drop flags at the order-0 entropy ``numel *
+    H2(density)``, or ``mask_bytes`` (``mask_coded_bytes`` of the actual mask) when given and
+    cheaper, as the codec keeps the cheaper coder; indices: a stream of ``n_kept`` level
+    indices; plus the float32 codebook and headers.
     """
     kept = int(np.asarray(level_counts).sum())
     positions = stream_bytes(np.array([numel - kept, kept]), raw_bytes_per_symbol=1)
+    if mask_bytes is not None and 0 < kept < numel:
+        positions = min(positions, mask_bytes)
     indices = stream_bytes(level_counts, raw_bytes_per_symbol=1 if n_levels <= 256 else 2)
     return (
         positions
@@ -502,6 +519,8 @@ class Evaluator:
         self._names = target.layer_names
         self._index = {n: i for i, n in enumerate(self._names)}
         self._numel = [ref.numel for ref in target.layers]
+        self._shapes = [tuple(ref.shape) for ref in target.layers]
+        self._mask_cache: dict[tuple[int, int], int | None] = {}
         self._total = float(sum(self._numel))
         self._x = target.calib_x
 
@@ -603,6 +622,7 @@ class Evaluator:
         self._memo.clear()
         self._stats.clear()
         self._acts.clear()
+        self._mask_cache.clear()
 
     def evaluate(self, sparsity: Any, bits: Any) -> Metrics:
         """Metrics of ``n`` solutions given as gene matrices.
@@ -990,8 +1010,22 @@ class Evaluator:
         if not cpu32:
             dst.copy_(flat.view(dst.shape))
         counts = torch.bincount(indices, minlength=codebook.numel()).numpy()
-        size = layer_coded_bytes(numel, counts, int(codebook.numel()))
+        size = layer_coded_bytes(numel, counts, int(codebook.numel()),
+                                 mask_bytes=self._mask_bytes(j, pruned))
         return _LayerEntry(block, row, int(indices.numel()), size)
+
+    def _mask_bytes(self, j: int, pruned: int) -> int | None:
+        """``mask_coded_bytes`` of layer ``j``'s mask with ``pruned`` weights pruned, once."""
+        key = (j, pruned)
+        if key not in self._mask_cache:
+            grid = grid_of(tuple(self._shapes[j]))
+            if grid is None:
+                self._mask_cache[key] = None
+            else:
+                mask = np.zeros(self._numel[j], dtype=bool)
+                mask[self._by_rank_pos[j][pruned:].cpu().numpy()] = True
+                self._mask_cache[key] = mask_coded_bytes(mask.reshape(grid))
+        return self._mask_cache[key]
 
     def _compute_entry(self, j: int, gene: Gene, block: torch.Tensor, row: int) -> _LayerEntry:
         quantizer, pruned, bits, _ = gene

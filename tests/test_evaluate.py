@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from moecomp.apply import QuantizedLayer, apply_plan, student_state_dict
+from moecomp.codec.masks import grid_of
 from moecomp.divergence import divergence
 from moecomp.evaluate import (
     EvalOptions,
@@ -19,6 +20,7 @@ from moecomp.evaluate import (
     Metrics,
     fixed_coded_bytes,
     layer_coded_bytes,
+    mask_coded_bytes,
     order0_bits,
     stream_bytes,
 )
@@ -66,7 +68,9 @@ def oracle(
         size = fixed
         for q in layers.values():
             counts = np.bincount(q.indices.numpy(), minlength=q.n_levels)
-            size += layer_coded_bytes(q.numel, counts, q.n_levels)
+            grid = grid_of(q.shape)
+            mask_bytes = None if grid is None else mask_coded_bytes(q.mask.numpy().reshape(grid))
+            size += layer_coded_bytes(q.numel, counts, q.n_levels, mask_bytes=mask_bytes)
         cols["size_bytes"].append(size)
         if t_acc is not None:
             acc = 100.0 * float((out.argmax(-1) == target.calib_y).double().mean())

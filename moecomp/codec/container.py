@@ -30,7 +30,6 @@ compressed header counts too (it may expand to at most ``min(MAX_HEADER_BYTES, m
 from __future__ import annotations
 
 import base64
-import binascii
 import json
 import math
 import os
@@ -48,6 +47,7 @@ import torch
 
 from moecomp import __version__
 from moecomp.apply import QuantizedLayer
+from moecomp.codec.masks import MASK_CODER, decode_mask, encode_mask, grid_of
 from moecomp.codec.streams import (
     MAX_ALPHABET,
     PARAMS,
@@ -266,6 +266,11 @@ def _encode_quantized(
     except CodecError as e:
         raise CodecError(f"{where}: indices: {e}") from None
     pos_stream = encode_stream(np.packbits(mask_np, bitorder="little"), 256)
+    grid = grid_of(shape)
+    if grid is not None:
+        by_rows = encode_mask(mask_np.reshape(grid))
+        if by_rows is not None and by_rows.cost < pos_stream.cost:
+            pos_stream = by_rows
     cb = codebook.detach().cpu().contiguous().numpy().astype("<f4", copy=False).tobytes()
     entry = {
         "name": name,
@@ -488,7 +493,7 @@ def _parse_tensor(rt: Any, where: str) -> _Tensor:
             raise CodecError(f"{where}: {n_kept} kept weights but an empty codebook")
         try:
             codebook = base64.b64decode(_field(rt, "codebook", str, where), validate=True)
-        except binascii.Error as e:
+        except ValueError as e:  # binascii.Error, or a non-ASCII character
             raise CodecError(f"header field {where}.codebook: invalid base64: {e}") from None
         if len(codebook) != 4 * k:
             raise CodecError(f"{where}: codebook holds {len(codebook)} bytes, expected {4 * k}")
@@ -640,6 +645,11 @@ def _decode_checked(payload: memoryview, t: _Tensor, s: _Stream) -> np.ndarray:
     if zlib.crc32(chunk) != s.crc:
         raise CodecError(f"stream {t.name}/{s.name}: CRC mismatch, the payload is corrupt")
     try:
+        if s.coder == MASK_CODER:
+            if s.name != "positions" or s.params.get("grid") != list(grid_of(t.shape) or []):
+                raise CodecError(f"coder {MASK_CODER} codes the positions of a tensor of 2 or "
+                                 f"more dimensions, as a {grid_of(t.shape)} grid")
+            return decode_mask(chunk, s.n, s.params)
         return decode_stream(chunk, coder=s.coder, n=s.n, alphabet=s.alphabet, params=s.params)
     except CodecError as e:
         raise CodecError(f"stream {t.name}/{s.name}: {e}") from None

@@ -39,8 +39,9 @@ from moecomp.errors import CodecError
 
 CODERS: tuple[str, ...] = ("const", "raw", "zstd", "ans", "ans_bits")
 """Every coder a stream may name; also the preference order when two costs tie."""
-PARAMS: tuple[str, ...] = ("value", "freqs", "bits")
-"""Header keys of coder parameters: const's value, ans's histogram, ans_bits' bit histogram."""
+PARAMS: tuple[str, ...] = ("value", "freqs", "bits", "grid", "counts")
+"""Header keys of coder parameters: const's value, ans's histogram, ans_bits' bit histogram,
+and the ``ans_mask`` coder's matrix shape and row-count stream (``codec.masks``)."""
 MAX_ALPHABET = 2**16
 """Largest alphabet a stream may declare (symbols are stored in at most 16 bits)."""
 FREQ_TOTALS = tuple(2**b for b in range(4, 17))

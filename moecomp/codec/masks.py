@@ -1,0 +1,203 @@
+"""The ``ans_mask`` coder: a survivor mask coded with each row's count and its columns' past.
+
+A keep mask of a weight matrix (``rows = shape[0]``, ``cols`` = the other dimensions
+flattened) is far from i.i.d.: some output units keep many inputs and some none, and an input
+that no row uses tends to stay unused. The ``positions`` stream's generic coders
+(``streams``) see packed bytes, i.e. only runs of 8 neighbouring inputs. This coder instead
+stores
+
+1. the survivor count ``R[i]`` of every row, as one ordinary stream (``encode_stream`` picks
+   its coder; its parameters sit in this stream's ``counts`` entry), and
+2. every bit of the rows that are neither empty nor full, with constriction's ANS coder and a
+   Bernoulli model of its own per bit: ``P(m[i, j] = 1) = R[i] * w[j] / sum(w)``, where
+   ``w[j] = c[j] * (i * cols + 2) + 2 * (t + 1)``, ``c[j]`` the ones of column ``j`` in rows
+   ``0..i-1`` and ``t`` all ones in those rows: the column's rate so far, shrunk toward the
+   overall rate so far (a Beta prior of strength 2), scaled to the row's known count.
+
+Rows with ``R[i]`` equal to 0 or ``cols`` cost nothing beyond their count. The model is
+computed from exact integers with one correctly rounded division per bit and quantised to
+multiples of ``2**-16``, so encoder and decoder build bit-identical probabilities on any
+IEEE-754 machine. The decoded stream is the same packed bytes (LSB first) as the generic
+coders', so the container rebuilds the mask the same way whichever coder it finds.
+
+On masks of a searched LeNet-300-100 (2026-11-22) this is 8-12 % smaller than ``ans_bits``;
+``bench/bench_codec.py`` measures it. The container keeps whichever coder is cheaper.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import constriction
+import numpy as np
+
+from moecomp.codec.streams import PARAMS, CodedStream, decode_stream, encode_stream
+from moecomp.errors import CodecError
+
+MASK_CODER = "ans_mask"
+PROB_BITS = 16
+"""Probabilities are multiples of ``2**-PROB_BITS`` in ``[2**-PROB_BITS, 1 - 2**-PROB_BITS]``."""
+MAX_COLS = 2**16 - 1
+"""Widest row this coder takes (its counts stream's alphabet is ``cols + 1``)."""
+MAX_EXACT = 2**53
+"""The model's integers must stay exact in float64; larger matrices use the generic coders."""
+
+
+def grid_of(shape: tuple[int, ...]) -> tuple[int, int] | None:
+    """``(rows, cols)`` of a tensor's mask, or None when this coder does not apply (fewer
+    than 2 rows or columns, rows wider than ``MAX_COLS``, or a model beyond exact float64)."""
+    if len(shape) < 2:
+        return None
+    rows = int(shape[0])
+    cols = math.prod(shape[1:])
+    if rows < 2 or not 2 <= cols <= MAX_COLS:
+        return None
+    # largest term R * w: cols * (rows * (rows * cols + 2) + 2 * (rows * cols + 1))
+    if cols * (rows * (rows * cols + 2) + 2 * (rows * cols + 1)) >= MAX_EXACT:
+        return None
+    return rows, cols
+
+
+def _row_probs(c: np.ndarray, i: int, t: int, r: int, cols: int) -> np.ndarray:
+    """P(bit = 1) for the ``cols`` bits of row ``i`` (float64, multiples of 2**-16).
+
+    c: int64 ``(cols,)`` ones per column in rows ``0..i-1``; t: their total; r: the row's count.
+    """
+    a = float(i * cols + 2)
+    b = float(2 * (t + 1))
+    total = float(a * t + b * cols)  # sum of w, exact: a*t + b*cols as integers
+    w = c.astype(np.float64) * a + b  # exact integers < 2**53 (grid_of)
+    p = (w * float(r)) / total  # one correctly rounded division per bit
+    scale = float(2**PROB_BITS)
+    q = np.clip(np.floor(p * scale), 1.0, scale - 1.0)
+    return q / scale
+
+
+def _probs_all(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Encoder side: ``(counts (rows,), coded-row flags (rows,), probs (rows, cols))``."""
+    rows, cols = mask.shape
+    counts = mask.sum(axis=1, dtype=np.int64)
+    col_before = np.cumsum(mask, axis=0, dtype=np.int64) - mask  # ones in the rows above
+    ones_before = np.cumsum(counts) - counts
+    i = np.arange(rows, dtype=np.int64)
+    a = (i * cols + 2).astype(np.float64)[:, None]
+    b = (2 * (ones_before + 1)).astype(np.float64)[:, None]
+    total = a[:, 0] * ones_before.astype(np.float64) + b[:, 0] * cols
+    w = col_before.astype(np.float64) * a + b
+    p = (w * counts.astype(np.float64)[:, None]) / total[:, None]
+    scale = float(2**PROB_BITS)
+    probs = np.clip(np.floor(p * scale), 1.0, scale - 1.0) / scale
+    coded = (counts > 0) & (counts < cols)
+    return counts, coded, probs
+
+
+def mask_cost_bits(mask: np.ndarray) -> float:
+    """Ideal code length in bits of the mask bits under this model (counts not included);
+    the search's size estimate uses it."""
+    _, coded, probs = _probs_all(np.asarray(mask, dtype=bool))
+    m = np.asarray(mask, dtype=bool)[coded]
+    p = probs[coded]
+    return float(-(np.log2(p[m]).sum() + np.log2(1.0 - p[~m]).sum()))
+
+
+def estimate_mask_bytes(mask: np.ndarray) -> tuple[int, int] | None:
+    """``(payload bytes, header model bytes)`` an ``ans_mask`` stream of this 2-D mask would
+    take, without running the bit coder (its ANS lands within a few bytes of the ideal code
+    length); None when ``grid_of`` refuses the shape. The search's size estimate uses it."""
+    m = np.asarray(mask, dtype=bool)
+    if m.ndim != 2 or grid_of(m.shape) is None:
+        return None
+    counts = encode_stream(m.sum(axis=1, dtype=np.int64), m.shape[1] + 1)
+    bits = math.ceil(mask_cost_bits(m) / 32) * 4  # whole 32-bit ANS words
+    sub = {"coder": counts.coder, "length": len(counts.payload), **counts.params}
+    model = CodedStream(MASK_CODER, 0, 256, b"", {"grid": list(m.shape), "counts": sub})
+    return len(counts.payload) + bits, model.model_bytes
+
+
+def encode_mask(mask: np.ndarray) -> CodedStream | None:
+    """Code a 2-D bool mask ``(rows, cols)``; None when ``grid_of`` refuses its shape.
+
+    The result decodes (``decode_mask``) to ``np.packbits(mask.reshape(-1), bitorder=
+    "little")``, i.e. it is a ``positions`` stream of ``ceil(rows * cols / 8)`` bytes.
+    """
+    m = np.ascontiguousarray(mask, dtype=bool)
+    if m.ndim != 2 or grid_of(m.shape) is None:
+        return None
+    rows, cols = m.shape
+    counts, coded, probs = _probs_all(m)
+    counts_stream = encode_stream(counts, cols + 1)
+    payload = b""
+    if coded.any():
+        coder = constriction.stream.stack.AnsCoder()
+        family = constriction.stream.model.Bernoulli(perfect=False)
+        coder.encode_reverse(m[coded].reshape(-1).astype(np.int32), family,
+                             probs[coded].reshape(-1))
+        payload = bytes(coder.get_compressed().astype("<u4", copy=False).tobytes())
+    sub = {"coder": counts_stream.coder, "length": len(counts_stream.payload),
+           **counts_stream.params}
+    return CodedStream(MASK_CODER, (rows * cols + 7) // 8, 256,
+                       counts_stream.payload + payload, {"grid": [rows, cols], "counts": sub})
+
+
+def _grid_param(params: dict[str, Any], n: int) -> tuple[int, int]:
+    grid = params.get("grid")
+    if (not isinstance(grid, list) or len(grid) != 2
+            or not all(type(g) is int and g >= 0 for g in grid)):
+        raise CodecError(f"{MASK_CODER} stream needs 'grid', two non-negative integers")
+    rows, cols = grid
+    if (rows * cols + 7) // 8 != n or grid_of((rows, cols)) is None:
+        raise CodecError(f"{MASK_CODER} stream grid {rows}x{cols} does not fit {n} bytes of "
+                         "positions or is outside what the coder takes")
+    return rows, cols
+
+
+def _counts_param(params: dict[str, Any], payload_len: int) -> tuple[str, int, dict[str, Any]]:
+    sub = params.get("counts")
+    if not isinstance(sub, dict) or set(sub) - {"coder", "length", *PARAMS}:
+        raise CodecError(f"{MASK_CODER} stream needs 'counts', the row-count stream's entry")
+    coder, length = sub.get("coder"), sub.get("length")
+    if not isinstance(coder, str) or type(length) is not int or not 0 <= length <= payload_len:
+        raise CodecError(f"{MASK_CODER} stream 'counts' needs a coder and a length within "
+                         f"the {payload_len}-byte payload")
+    return coder, length, {k: v for k, v in sub.items() if k in PARAMS}
+
+
+def decode_mask(payload: bytes | memoryview, n: int, params: dict[str, Any]) -> np.ndarray:
+    """The packed mask bytes ``(n,)`` uint8 of an ``ans_mask`` stream; ``CodecError`` on any
+    inconsistency (grid, counts, corrupt bits, a row whose bits disagree with its count)."""
+    rows, cols = _grid_param(params, n)
+    coder_name, length, sub = _counts_param(params, len(payload))
+    view = memoryview(payload)
+    counts = decode_stream(view[:length], coder=coder_name, n=rows, alphabet=cols + 1,
+                           params=sub).astype(np.int64)
+    rest = view[length:]
+    if len(rest) % 4:
+        raise CodecError(f"{MASK_CODER} stream: bit payload of {len(rest)} bytes is not a "
+                         "multiple of 4")
+    mask = np.zeros((rows, cols), dtype=bool)
+    mask[counts == cols] = True
+    c = np.zeros(cols, dtype=np.int64)
+    t = 0
+    family = constriction.stream.model.Bernoulli(perfect=False)
+    try:
+        coder = constriction.stream.stack.AnsCoder(np.frombuffer(rest, dtype="<u4")
+                                                   .astype(np.uint32))
+        for i in range(rows):
+            r = int(counts[i])
+            if 0 < r < cols:
+                bits = np.asarray(coder.decode(family, _row_probs(c, i, t, r, cols)))
+                if bits.shape != (cols,) or int(bits.sum()) != r:
+                    raise CodecError(f"{MASK_CODER} stream: row {i} decodes to "
+                                     f"{int(bits.sum())} survivors, its count says {r}")
+                mask[i] = bits.astype(bool)
+            c += mask[i]
+            t += r
+        leftover = not coder.is_empty()
+    except CodecError:
+        raise
+    except Exception as e:  # constriction's errors on corrupt input come in assorted types
+        raise CodecError(f"{MASK_CODER} stream is corrupt: {type(e).__name__}: {e}") from None
+    if leftover:
+        raise CodecError(f"{MASK_CODER} stream has data left after its last row")
+    return np.packbits(mask.reshape(-1), bitorder="little")
