@@ -144,6 +144,9 @@ class RelevanceConfig:
     # small |w| * ||x_j|| ("activation", the weight's typical contribution; better on
     # FashionMNIST in bench/bench_relevance.py).
     de_prior: Literal["magnitude", "activation"] = "magnitude"
+    # Unit structuring (moecomp.relevance.units): 0 keeps the scorer's ranks; larger values
+    # prune the weights of weak hidden units first, so units go whole and masks code smaller.
+    units: float = field(default=0.0, metadata=_range(0, 16))
 
 
 @dataclass(frozen=True)

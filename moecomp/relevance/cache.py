@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 from moecomp.config import RelevanceConfig
 from moecomp.relevance.base import is_permutation, scores_to_ranks
 from moecomp.relevance.registry import SCORERS
+from moecomp.relevance.units import structure_ranks
 from moecomp.target import Target
 from moecomp.train import artifacts_dir
 
@@ -41,7 +42,8 @@ def cache_key(target: Target, cfg: RelevanceConfig) -> str:
     h = hashlib.sha256()
     meta = {
         "format": CACHE_FORMAT,
-        "relevance": asdict(cfg),
+        # unit structuring is applied to the cached ranks, not part of them
+        "relevance": {k: v for k, v in asdict(cfg).items() if k != "units"},
         "layers": [[r.name, list(r.shape)] for r in target.layers],
         "divergence": target.divergence,
         "task": target.task,
@@ -101,7 +103,8 @@ def compute_ranks(
     path = cache_path(target, cfg, cache_dir)
     cached = load_ranks(path, target)
     if cached is not None:
-        return {name: cached[name] for name in target.layer_names}
+        ordered = {name: cached[name] for name in target.layer_names}
+        return structure_ranks(ordered, target.layers, cfg.units)
     scorer = SCORERS[cfg.scorer].from_config(cfg, progress=progress)
     ranks: dict[str, torch.Tensor] = {}
     for ref in tqdm(
@@ -126,4 +129,4 @@ def compute_ranks(
         },
     )
     tmp.replace(path)  # atomic: a reader never sees half a file
-    return ranks
+    return structure_ranks(ranks, target.layers, cfg.units)
