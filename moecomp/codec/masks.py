@@ -74,31 +74,57 @@ def _row_probs(c: np.ndarray, i: int, t: int, r: int, cols: int) -> np.ndarray:
     return q / scale
 
 
-def _probs_all(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Encoder side: ``(counts (rows,), coded-row flags (rows,), probs (rows, cols))``."""
+BLOCK_ELEMENTS = 2**20
+"""The encoder works on blocks of whole rows of about this many bits (bounded memory)."""
+
+
+def _blocks(mask: np.ndarray) -> list[tuple[int, int, np.ndarray]]:
+    """Row blocks ``(r0, r1, ones per column in rows 0..r0-1)`` covering the mask."""
     rows, cols = mask.shape
-    counts = mask.sum(axis=1, dtype=np.int64)
-    col_before = np.cumsum(mask, axis=0, dtype=np.int64) - mask  # ones in the rows above
-    ones_before = np.cumsum(counts) - counts
-    i = np.arange(rows, dtype=np.int64)
-    a = (i * cols + 2).astype(np.float64)[:, None]
-    b = (2 * (ones_before + 1)).astype(np.float64)[:, None]
-    total = a[:, 0] * ones_before.astype(np.float64) + b[:, 0] * cols
-    w = col_before.astype(np.float64) * a + b
-    p = (w * counts.astype(np.float64)[:, None]) / total[:, None]
+    step = max(1, BLOCK_ELEMENTS // cols)
+    out, col = [], np.zeros(cols, dtype=np.int64)
+    for r0 in range(0, rows, step):
+        r1 = min(rows, r0 + step)
+        out.append((r0, r1, col.copy()))
+        col += mask[r0:r1].sum(axis=0, dtype=np.int64)
+    return out
+
+
+def _block_probs(mask: np.ndarray, counts: np.ndarray, r0: int, r1: int,
+                 col_start: np.ndarray) -> np.ndarray:
+    """P(bit = 1) ``(r1 - r0, cols)`` of rows ``r0..r1-1``, the same values ``_row_probs``
+    gives row by row (exact integers, the same single division)."""
+    cols = mask.shape[1]
+    blk = mask[r0:r1]
+    col_before = col_start[None, :] + np.cumsum(blk, axis=0, dtype=np.int64) - blk
+    ones_before = (np.cumsum(counts[: r1]) - counts[: r1])[r0:]
+    i = np.arange(r0, r1, dtype=np.int64)
+    a = (i * cols + 2).astype(np.float64)
+    b = (2 * (ones_before + 1)).astype(np.float64)
+    total = a * ones_before.astype(np.float64) + b * cols
+    w = col_before.astype(np.float64) * a[:, None] + b[:, None]
+    p = (w * counts[r0:r1].astype(np.float64)[:, None]) / total[:, None]
     scale = float(2**PROB_BITS)
-    probs = np.clip(np.floor(p * scale), 1.0, scale - 1.0) / scale
-    coded = (counts > 0) & (counts < cols)
-    return counts, coded, probs
+    return np.clip(np.floor(p * scale), 1.0, scale - 1.0) / scale
+
+
+def _coded_rows(counts: np.ndarray, cols: int) -> np.ndarray:
+    """Rows whose bits are coded: neither empty nor full."""
+    return (counts > 0) & (counts < cols)
 
 
 def mask_cost_bits(mask: np.ndarray) -> float:
     """Ideal code length in bits of the mask bits under this model (counts not included);
     the search's size estimate uses it."""
-    _, coded, probs = _probs_all(np.asarray(mask, dtype=bool))
-    m = np.asarray(mask, dtype=bool)[coded]
-    p = probs[coded]
-    return float(-(np.log2(p[m]).sum() + np.log2(1.0 - p[~m]).sum()))
+    m = np.asarray(mask, dtype=bool)
+    counts = m.sum(axis=1, dtype=np.int64)
+    coded = _coded_rows(counts, m.shape[1])
+    bits = 0.0
+    for r0, r1, col in _blocks(m):
+        p = _block_probs(m, counts, r0, r1, col)[coded[r0:r1]]
+        blk = m[r0:r1][coded[r0:r1]]
+        bits -= float(np.log2(p[blk]).sum() + np.log2(1.0 - p[~blk]).sum())
+    return bits
 
 
 def estimate_mask_bytes(mask: np.ndarray) -> tuple[int, int] | None:
@@ -125,14 +151,20 @@ def encode_mask(mask: np.ndarray) -> CodedStream | None:
     if m.ndim != 2 or grid_of(m.shape) is None:
         return None
     rows, cols = m.shape
-    counts, coded, probs = _probs_all(m)
+    counts = m.sum(axis=1, dtype=np.int64)
+    coded = _coded_rows(counts, cols)
     counts_stream = encode_stream(counts, cols + 1)
     payload = b""
     if coded.any():
         coder = constriction.stream.stack.AnsCoder()
         family = constriction.stream.model.Bernoulli(perfect=False)
-        coder.encode_reverse(m[coded].reshape(-1).astype(np.int32), family,
-                             probs[coded].reshape(-1))
+        # a stack coder: the last block goes in first so that decoding runs forward
+        for r0, r1, col in reversed(_blocks(m)):
+            keep = coded[r0:r1]
+            if keep.any():
+                probs = _block_probs(m, counts, r0, r1, col)[keep].reshape(-1)
+                coder.encode_reverse(m[r0:r1][keep].reshape(-1).astype(np.int32), family,
+                                     probs)
         payload = bytes(coder.get_compressed().astype("<u4", copy=False).tobytes())
     sub = {"coder": counts_stream.coder, "length": len(counts_stream.payload),
            **counts_stream.params}

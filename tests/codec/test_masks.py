@@ -14,7 +14,8 @@ from moecomp.apply import QuantizedLayer
 from moecomp.codec import decode_model, encode_model
 from moecomp.codec.masks import (
     MASK_CODER,
-    _probs_all,
+    _block_probs,
+    _blocks,
     _row_probs,
     decode_mask,
     encode_mask,
@@ -68,10 +69,20 @@ def test_round_trip_gives_the_packed_mask(m):
     np.testing.assert_array_equal(decode(cs), np.packbits(m.reshape(-1), bitorder="little"))
 
 
-def test_decoder_model_is_bit_identical_to_the_encoders():
+def encoder_probs(m: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    counts = m.sum(1)
+    probs = np.concatenate([_block_probs(m, counts, r0, r1, col) for r0, r1, col in _blocks(m)])
+    return counts, (counts > 0) & (counts < m.shape[1]), probs
+
+
+@pytest.mark.parametrize("block", [2**20, 1000, 1])
+def test_decoder_model_is_bit_identical_to_the_encoders(monkeypatch, block):
+    monkeypatch.setattr("moecomp.codec.masks.BLOCK_ELEMENTS", block)
     rng = np.random.default_rng(1)
     m = structured_mask(rng, 50, 333, 0.05)
-    counts, coded, probs = _probs_all(m)
+    counts, coded, probs = encoder_probs(m)
+    cs = encode_mask(m)
+    np.testing.assert_array_equal(decode(cs), np.packbits(m.reshape(-1), bitorder="little"))
     c = np.zeros(m.shape[1], dtype=np.int64)
     t = 0
     for i in range(m.shape[0]):
@@ -180,7 +191,7 @@ def test_corrupt_payloads_raise_codec_errors_only():
 
 def test_cost_bits_is_the_sum_of_per_bit_code_lengths():
     m = np.array([[1, 0, 0, 1], [0, 1, 1, 0], [1, 1, 1, 1], [0, 0, 0, 0], [1, 0, 0, 0]], bool)
-    counts, coded, probs = _probs_all(m)
+    counts, coded, probs = encoder_probs(m)
     want = sum(-math.log2(probs[i, j] if m[i, j] else 1 - probs[i, j])
                for i in range(5) if coded[i] for j in range(4))
     assert mask_cost_bits(m) == pytest.approx(want)
