@@ -7,6 +7,10 @@ spread over the front's estimated ratios in ``--range`` and prints, for each, th
 ratio and its validation and test drops: the accuracy/ratio curve fine-tuning reaches from
 this front. Each refined solution is added to the run (``refined/rN.mcz``).
 
+``--masks-only ID,ID --seeds 0,1``: instead, fine-tune those solutions' masks with 8-bit
+quantisation in the loop and evaluate the float survivors (nothing written), to see what the
+masks alone cost.
+
 Run: .venv/bin/python bench/bench_finetune_sweep.py runs/bench-fashion-lenet300-size
 """
 
@@ -20,9 +24,33 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from moecomp.refine import refine
-from moecomp.solution import RunContext
+from moecomp.apply import student_state_dict
+from moecomp.data import load_dataset
+from moecomp.refine import finetune, refine
+from moecomp.solution import RunContext, student_model
 from moecomp.train import accuracy
+
+
+def masks_only(ctx: RunContext, ids: list[str], seeds: list[int], epochs: int,
+               t_val: float, t_test: float) -> None:
+    """Drops of the solutions' masks fine-tuned at 8 bits in every layer (near float)."""
+    target = ctx.target
+    assert target.val is not None and target.test is not None
+    data = load_dataset(ctx.problem.data.dataset, path=ctx.problem.data.path,
+                        seed=ctx.problem.data.seed)
+    print("| solution | plan (sparsity/bits) | seed | val drop (pt) | test drop (pt) |")
+    print("| --- | --- | ---: | ---: | ---: |")
+    for sid in ids:
+        sol = ctx.solution(sid)
+        plan = ", ".join(f"{n} {lp.sparsity:.2f}/{lp.bits}" for n, lp in sol.plan.layers.items())
+        for seed in seeds:
+            model = student_model(target.teacher, sol.state)
+            trained = finetune(model, target.teacher, sol.layers, dict.fromkeys(sol.layers, 8),
+                               data.train, epochs=epochs, seed=seed, progress=False)
+            state = target.round_dense({k: trained.get(k, v) for k, v in sol.state.items()})
+            m = student_model(target.teacher, student_state_dict(state, {}))
+            print(f"| {sid} | {plan} | {seed} | {t_val - accuracy(m, target.val):.2f} | "
+                  f"{t_test - accuracy(m, target.test):.2f} |", flush=True)
 
 
 def main() -> None:
@@ -31,12 +59,21 @@ def main() -> None:
     ap.add_argument("--range", default="45,85", help="estimated ratios, lo,hi")
     ap.add_argument("--n", type=int, default=14, help="solutions fine-tuned")
     ap.add_argument("--epochs", type=int, default=3)
+    ap.add_argument("--masks-only", default=None, help="solution ids, comma-separated")
+    ap.add_argument("--seeds", default="0", help="seeds of --masks-only, comma-separated")
     args = ap.parse_args()
     lo, hi = (float(v) for v in args.range.split(","))
     ctx = RunContext(args.run)
     target = ctx.target
     assert target.val is not None and target.test is not None
     t_val, t_test = accuracy(target.teacher, target.val), accuracy(target.teacher, target.test)
+    if args.masks_only:
+        print(f"# Masks alone, fine-tuned {args.epochs} epochs at 8 bits: {args.run}\n")
+        print(f"- command: `python bench/bench_finetune_sweep.py {args.run} --masks-only "
+              f"{args.masks_only} --seeds {args.seeds} --epochs {args.epochs}`\n")
+        masks_only(ctx, args.masks_only.split(","), [int(v) for v in args.seeds.split(",")],
+                   args.epochs, t_val, t_test)
+        return
     front = ctx.run.front()
     front = front[(front.ratio >= lo) & (front.ratio <= hi)].sort_values("ratio")
     if front.empty:
