@@ -1,7 +1,8 @@
 """Encode / Export: the lossless ``.mcz`` codec of compressed models (DESIGN.md section 10).
 
 ``container`` holds the file format and the model-level API; ``streams`` the entropy coding
-of one integer stream (constriction ANS, zstd, raw, const; the cheapest kept per stream).
+of one integer stream (constriction ANS, zstd, raw, const; the cheapest kept per stream);
+``masks`` the ``ans_mask`` coder of 2-D survivor masks (row counts and column history).
 """
 
 from moecomp.codec.container import (

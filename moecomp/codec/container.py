@@ -20,7 +20,9 @@ survives) and the streams ``positions`` (the survivor mask packed 8 per byte, LS
 ``indices`` (level index per survivor); a ``dense`` tensor has one stream ``data`` (its raw
 bytes). A stream entry records ``coder``, symbol count ``n``, ``alphabet``, ``offset`` (from
 the payload start), ``length``, ``crc`` (CRC32 of its payload) and the coder's parameters
-(``value``, ``freqs`` or ``bits``; see ``streams``).
+(``value``, ``freqs`` or ``bits``; see ``streams``). A ``positions`` stream of a tensor with
+two or more dimensions may instead use the ``ans_mask`` coder (``grid`` and ``counts``; see
+``masks``), which decodes to the same packed bytes; the encoder keeps the cheaper.
 
 Every claimed size is checked against the file and against limits before anything of that
 size is allocated, so a hostile file costs at most about ``max_bytes`` of memory; the
