@@ -27,11 +27,15 @@ ZSTD = 1  # the flag bit of a zstd-compressed header
 
 
 def _layer(
-    shape: tuple[int, ...], sparsity: float, k: int, seed: int, *, rows: bool = False
+    shape: tuple[int, ...], sparsity: float, k: int, seed: int, *, rows: bool = False,
+    units: bool = False,
 ) -> QuantizedLayer:
     rng = np.random.default_rng(seed)
     if rows:  # whole rows pruned: a run-structured mask that zstd codes best
         mask = np.repeat(rng.random(shape[0]) >= sparsity, int(np.prod(shape[1:])))
+    elif units:  # rows and columns of very different rates: the ans_mask coder's case
+        p = np.outer(rng.gamma(0.5, 1.0, shape[0]), rng.gamma(0.5, 1.0, int(np.prod(shape[1:]))))
+        mask = (rng.random(p.shape) < np.clip(p * (1 - sparsity) / p.mean(), 0, 1)).reshape(-1)
     else:
         mask = rng.random(int(np.prod(shape))) >= sparsity
     idx = np.clip(np.rint(rng.laplace(k / 2, k / 6, int(mask.sum()))), 0, k - 1)
@@ -47,6 +51,7 @@ LAYERS = {
     "fc1.weight": _layer((60, 50), 0.9, 16, 0),
     "fc2.weight": _layer((50, 40), 0.5, 4, 1, rows=True),
     "fc3.weight": _layer((10, 5), 0.0, 1, 2),
+    "fc4.weight": _layer((100, 20, 3, 3), 0.95, 4, 3, units=True),
 }
 DENSE = {"fc1.bias": torch.linspace(-1, 1, 60), "fc3.bias": torch.zeros(10)}
 GOOD = encode_model(
@@ -54,8 +59,13 @@ GOOD = encode_model(
     DENSE,
     plan={"shared_k": None, "layers": {n: {} for n in LAYERS}},
     meta={"run": "t"},
-    order=["fc1.weight", "fc1.bias", "fc2.weight", "fc3.weight", "fc3.bias"],
+    order=["fc1.weight", "fc1.bias", "fc2.weight", "fc3.weight", "fc3.bias", "fc4.weight"],
 )
+
+
+def test_fixture_file_holds_an_ans_mask_stream() -> None:
+    coders = {(s.tensor, s.stream): s.coder for s in decode_model(GOOD).streams}
+    assert coders[("fc4.weight", "positions")] == "ans_mask"
 
 
 def split(data: bytes) -> tuple[dict[str, Any], bytes]:
