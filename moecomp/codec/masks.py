@@ -20,8 +20,9 @@ multiples of ``2**-16``, so encoder and decoder build bit-identical probabilitie
 IEEE-754 machine. The decoded stream is the same packed bytes (LSB first) as the generic
 coders', so the container rebuilds the mask the same way whichever coder it finds.
 
-On masks of a searched LeNet-300-100 (2026-11-22) this is 8-12 % smaller than ``ans_bits``;
-``bench/bench_codec.py`` measures it. The container keeps whichever coder is cheaper.
+On the masks of searched LeNet-300-100 solutions this is 5-10 % smaller than the generic
+coders (whole files 3.5-6.5 %; ``bench/bench_masks.py``, 2026-11-22). The container keeps
+whichever coder is cheaper, so i.i.d.-looking masks stay with ``ans_bits``.
 """
 
 from __future__ import annotations
