@@ -50,7 +50,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from moecomp.apply import n_pruned
-from moecomp.codec.masks import estimate_mask_bytes, grid_of
+from moecomp.codec.masks import estimate_mask_bytes, grid_of, worth_trying
 from moecomp.codec.streams import choose_freqs, table_bytes
 from moecomp.divergence import divergence
 from moecomp.errors import ConfigError
@@ -189,7 +189,10 @@ def stream_bytes(counts: np.ndarray, *, raw_bytes_per_symbol: int) -> int:
 
 def mask_coded_bytes(mask: np.ndarray) -> int | None:
     """Estimated bytes of a 2-D keep mask under the codec's ``ans_mask`` coder (payload plus
-    its header entry as it costs once compressed), or None where that coder does not apply."""
+    its header entry as it costs once compressed), or None where the codec would not try it
+    (``worth_trying``: a shape it refuses, or a mask too close to i.i.d.)."""
+    if not worth_trying(mask):
+        return None
     est = estimate_mask_bytes(mask)
     if est is None:
         return None

@@ -49,7 +49,7 @@ import torch
 
 from moecomp import __version__
 from moecomp.apply import QuantizedLayer
-from moecomp.codec.masks import MASK_CODER, decode_mask, encode_mask, grid_of
+from moecomp.codec.masks import MASK_CODER, decode_mask, encode_mask, grid_of, worth_trying
 from moecomp.codec.streams import (
     MAX_ALPHABET,
     PARAMS,
@@ -269,7 +269,7 @@ def _encode_quantized(
         raise CodecError(f"{where}: indices: {e}") from None
     pos_stream = encode_stream(np.packbits(mask_np, bitorder="little"), 256)
     grid = grid_of(shape)
-    if grid is not None:
+    if grid is not None and worth_trying(mask_np.reshape(grid)):
         by_rows = encode_mask(mask_np.reshape(grid))
         if by_rows is not None and by_rows.cost < pos_stream.cost:
             pos_stream = by_rows

@@ -43,6 +43,10 @@ MAX_COLS = 2**16 - 1
 """Widest row this coder takes (its counts stream's alphabet is ``cols + 1``)."""
 MAX_EXACT = 2**53
 """The model's integers must stay exact in float64; larger matrices use the generic coders."""
+DISPERSION = 2.0
+"""The coder is tried only when the row or the column counts vary at least this many times
+more than those of an i.i.d. mask of the same density (binomial variance); below that its
+gain is a fraction of a percent and the attempt would halve the encoder's speed."""
 
 
 def grid_of(shape: tuple[int, ...]) -> tuple[int, int] | None:
@@ -58,6 +62,22 @@ def grid_of(shape: tuple[int, ...]) -> tuple[int, int] | None:
     if cols * (rows * (rows * cols + 2) + 2 * (rows * cols + 1)) >= MAX_EXACT:
         return None
     return rows, cols
+
+
+def worth_trying(mask: np.ndarray) -> bool:
+    """Whether a 2-D mask is structured enough for this coder to beat the generic ones:
+    rows or columns overdispersed by ``DISPERSION`` against i.i.d. bits (one pass, cheap)."""
+    m = np.asarray(mask, dtype=bool)
+    if m.ndim != 2 or grid_of(m.shape) is None:
+        return False
+    rows, cols = m.shape
+    p = np.count_nonzero(m) / m.size
+    if p in (0.0, 1.0):
+        return False
+    var = p * (1.0 - p)
+    spread_rows = m.sum(axis=1, dtype=np.int64).var() / (cols * var)
+    spread_cols = m.sum(axis=0, dtype=np.int64).var() / (rows * var)
+    return bool(max(spread_rows, spread_cols) >= DISPERSION)
 
 
 def _row_probs(c: np.ndarray, i: int, t: int, r: int, cols: int) -> np.ndarray:
