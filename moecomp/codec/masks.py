@@ -89,9 +89,10 @@ def _row_probs(c: np.ndarray, i: int, t: int, r: int, cols: int) -> np.ndarray:
     b = float(2 * (t + 1))
     total = float(a * t + b * cols)  # sum of w, exact: a*t + b*cols as integers
     w = c.astype(np.float64) * a + b  # exact integers < 2**53 (grid_of)
-    p = (w * float(r)) / total  # one correctly rounded division per bit
     scale = float(2**PROB_BITS)
-    q = np.clip(np.floor(p * scale), 1.0, scale - 1.0)
+    q = (w * (float(r) * scale)) / total  # exact numerator, one correctly rounded division
+    np.floor(q, out=q)
+    np.clip(q, 1.0, scale - 1.0, out=q)
     return q / scale
 
 
@@ -114,19 +115,26 @@ def _blocks(mask: np.ndarray) -> list[tuple[int, int, np.ndarray]]:
 def _block_probs(mask: np.ndarray, counts: np.ndarray, r0: int, r1: int,
                  col_start: np.ndarray) -> np.ndarray:
     """P(bit = 1) ``(r1 - r0, cols)`` of rows ``r0..r1-1``, the same values ``_row_probs``
-    gives row by row (exact integers, the same single division)."""
+    gives row by row (exact integers in float64, the same single division), in place."""
     cols = mask.shape[1]
     blk = mask[r0:r1]
-    col_before = col_start[None, :] + np.cumsum(blk, axis=0, dtype=np.int64) - blk
-    ones_before = (np.cumsum(counts[: r1]) - counts[: r1])[r0:]
+    w = np.cumsum(blk, axis=0, dtype=np.float64)  # integers, exact
+    w -= blk
+    w += col_start  # ones per column in the rows above
+    ones_before = (np.cumsum(counts[:r1]) - counts[:r1])[r0:]
     i = np.arange(r0, r1, dtype=np.int64)
     a = (i * cols + 2).astype(np.float64)
     b = (2 * (ones_before + 1)).astype(np.float64)
     total = a * ones_before.astype(np.float64) + b * cols
-    w = col_before.astype(np.float64) * a[:, None] + b[:, None]
-    p = (w * counts[r0:r1].astype(np.float64)[:, None]) / total[:, None]
     scale = float(2**PROB_BITS)
-    return np.clip(np.floor(p * scale), 1.0, scale - 1.0) / scale
+    w *= a[:, None]
+    w += b[:, None]
+    w *= (counts[r0:r1].astype(np.float64) * scale)[:, None]
+    w /= total[:, None]
+    np.floor(w, out=w)
+    np.clip(w, 1.0, scale - 1.0, out=w)
+    w /= scale
+    return w
 
 
 def _coded_rows(counts: np.ndarray, cols: int) -> np.ndarray:
