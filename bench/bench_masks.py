@@ -1,9 +1,11 @@
 """Survivor masks of real solutions: the ans_mask coder against the generic coders.
 
-For every refined solution of a run (``RUN/refined/r*.mcz``) and every compressed tensor,
-the positions stream as the file holds it (the codec keeps the cheaper of ans_mask and the
-generic coders) against the cheapest generic coder (const, raw, zstd, ans, ans_bits) of the
-same packed mask; sizes include each stream's header model. Files are decoded, not trusted.
+For every file of a run (``RUN/refined/*.mcz``, or another ``--folder``; written by this
+or an older codec) the file is decoded and encoded again by the current codec (and checked to decode
+to the same tensors); its positions streams are compared with the cheapest generic coder
+(const, raw, zstd, ans, ans_bits) of the same packed masks, header models included. The
+re-encoded size is what the same model costs today, e.g. for files of runs made before
+ans_mask existed.
 
 Then the coder's speed on a structured 4096 x 4096 mask (rows and columns of gamma-distributed
 rates, 10 % kept), median of 3.
@@ -19,40 +21,45 @@ import time
 from pathlib import Path
 
 import numpy as np
+import torch
 
-from moecomp.codec import read_mcz
-from moecomp.codec.masks import decode_mask, encode_mask, grid_of
+from moecomp.codec import decode_model, encode_model, read_mcz
+from moecomp.codec.masks import decode_mask, encode_mask
 from moecomp.codec.streams import encode_stream
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("run", type=Path)
+    ap.add_argument("--folder", default="refined",
+                    help="subfolder of RUN with the .mcz files (bench: bench_compression's)")
     args = ap.parse_args()
-    files = sorted((args.run / "refined").glob("r*.mcz"), key=lambda p: int(p.stem[1:]))
+    files = sorted((args.run / args.folder).glob("*.mcz"),
+                   key=lambda p: (not p.stem[1:].isdigit(), p.stem.lstrip("r").zfill(9)))
     if not files:
-        raise SystemExit(f"{args.run}/refined holds no .mcz files")
+        raise SystemExit(f"{args.run}/{args.folder} holds no .mcz files")
     print(f"# Masks of {args.run}: ans_mask vs generic coders\n")
-    print(f"- command: `python bench/bench_masks.py {args.run}`")
+    print(f"- command: `python bench/bench_masks.py {args.run} --folder {args.folder}`")
     print(f"- machine: {platform.machine()}, date {time.strftime('%Y-%m-%d %H:%M')}\n")
-    print("| file | file bytes | masks, generic (bytes) | masks, as stored (bytes) | "
+    print("| file | bytes on disk | bytes now | masks, generic (bytes) | masks now (bytes) | "
           "masks saved | file saved |")
-    print("| --- | ---: | ---: | ---: | ---: | ---: |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
     saved_file = []
     for path in files:
         model = read_mcz(path)
-        generic = stored = 0
-        for layer in model.layers.values():
-            mask = layer.mask.numpy().reshape(-1)
-            plain = encode_stream(np.packbits(mask, bitorder="little"), 256)
-            grid = grid_of(layer.shape)
-            by_rows = encode_mask(mask.reshape(grid)) if grid is not None else None
-            generic += plain.cost
-            stored += min(plain.cost, by_rows.cost) if by_rows is not None else plain.cost
-        size = path.stat().st_size
-        saved_file.append((generic - stored) / (size + generic - stored))
-        print(f"| {path.stem} | {size:,} | {generic:,} | {stored:,} | "
-              f"{1 - stored / generic:.1%} | {saved_file[-1]:.1%} |")
+        dense = {k: v for k, v in model.state_dict.items() if k not in model.layers}
+        blob = encode_model(model.layers, dense, plan=model.plan, meta=model.meta,
+                            order=list(model.state_dict))
+        again = decode_model(blob)
+        assert all(torch.equal(again.state_dict[k], v) for k, v in model.state_dict.items())
+        now = sum(s.coded_bytes + s.model_bytes for s in again.streams
+                  if s.stream == "positions")
+        generic = sum(encode_stream(np.packbits(q.mask.numpy().reshape(-1), bitorder="little"),
+                                    256).cost for q in model.layers.values())
+        size = len(blob)
+        saved_file.append((generic - now) / (size + generic - now))
+        print(f"| {path.stem} | {path.stat().st_size:,} | {size:,} | {generic:,} | {now:,} | "
+              f"{1 - now / generic:.1%} | {saved_file[-1]:.1%} |")
     print(f"\nmedian file saving: {np.median(saved_file):.1%} over {len(files)} files")
     speed()
 
