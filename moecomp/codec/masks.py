@@ -80,22 +80,6 @@ def worth_trying(mask: np.ndarray) -> bool:
     return bool(max(spread_rows, spread_cols) >= DISPERSION)
 
 
-def _row_probs(c: np.ndarray, i: int, t: int, r: int, cols: int) -> np.ndarray:
-    """P(bit = 1) for the ``cols`` bits of row ``i`` (float64, multiples of 2**-16).
-
-    c: int64 ``(cols,)`` ones per column in rows ``0..i-1``; t: their total; r: the row's count.
-    """
-    a = float(i * cols + 2)
-    b = float(2 * (t + 1))
-    total = float(a * t + b * cols)  # sum of w, exact: a*t + b*cols as integers
-    w = c.astype(np.float64) * a + b  # exact integers < 2**53 (grid_of)
-    scale = float(2**PROB_BITS)
-    q = (w * (float(r) * scale)) / total  # exact numerator, one correctly rounded division
-    np.floor(q, out=q)
-    np.clip(q, 1.0, scale - 1.0, out=q)
-    return q / scale
-
-
 BLOCK_ELEMENTS = 2**20
 """The encoder works on blocks of whole rows of about this many bits (bounded memory)."""
 
@@ -114,8 +98,14 @@ def _blocks(mask: np.ndarray) -> list[tuple[int, int, np.ndarray]]:
 
 def _block_probs(mask: np.ndarray, counts: np.ndarray, r0: int, r1: int,
                  col_start: np.ndarray) -> np.ndarray:
-    """P(bit = 1) ``(r1 - r0, cols)`` of rows ``r0..r1-1``, the same values ``_row_probs``
-    gives row by row (exact integers in float64, the same single division), in place."""
+    """P(bit = 1) ``(r1 - r0, cols)`` of rows ``r0..r1-1`` (float64, multiples of 2**-16).
+
+    counts: the rows' survivor counts ``(rows,)``; col_start: int64 ``(cols,)`` ones per
+    column in rows ``0..r0-1``. Row ``i`` depends only on the rows above it, so the decoder
+    calls this one row at a time (``r1 = r0 + 1``; the row's own bits are not read) and gets
+    the encoder's values bit for bit: exact integers in float64 and one correctly rounded
+    division per bit, whatever the block.
+    """
     cols = mask.shape[1]
     blk = mask[r0:r1]
     w = np.cumsum(blk, axis=0, dtype=np.float64)  # integers, exact
@@ -239,7 +229,6 @@ def decode_mask(payload: bytes | memoryview, n: int, params: dict[str, Any]) -> 
     mask = np.zeros((rows, cols), dtype=bool)
     mask[counts == cols] = True
     c = np.zeros(cols, dtype=np.int64)
-    t = 0
     family = constriction.stream.model.Bernoulli(perfect=False)
     try:
         coder = constriction.stream.stack.AnsCoder(np.frombuffer(rest, dtype="<u4")
@@ -247,13 +236,13 @@ def decode_mask(payload: bytes | memoryview, n: int, params: dict[str, Any]) -> 
         for i in range(rows):
             r = int(counts[i])
             if 0 < r < cols:
-                bits = np.asarray(coder.decode(family, _row_probs(c, i, t, r, cols)))
+                probs = _block_probs(mask, counts, i, i + 1, c)[0]
+                bits = np.asarray(coder.decode(family, probs))
                 if bits.shape != (cols,) or int(bits.sum()) != r:
                     raise CodecError(f"{MASK_CODER} stream: row {i} decodes to "
                                      f"{int(bits.sum())} survivors, its count says {r}")
                 mask[i] = bits.astype(bool)
             c += mask[i]
-            t += r
         leftover = not coder.is_empty()
     except CodecError:
         raise
