@@ -105,7 +105,7 @@ def test_code_length_is_near_the_model_and_below_the_iid_coders():
     counts = encode_stream(m.sum(1), 785)
     bits_part = len(cs.payload) - len(counts.payload)
     ideal = mask_cost_bits(m) / 8
-    assert ideal <= bits_part <= ideal * 1.01 + 8
+    assert ideal * 0.999 <= bits_part <= ideal * 1.01 + 8
     generic = encode_stream(np.packbits(m.reshape(-1), bitorder="little"), 256)
     assert cs.cost < 0.9 * generic.cost, (cs.cost, generic.cost)
     payload, model = estimate_mask_bytes(m)
@@ -193,11 +193,16 @@ def test_corrupt_payloads_raise_codec_errors_only():
 
 
 def test_cost_bits_is_the_sum_of_per_bit_code_lengths():
+    rng = np.random.default_rng(7)
+    big = structured_mask(rng, 200, 500, 0.08)
+    _, coded, probs = encoder_probs(big)
+    exact = -(np.log2(np.where(big, probs, 1 - probs))[coded]).sum()
+    assert mask_cost_bits(big) == pytest.approx(exact, rel=1e-4)
     m = np.array([[1, 0, 0, 1], [0, 1, 1, 0], [1, 1, 1, 1], [0, 0, 0, 0], [1, 0, 0, 0]], bool)
     counts, coded, probs = encoder_probs(m)
     want = sum(-math.log2(probs[i, j] if m[i, j] else 1 - probs[i, j])
                for i in range(5) if coded[i] for j in range(4))
-    assert mask_cost_bits(m) == pytest.approx(want)
+    assert mask_cost_bits(m) == pytest.approx(want, rel=1e-3)  # float32, unrounded
     assert list(coded) == [True, True, False, False, True]
 
 
