@@ -96,26 +96,38 @@ def _blocks(mask: np.ndarray) -> list[tuple[int, int, np.ndarray]]:
     return out
 
 
-def _block_probs(mask: np.ndarray, counts: np.ndarray, r0: int, r1: int,
-                 col_start: np.ndarray) -> np.ndarray:
+def _ones_before(counts: np.ndarray) -> np.ndarray:
+    """Survivors in the rows above each row ``(rows,)`` int64 (exclusive prefix sum)."""
+    return np.cumsum(counts) - counts
+
+
+def _row_terms(counts: np.ndarray, ones_before: np.ndarray, r0: int, r1: int,
+               cols: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The model's per-row integers for rows ``r0..r1-1``, as exact float64: ``a = i * cols +
+    2``, ``b = 2 * (t + 1)`` and ``sum(w) = a * t + b * cols`` (``t`` = ones above), so that
+    ``P = (c * a + b) * R / sum(w)`` for a column with ``c`` ones above."""
+    t = ones_before[r0:r1].astype(np.float64)
+    a = np.arange(r0, r1, dtype=np.float64) * cols + 2
+    b = 2 * (t + 1)
+    return a, b, a * t + b * cols
+
+
+def _block_probs(mask: np.ndarray, counts: np.ndarray, ones_before: np.ndarray, r0: int,
+                 r1: int, col_start: np.ndarray) -> np.ndarray:
     """P(bit = 1) ``(r1 - r0, cols)`` of rows ``r0..r1-1`` (float64, multiples of 2**-16).
 
-    counts: the rows' survivor counts ``(rows,)``; col_start: int64 ``(cols,)`` ones per
-    column in rows ``0..r0-1``. Row ``i`` depends only on the rows above it, so the decoder
-    calls this one row at a time (``r1 = r0 + 1``; the row's own bits are not read) and gets
-    the encoder's values bit for bit: exact integers in float64 and one correctly rounded
-    division per bit, whatever the block.
+    counts, ones_before: per row, survivors and survivors above (``_ones_before``);
+    col_start: int64 ``(cols,)`` ones per column in rows ``0..r0-1``. Row ``i`` depends only
+    on the rows above it, so the decoder calls this one row at a time (``r1 = r0 + 1``; the
+    row's own bits are not read) and gets the encoder's values bit for bit: exact integers in
+    float64 and one correctly rounded division per bit, whatever the block.
     """
     cols = mask.shape[1]
     blk = mask[r0:r1]
     w = np.cumsum(blk, axis=0, dtype=np.float64)  # integers, exact
     w -= blk
     w += col_start  # ones per column in the rows above
-    ones_before = (np.cumsum(counts[:r1]) - counts[:r1])[r0:]
-    i = np.arange(r0, r1, dtype=np.int64)
-    a = (i * cols + 2).astype(np.float64)
-    b = (2 * (ones_before + 1)).astype(np.float64)
-    total = a * ones_before.astype(np.float64) + b * cols
+    a, b, total = _row_terms(counts, ones_before, r0, r1, cols)
     scale = float(2**PROB_BITS)
     w *= a[:, None]
     w += b[:, None]
@@ -141,7 +153,7 @@ def mask_cost_bits(mask: np.ndarray) -> float:
     cols = m.shape[1]
     counts = m.sum(axis=1, dtype=np.int64)
     coded = _coded_rows(counts, cols)
-    ones_before = (np.cumsum(counts) - counts).astype(np.float64)
+    ones_before = _ones_before(counts)
     lo = np.float32(2.0**-PROB_BITS)
     bits = 0.0
     for r0, r1, col in _blocks(m):
@@ -149,16 +161,21 @@ def mask_cost_bits(mask: np.ndarray) -> float:
         p = np.cumsum(blk, axis=0, dtype=np.float32)
         p -= blk
         p += col.astype(np.float32)
-        # P = (c * a + b) * R / total = c * k1 + k0, per row
-        a = np.arange(r0, r1, dtype=np.float64) * cols + 2
-        b = 2 * (ones_before[r0:r1] + 1)
-        total = a * ones_before[r0:r1] + b * cols
-        p *= (a * counts[r0:r1] / total).astype(np.float32)[:, None]
-        p += (b * counts[r0:r1] / total).astype(np.float32)[:, None]
+        a, b, total = _row_terms(counts, ones_before, r0, r1, cols)
+        scaled = counts[r0:r1] / total  # P = c * (a R / sum) + b R / sum
+        p *= (a * scaled).astype(np.float32)[:, None]
+        p += (b * scaled).astype(np.float32)[:, None]
         np.clip(p, lo, 1 - lo, out=p)
         q = np.where(blk, p, 1 - p)[coded[r0:r1]]
         bits -= float(np.log2(q).sum(dtype=np.float64))
     return bits
+
+
+def _stream(rows: int, cols: int, counts: CodedStream, bits: bytes) -> CodedStream:
+    """The ``ans_mask`` stream: the counts stream's payload, then the bits; its entry nested."""
+    sub = {"coder": counts.coder, "length": len(counts.payload), **counts.params}
+    return CodedStream(MASK_CODER, (rows * cols + 7) // 8, 256, counts.payload + bits,
+                       {"grid": [rows, cols], "counts": sub})
 
 
 def estimate_mask_bytes(mask: np.ndarray) -> tuple[int, int] | None:
@@ -170,9 +187,8 @@ def estimate_mask_bytes(mask: np.ndarray) -> tuple[int, int] | None:
         return None
     counts = encode_stream(m.sum(axis=1, dtype=np.int64), m.shape[1] + 1)
     bits = math.ceil(mask_cost_bits(m) / 32) * 4  # whole 32-bit ANS words
-    sub = {"coder": counts.coder, "length": len(counts.payload), **counts.params}
-    model = CodedStream(MASK_CODER, 0, 256, b"", {"grid": list(m.shape), "counts": sub})
-    return len(counts.payload) + bits, model.model_bytes
+    rows, cols = m.shape
+    return len(counts.payload) + bits, _stream(rows, cols, counts, b"").model_bytes
 
 
 def encode_mask(mask: np.ndarray) -> CodedStream | None:
@@ -187,7 +203,7 @@ def encode_mask(mask: np.ndarray) -> CodedStream | None:
     rows, cols = m.shape
     counts = m.sum(axis=1, dtype=np.int64)
     coded = _coded_rows(counts, cols)
-    counts_stream = encode_stream(counts, cols + 1)
+    ones_before = _ones_before(counts)
     payload = b""
     if coded.any():
         coder = constriction.stream.stack.AnsCoder()
@@ -196,14 +212,11 @@ def encode_mask(mask: np.ndarray) -> CodedStream | None:
         for r0, r1, col in reversed(_blocks(m)):
             keep = coded[r0:r1]
             if keep.any():
-                probs = _block_probs(m, counts, r0, r1, col)[keep].reshape(-1)
+                probs = _block_probs(m, counts, ones_before, r0, r1, col)[keep].reshape(-1)
                 coder.encode_reverse(m[r0:r1][keep].reshape(-1).astype(np.int32), family,
                                      probs)
         payload = bytes(coder.get_compressed().astype("<u4", copy=False).tobytes())
-    sub = {"coder": counts_stream.coder, "length": len(counts_stream.payload),
-           **counts_stream.params}
-    return CodedStream(MASK_CODER, (rows * cols + 7) // 8, 256,
-                       counts_stream.payload + payload, {"grid": [rows, cols], "counts": sub})
+    return _stream(rows, cols, encode_stream(counts, cols + 1), payload)
 
 
 def _grid_param(params: dict[str, Any], n: int) -> tuple[int, int]:
@@ -244,6 +257,7 @@ def decode_mask(payload: bytes | memoryview, n: int, params: dict[str, Any]) -> 
     mask = np.zeros((rows, cols), dtype=bool)
     mask[counts == cols] = True
     c = np.zeros(cols, dtype=np.int64)
+    ones_before = _ones_before(counts)
     family = constriction.stream.model.Bernoulli(perfect=False)
     try:
         coder = constriction.stream.stack.AnsCoder(np.frombuffer(rest, dtype="<u4")
@@ -251,7 +265,7 @@ def decode_mask(payload: bytes | memoryview, n: int, params: dict[str, Any]) -> 
         for i in range(rows):
             r = int(counts[i])
             if 0 < r < cols:
-                probs = _block_probs(mask, counts, i, i + 1, c)[0]
+                probs = _block_probs(mask, counts, ones_before, i, i + 1, c)[0]
                 bits = np.asarray(coder.decode(family, probs))
                 if bits.shape != (cols,) or int(bits.sum()) != r:
                     raise CodecError(f"{MASK_CODER} stream: row {i} decodes to "

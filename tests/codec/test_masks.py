@@ -16,6 +16,7 @@ from moecomp.codec.masks import (
     MASK_CODER,
     _block_probs,
     _blocks,
+    _ones_before,
     decode_mask,
     encode_mask,
     estimate_mask_bytes,
@@ -71,7 +72,9 @@ def test_round_trip_gives_the_packed_mask(m):
 
 def encoder_probs(m: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     counts = m.sum(1)
-    probs = np.concatenate([_block_probs(m, counts, r0, r1, col) for r0, r1, col in _blocks(m)])
+    before = _ones_before(counts)
+    probs = np.concatenate([_block_probs(m, counts, before, r0, r1, col)
+                            for r0, r1, col in _blocks(m)])
     return counts, (counts > 0) & (counts < m.shape[1]), probs
 
 
@@ -89,7 +92,8 @@ def test_probabilities_do_not_depend_on_the_block(monkeypatch, block):
     blank = m.copy()
     for i in range(m.shape[0]):
         blank[i] = False
-        assert _block_probs(blank, counts, i, i + 1, c)[0].tobytes() == whole[i].tobytes()
+        row = _block_probs(blank, counts, _ones_before(counts), i, i + 1, c)[0]
+        assert row.tobytes() == whole[i].tobytes()
         blank[i] = m[i]
         c += m[i]
     cs = encode_mask(m)
