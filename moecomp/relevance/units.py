@@ -57,15 +57,16 @@ def structure_ranks(ranks: dict[str, torch.Tensor], layers: Sequence[LayerRef],
     if strength == 0:
         return ranks
     pct = {ref.name: (ranks[ref.name].double() + 1) / ref.numel for ref in layers}
-    factor = {ref.name: torch.ones(ref.shape, dtype=torch.float64) for ref in layers}
+    factor: dict[str, torch.Tensor] = {}  # only the layers some unit touches
     for k, g in unit_pairs(layers):
         a, b = layers[k], layers[k + 1]
         out = a.shape[0]
         rows = pct[a.name].reshape(out, -1).mean(1)
         cols = pct[b.name].reshape(b.shape[0], out, g).mean((0, 2))
         v = _percentile(rows + cols) ** strength
-        factor[a.name] *= v.reshape(out, *([1] * (len(a.shape) - 1)))
-        fb = factor[b.name].reshape(b.shape[0], out, g) * v.reshape(1, out, 1)
-        factor[b.name] = fb.reshape(b.shape)
+        fa = factor.get(a.name, torch.ones(a.shape, dtype=torch.float64))
+        factor[a.name] = fa * v.reshape(out, *([1] * (len(a.shape) - 1)))
+        fb = factor.get(b.name, torch.ones(b.shape, dtype=torch.float64))
+        factor[b.name] = (fb.reshape(b.shape[0], out, g) * v.reshape(1, out, 1)).reshape(b.shape)
     return {ref.name: scores_to_ranks(pct[ref.name] * factor[ref.name]).contiguous()
             if ref.name in factor else ranks[ref.name] for ref in layers}

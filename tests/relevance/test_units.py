@@ -43,17 +43,29 @@ def test_zero_strength_keeps_the_ranks_and_any_strength_gives_permutations():
 
 def test_the_weakest_unit_goes_whole_in_both_layers():
     layers = chain((8, 50), (5, 8))
-    # unit 3: its row in l0 and its column in l1 hold the least relevant weights
-    s0 = torch.rand(8, 50) + 1.0
-    s0[3] = torch.rand(50) * 0.1
-    s1 = torch.rand(5, 8) + 1.0
-    s1[:, 3] = torch.rand(5) * 0.1
+    gen = torch.Generator().manual_seed(1)
+    # unit 3 is somewhat less relevant in both layers, not the least relevant everywhere
+    s0 = torch.rand(8, 50, generator=gen)
+    s0[3] *= 0.7
+    s1 = torch.rand(5, 8, generator=gen)
+    s1[:, 3] *= 0.7
     ranks = {"l0.weight": scores_to_ranks(s0), "l1.weight": scores_to_ranks(s1)}
-    out = structure_ranks(ranks, layers, 4.0)
-    kept0 = keep_mask(out["l0.weight"], 50 / 400)  # prune one row's worth
+    plain0 = keep_mask(ranks["l0.weight"], 50 / 400)  # prune one row's worth
+    assert plain0[3].any() and (~plain0).any(1).sum() > 1  # scattered over rows
+    out = structure_ranks(ranks, layers, 16.0)  # the strongest allowed
+    kept0 = keep_mask(out["l0.weight"], 50 / 400)
     kept1 = keep_mask(out["l1.weight"], 5 / 40)
     assert not kept0[3].any() and kept0.sum() == 350
-    assert not kept1[:, 3].any()
+    assert not kept1[:, 3].any() and kept1.sum() == 35
+
+
+def test_layers_outside_any_pair_keep_their_ranks():
+    layers = chain((30, 20), (7, 31), (4, 7))  # 31 inputs cannot be 30 units
+    ranks = random_ranks(layers)
+    out = structure_ranks(ranks, layers, 2.0)
+    assert out["l0.weight"] is ranks["l0.weight"]  # not coupled to anything
+    assert not torch.equal(out["l1.weight"], ranks["l1.weight"])  # its 7 units couple to l2
+    assert not torch.equal(out["l2.weight"], ranks["l2.weight"])
 
 
 def test_structure_concentrates_pruning_on_few_units():
