@@ -24,7 +24,6 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from moecomp.apply import student_state_dict
 from moecomp.data import load_dataset
 from moecomp.refine import finetune, refine
 from moecomp.solution import RunContext, student_model
@@ -48,7 +47,7 @@ def masks_only(ctx: RunContext, ids: list[str], seeds: list[int], epochs: int,
             trained = finetune(model, target.teacher, sol.layers, dict.fromkeys(sol.layers, 8),
                                data.train, epochs=epochs, seed=seed, progress=False)
             state = target.round_dense({k: trained.get(k, v) for k, v in sol.state.items()})
-            m = student_model(target.teacher, student_state_dict(state, {}))
+            m = student_model(target.teacher, state)
             print(f"| {sid} | {plan} | {seed} | {t_val - accuracy(m, target.val):.2f} | "
                   f"{t_test - accuracy(m, target.test):.2f} |", flush=True)
 
