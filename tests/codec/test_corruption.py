@@ -85,6 +85,21 @@ def build(
     return PREFIX.pack(b"MCZ\x00", version, flags, len(raw), zlib.crc32(raw)) + raw + payload
 
 
+def refusal_peak(data: bytes, match: str, max_bytes: int | None,
+                 readers: tuple[Callable[..., Any], ...]) -> int:
+    """Peak traced memory (bytes) while every reader refuses ``data`` with ``match``."""
+    kwargs = {} if max_bytes is None else {"max_bytes": max_bytes}
+    tracemalloc.start()
+    try:
+        for read in readers:
+            with pytest.raises(CodecError, match=match):
+                read(data, **kwargs)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    return int(peak)
+
+
 def zstd_frame(raw: bytes, **kw: Any) -> bytes:
     """``raw`` as one zstd frame, as a compressed header stores it."""
     return zstandard.ZstdCompressor(**kw).compress(raw)
@@ -327,17 +342,7 @@ def test_header_bombs_are_refused_before_allocating(
 ) -> None:
     data = build(zstd_frame(raw, level=19), GOOD_PAYLOAD, flags=ZSTD)
     assert len(data) < 10_000
-    kwargs = {} if max_bytes is None else {"max_bytes": max_bytes}
-    tracemalloc.start()
-    try:
-        with pytest.raises(CodecError, match=match):
-            decode_model(data, **kwargs)
-        with pytest.raises(CodecError, match=match):
-            inspect_model(data, **kwargs)
-        _, peak = tracemalloc.get_traced_memory()
-    finally:
-        tracemalloc.stop()
-    assert peak < 200_000
+    assert refusal_peak(data, match, max_bytes, readers=(decode_model, inspect_model)) < 200_000
 
 
 def _with_payload(base: bytes, stream_path: str, new: bytes, **fields: Any) -> bytes:
@@ -410,15 +415,7 @@ def test_huge_claims_are_refused_before_allocating(
     t["streams"][0]["n"] = (numel + 7) // 8
     t["streams"][1]["n"] = n_kept
     data = build(header, payload)
-    kwargs = {} if max_bytes is None else {"max_bytes": max_bytes}
-    tracemalloc.start()
-    try:
-        with pytest.raises(CodecError, match=match):
-            decode_model(data, **kwargs)
-        _, peak = tracemalloc.get_traced_memory()
-    finally:
-        tracemalloc.stop()
-    assert peak < 2_000_000
+    assert refusal_peak(data, match, max_bytes, readers=(decode_model,)) < 2_000_000
 
 
 JSON_VALUES = st.recursive(
