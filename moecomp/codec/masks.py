@@ -147,8 +147,8 @@ def _coded_rows(counts: np.ndarray, cols: int) -> np.ndarray:
 def mask_cost_bits(mask: np.ndarray) -> float:
     """Code length in bits of the mask bits under this model (counts not included), for the
     search's size estimate: computed in float32 and without the coder's rounding of each
-    probability to 2**-16, so within about 0.01 % of the exact ideal and ~3.5x faster (it
-    runs once per layer and pruned count on the evaluation path)."""
+    probability to 2**-16 (within about 0.01 % of the exact ideal; tested), since it runs
+    once per layer and pruned count on the evaluation path."""
     m = np.asarray(mask, dtype=bool)
     cols = m.shape[1]
     counts = m.sum(axis=1, dtype=np.int64)
