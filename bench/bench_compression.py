@@ -86,8 +86,8 @@ def main() -> None:
     def record(stage: str, key: str, parent: str, seconds: float) -> None:
         e = export_solution(ctx, key, out=out / "bench" / f"{key}.mcz")
         rows.append((stage, key, parent, e.file_bytes, e.ratio,
-                     accuracy(ctx.target.teacher, ctx.target.val) - e.val_acc,
-                     teacher_test - e.test_acc, seconds))
+                     accuracy(ctx.target.teacher, ctx.target.val) - e.val_metric,
+                     teacher_test - e.test_metric, seconds))
 
     # 1. post-training: best real ratio among front solutions within the validation budget
     ok = []
@@ -138,7 +138,7 @@ def main() -> None:
             d = val_drop(ctx, tuned.key)
             if d > args.max_drop:
                 over.append((stage, tuned.key, str(i), tuned.file_bytes, tuned.ratio, d,
-                             teacher_test - tuned.test_acc, time.perf_counter() - t))
+                             teacher_test - tuned.test_metric, time.perf_counter() - t))
                 continue
             record(stage, tuned.key, str(i), time.perf_counter() - t)
             within.append((tuned.ratio, tuned.key, i, d))

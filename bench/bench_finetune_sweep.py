@@ -92,7 +92,7 @@ def main() -> None:
     for i in picks:
         sid = int(front.iloc[i]["id"])
         r = refine(ctx, sid, merge=False, finetune_epochs=args.epochs, progress=False)
-        rows.append((r.ratio, t_val - r.val_acc, t_test - r.test_acc))
+        rows.append((r.ratio, t_val - r.val_metric, t_test - r.test_metric))
         print(f"| {sid} | {r.key} | {front.iloc[i]['ratio']:.1f}x | {r.ratio:.1f}x | "
               f"{rows[-1][1]:.2f} | {rows[-1][2]:.2f} |", flush=True)
     for name, col in (("validation", 1), ("test", 2)):

@@ -17,7 +17,7 @@ evaluations, metrics, feasibility, whether the front dominates it, and its per-l
 ``compare_summary.csv`` and ``compare_summary.md`` (the table), ``plots/compare_de.png``.
 
 Only feasible points count (constraints of the problem: ``max_divergence``,
-``max_accuracy_drop``): the search's front holds feasible points only, so infeasible DE
+``max_metric_drop``): the search's front holds feasible points only, so infeasible DE
 points are listed but take no part in hypervolume or dominance.
 """
 
@@ -48,16 +48,19 @@ from moecomp.baseline.directed_evolution import (
 from moecomp.config import ProblemConfig
 from moecomp.errors import ConfigError, RunError
 from moecomp.evaluate import Evaluator
-from moecomp.plots import DIVERGENCE_LABELS
+from moecomp.report import metric_headers
 from moecomp.runs import (
     METRICS,
+    MetricInfo,
     RunFolder,
     atomic_write_csv,
     atomic_write_text,
     bits_col,
+    metric_info,
     sparsity_col,
 )
 from moecomp.search.front import feasible, hypervolume
+from moecomp.search.objectives import ObjectiveSpace, objective_space
 from moecomp.search.problem import constraint_values
 from moecomp.target import Target, build_target
 
@@ -72,55 +75,6 @@ DE_LABEL = "DE baseline"
 
 
 # --- the objective space of a run ------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class ObjectiveSpace:
-    """The minimised objectives of a run: metric column names, axis labels with units, and
-    the fixed HV reference point ``(n_obj,)`` in raw units. ``size`` is density * bits / 32
-    (the share of the fp32 weight bits left)."""
-
-    names: tuple[str, ...]
-    labels: tuple[str, ...]
-    ref_point: np.ndarray
-
-    def matrix(self, df: pd.DataFrame) -> np.ndarray:
-        """``F (n, n_obj)`` of a metric frame (rows of evaluated.csv / compare_de.csv)."""
-        cols = []
-        for name in self.names:
-            if name == "size":
-                cols.append(df["density"].to_numpy(float) * df["bits"].to_numpy(float) / 32.0)
-            else:
-                cols.append(df[name].to_numpy(float))
-        return np.column_stack(cols) if cols else np.zeros((len(df), 0))
-
-
-def objective_space(problem: ProblemConfig) -> ObjectiveSpace:
-    """The objectives and HV reference of ``problem``'s search, as ``moecomp.search`` sets
-    them: 3obj density, bits, divergence; 2obj size, divergence; the weight-sharing problem
-    (``search.problem = "shared"``) size and divergence or accuracy drop."""
-    o = problem.objectives
-    div = DIVERGENCE_LABELS.get(o.divergence, "divergence")
-    size = "size (share of fp32 weight bits)"
-    if problem.search.problem == "shared":  # mirrors moecomp.search.SharedCodebookProblem
-        if problem.genes.shared_fidelity == "acc_drop":
-            acc_ref = [o.ref_point[0] if o.mode == "2obj" else 1.0, 100.0]
-            return ObjectiveSpace(
-                ("size", "acc_drop"),
-                (size, "accuracy drop (points)"),
-                np.asarray(acc_ref, dtype=float),
-            )
-        div_ref = list(o.ref_point) if o.mode == "2obj" else [1.0, o.ref_point[2]]
-        return ObjectiveSpace(("size", "divergence"), (size, div), np.asarray(div_ref, dtype=float))
-    if o.mode == "2obj":
-        return ObjectiveSpace(
-            ("size", "divergence"), (size, div), np.asarray(o.ref_point, dtype=float)
-        )
-    return ObjectiveSpace(
-        ("density", "bits", "divergence"),
-        ("density (share of weights kept)", "mean bits per kept weight", div),
-        np.asarray(o.ref_point, dtype=float),
-    )
 
 
 # --- pure maths ------------------------------------------------------------------------------
@@ -227,7 +181,9 @@ class ComparisonResult:
         return int(self._value(DE_LABEL, "dominates"))
 
     def markdown(self) -> str:
-        return summary_markdown(self.summary, self.de, self.space)
+        return summary_markdown(
+            self.summary, self.de, self.space, metric=metric_info(RunFolder(self.run_dir))
+        )
 
 
 def _check_targets(targets: Sequence[float]) -> tuple[float, ...]:
@@ -381,7 +337,9 @@ def write_comparison(
     }
     atomic_write_csv(files["de"], de)
     atomic_write_csv(files["summary"], summary)
-    atomic_write_text(files["markdown"], summary_markdown(summary, de, space))
+    atomic_write_text(
+        files["markdown"], summary_markdown(summary, de, space, metric=metric_info(run))
+    )
     if plot:
         problem = problem if problem is not None else run.problem()
         info = comparison_info(run.front(), de, space)
@@ -398,8 +356,8 @@ def write_comparison(
 def load_comparison(run_dir: str | os.PathLike[str]) -> ComparisonResult:
     """The comparison a previous :func:`compare_with_de` wrote into ``run_dir``."""
     run = RunFolder(run_dir)
-    de = pd.read_csv(run.require(DE_FILE))
-    summary = pd.read_csv(run.require(SUMMARY_FILE))
+    de = run.table(DE_FILE)
+    summary = run.table(SUMMARY_FILE)
     files = {
         "de": run.file(DE_FILE),
         "summary": run.file(SUMMARY_FILE),
@@ -427,8 +385,10 @@ def _md_table(df: pd.DataFrame, formats: dict[str, str]) -> str:
     return "\n".join(lines)
 
 
-def de_table(de: pd.DataFrame) -> pd.DataFrame:
-    """The DE points as shown to a person: target, reached sparsity, evaluations, metrics."""
+def de_table(de: pd.DataFrame, *, metric: MetricInfo | None) -> pd.DataFrame:
+    """The DE points as shown to a person: target, reached sparsity, evaluations, metrics.
+    metric: the run's task metric (:func:`moecomp.runs.metric_info`): its columns are shown
+    under its name and unit (``accuracy (%)``), and left out when the run has none."""
     cols = [
         "target_sparsity",
         "sparsity",
@@ -437,17 +397,41 @@ def de_table(de: pd.DataFrame) -> pd.DataFrame:
         "bits",
         "divergence",
         "ratio",
-        "accuracy",
-        "acc_drop",
+        "metric",
+        "metric_drop",
         "feasible",
         "dominated_by_front",
     ]
-    return de[[c for c in cols if c in de.columns]]
+    if metric is None:
+        cols = [c for c in cols if c not in ("metric", "metric_drop")]
+    table = de[[c for c in cols if c in de.columns]]
+    return table if metric is None else table.rename(columns=metric_headers(metric))
 
 
-def summary_markdown(summary: pd.DataFrame, de: pd.DataFrame, space: ObjectiveSpace) -> str:
-    """compare_summary.md: the summary table, the convention, and the DE points."""
+def summary_markdown(
+    summary: pd.DataFrame, de: pd.DataFrame, space: ObjectiveSpace, *, metric: MetricInfo | None
+) -> str:
+    """compare_summary.md: the summary table, the convention, and the DE points (metric
+    columns as :func:`de_table` shows them)."""
     ref = ", ".join(f"{v:g}" for v in space.ref_point)
+    formats = {
+        "target_sparsity": ".2f",
+        "sparsity": ".4f",
+        "density": ".4f",
+        "bits": ".2f",
+        "divergence": ".4g",
+        "ratio": ".1f",
+    }
+    if metric is not None:
+        headers = metric_headers(metric)
+        # A percentage to two decimals (points); a user's metric has no known scale.
+        fmt = ".2f" if metric.percent else ".4g"
+        formats |= {headers["metric"]: fmt, headers["metric_drop"]: fmt}
+    measured = (
+        f"Task metric: {metric.label}, drops from the teacher on the calibration set."
+        if metric is not None
+        else "No task metric: points are measured by their divergence alone."
+    )
     return "\n".join(
         [
             "# Search front vs Directed Evolution baseline",
@@ -461,19 +445,9 @@ def summary_markdown(summary: pd.DataFrame, de: pd.DataFrame, space: ObjectiveSp
             "",
             "## DE points",
             "",
-            _md_table(
-                de_table(de),
-                {
-                    "target_sparsity": ".2f",
-                    "sparsity": ".4f",
-                    "density": ".4f",
-                    "bits": ".2f",
-                    "divergence": ".4g",
-                    "ratio": ".1f",
-                    "accuracy": ".2f",
-                    "acc_drop": ".2f",
-                },
-            ),
+            measured,
+            "",
+            _md_table(de_table(de, metric=metric), formats),
             "",
         ]
     )

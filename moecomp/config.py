@@ -25,37 +25,80 @@ def _range(lo: float | None = None, hi: float | None = None, *, lo_open: bool = 
     return {"range": (lo, hi, lo_open, hi_open)}
 
 
+def _check_ref(field_name: str, ref: str) -> None:
+    """A ``package.module:function`` reference: a dotted module path, a colon, a name."""
+    mod, sep, attr = ref.partition(":")
+    ok = sep == ":" and attr.isidentifier() and all(p.isidentifier() for p in mod.split("."))
+    if not ok:
+        raise ConfigError(field_name, f"must look like 'package.module:function', got {ref!r}")
+
+
 @dataclass(frozen=True)
 class ModelConfig:
-    # A zoo name, or a user model: ``factory = "package.module:function"`` plus ``weights``.
+    # A zoo name, or a user model: ``factory = "package.module:function"`` (code, imported and
+    # called: see README "Security") returning an nn.Module, plus ``weights``.
     zoo: Literal["mlp-digits", "lenet300", "lenet5"] | None = None
     factory: str | None = None
-    # safetensors, or a torch file loaded with weights_only=True. For zoo models: optional,
-    # the trained teacher is found (or trained) under ``artifacts/`` otherwise.
+    # safetensors, or a torch file loaded with weights_only=True; relative to the problem
+    # file. With a factory it may be left out when the factory returns the trained model
+    # (e.g. it loads its own checkpoint). For zoo models: optional, the trained teacher is
+    # found (or trained) under ``artifacts/`` otherwise.
     weights: str | None = None
 
     def __post_init__(self) -> None:
-        if (self.zoo is None) == (self.factory is None):
+        # Neither: a model given as a Python object (moecomp.target.make_target); a problem
+        # file must name one (load_problem checks).
+        if self.zoo is not None and self.factory is not None:
             raise ConfigError("model", "give exactly one of zoo (a zoo name) or factory "
-                              "('module:function')")
+                              "('package.module:function')")
         if self.factory is not None:
-            if ":" not in self.factory:
-                raise ConfigError("model.factory", "must look like 'package.module:function'")
-            if self.weights is None:
-                raise ConfigError("model.weights", "required with model.factory (a .safetensors "
-                                  "or torch file)")
+            _check_ref("model.factory", self.factory)
+
+
+DATASETS = ("digits", "fashion-mnist")
 
 
 @dataclass(frozen=True)
 class DataConfig:
-    dataset: Literal["digits", "fashion-mnist"] = "digits"
-    # FashionMNIST folder with the IDX .gz files; default: $MOECOMP_FASHION_MNIST or the
-    # Debian package's /usr/share/datasets/fashion-mnist.
+    # Where the data comes from: a built-in data set, a user factory (code: a
+    # "package.module:function" returning {"calibration", "validation", "test"} -> (inputs,
+    # labels)), or ``path`` to a file of tensors in that layout (.safetensors, or a torch file
+    # read with weights_only=True). Nothing given: digits. For fashion-mnist, ``path`` is the
+    # folder of its IDX files instead (default $MOECOMP_FASHION_MNIST or the Debian package's
+    # /usr/share/datasets/fashion-mnist). Relative paths are relative to the problem file.
+    dataset: Literal["digits", "fashion-mnist"] | None = None
+    factory: str | None = None
     path: str | None = None
-    # Calibration images for the search (drawn from the training split); why a subset:
-    # divergence on a few thousand images ranks plans like the full set at a fraction of cost.
-    calibration: int = field(default=512, metadata=_range(1, 60000))
+    # Samples the search measures divergence on: the first of a seeded permutation of the
+    # calibration split (the built-ins' training images). Why a subset: divergence on a few
+    # hundred samples ranks plans like the full set at a fraction of the cost.
+    calibration: int = field(default=512, metadata=_range(1, 10_000_000))
+    # Samples per forward pass everywhere (search, metrics, export checks); large splits
+    # are consumed in batches of this size, never in one forward.
+    batch_size: int = field(default=512, metadata=_range(1, 10_000_000))
+    # Built-in data sets only: where validation comes from. "holdout": training images held
+    # out of the teacher's training (``holdout`` of them; default 5,000 for FashionMNIST, 20 %
+    # of digits), for a teacher moecomp trained; "test-half": a seeded half of the test split
+    # (the other half stays the test split), for a teacher trained on all training images.
+    validation: Literal["holdout", "test-half"] = "holdout"
+    holdout: int | None = field(default=None, metadata=_range(1, 10_000_000))
     seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.factory is not None:
+            _check_ref("data.factory", self.factory)
+            if self.dataset is not None or self.path is not None:
+                raise ConfigError("data.factory", "give one of data.factory, data.dataset "
+                                  "or data.path (a file of tensors), not several")
+
+    @property
+    def source(self) -> str:
+        """``digits``, ``fashion-mnist``, ``factory`` or ``file``."""
+        if self.factory is not None:
+            return "factory"
+        if self.dataset is not None:
+            return self.dataset
+        return "file" if self.path is not None else "digits"
 
 
 @dataclass(frozen=True)
@@ -83,9 +126,25 @@ class LayersConfig:
 class ObjectivesConfig:
     # "3obj": density, bits, divergence. "2obj": size (density * bits / 32) vs divergence.
     mode: Literal["3obj", "2obj"] = "3obj"
-    divergence: Literal["kl", "nmse", "cosine"] = "kl"
-    # Constraints (None: off). Accuracy drop in points (percent) on the calibration labels.
-    max_accuracy_drop: float | None = field(default=None, metadata=_range(0, 100))
+    # A built-in ("kl", "nmse", "cosine": see moecomp/divergence.py for what each reads) or a
+    # user's "package.module:function" (code): fn(teacher_out, student_out) -> (n,) tensor.
+    divergence: str = "kl"
+    # The part of the model's output fidelity is measured on: a key, attribute or index,
+    # dotted for nested outputs ("pooler_output", "0", "hidden.1"). None: the whole output
+    # (the built-ins then read a tensor output, a "logits" entry, or the first tensor).
+    output: str | None = None
+    # The task measure: "auto" (accuracy where the calibration split has integer labels and
+    # the outputs are class scores, else none), "accuracy", "none" (divergence alone), or a
+    # user's "package.module:function" (code): fn(teacher_out, student_out, labels) -> float
+    # over a whole split. metric_name labels it in tables and plots (default: the function's
+    # name); metric_unit "%" makes drops "points".
+    metric: str = "auto"
+    metric_name: str | None = None
+    metric_direction: Literal["maximize", "minimize"] = "maximize"
+    metric_unit: str = ""
+    # Constraints (None: off). The metric's drop from the teacher, in its units (points for
+    # accuracy), measured on the calibration samples during the search.
+    max_metric_drop: float | None = field(default=None, metadata=_range(0, None))
     max_divergence: float | None = field(default=None, metadata=_range(0, None, lo_open=True))
     # Fixed hypervolume reference point in raw objective units, so hypervolumes compare
     # across runs, algorithms and trials. 3obj: (density, bits, divergence); 2obj: (size,
@@ -99,6 +158,19 @@ class ObjectivesConfig:
                               f"{self.mode!r}, got {len(self.ref_point)}")
         if any(not v > 0 for v in self.ref_point):
             raise ConfigError("objectives.ref_point", "every entry must be > 0")
+        if ":" in self.divergence:
+            _check_ref("objectives.divergence", self.divergence)
+        elif self.divergence not in ("kl", "nmse", "cosine"):
+            raise ConfigError("objectives.divergence", "must be one of 'kl', 'nmse', 'cosine' "
+                              f"or 'package.module:function', got {self.divergence!r}")
+        if ":" in self.metric:
+            _check_ref("objectives.metric", self.metric)
+        elif self.metric not in ("auto", "accuracy", "none"):
+            raise ConfigError("objectives.metric", "must be one of 'auto', 'accuracy', 'none' "
+                              f"or 'package.module:function', got {self.metric!r}")
+        if self.output is not None and not all(self.output.split(".")):
+            raise ConfigError("objectives.output", "must be dotted names or indices like "
+                              f"'pooler_output' or 'hidden.1', got {self.output!r}")
 
 
 @dataclass(frozen=True)
@@ -113,11 +185,11 @@ class GenesConfig:
     # Weight-sharing genome (search.problem = "shared", seed 2): one global K, the number of
     # bins of the codebook pooled over all layers, searched in [shared_k_min, shared_k_max];
     # every layer is pruned at the fixed shared_sparsity first. shared_fidelity is the
-    # objective traded against size: teacher-student divergence or accuracy drop (points).
+    # objective traded against size: teacher-student divergence or the metric's drop.
     shared_k_min: int = field(default=2, metadata=_range(2, 256))
     shared_k_max: int = field(default=256, metadata=_range(2, 256))
     shared_sparsity: float = field(default=0.0, metadata=_range(0, 1, hi_open=True))
-    shared_fidelity: Literal["divergence", "acc_drop"] = "divergence"
+    shared_fidelity: Literal["divergence", "metric_drop"] = "divergence"
 
     def __post_init__(self) -> None:
         if self.bits_min > self.bits_max:
@@ -195,6 +267,10 @@ class ProblemConfig:
     genes: GenesConfig = GenesConfig()
     relevance: RelevanceConfig = RelevanceConfig()
     search: SearchConfig = SearchConfig()
+    # The problem file's folder (absolute; set by load_problem and kept in a run's
+    # problem.json): factory modules are imported from it and relative paths resolve against
+    # it. None: the current directory.
+    folder: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -313,5 +389,23 @@ def read_toml(path: str | Path, what: str) -> dict[str, Any]:
 
 
 def load_problem(path: str | Path) -> ProblemConfig:
-    """Read and validate a problem TOML file."""
-    return problem_from_dict(read_toml(path, "problem"))
+    """Read and validate a problem TOML file; ``folder`` is set to the file's folder (a
+    ``folder`` key in the file, relative to the file, overrides it)."""
+    raw = read_toml(path, "problem")
+    here = Path(path).resolve().parent
+    given = raw.get("folder")
+    raw["folder"] = str((here / given).resolve()) if isinstance(given, str) else \
+        given if "folder" in raw else str(here)
+    problem = problem_from_dict(raw)
+    if problem.model.zoo is None and problem.model.factory is None:
+        raise ConfigError("model", "give exactly one of zoo (a zoo name) or factory "
+                          "('package.module:function')")
+    return problem
+
+
+def resolve_path(problem: ProblemConfig, path: str) -> Path:
+    """``path`` from a problem file: absolute, or relative to the problem file's folder."""
+    p = Path(path).expanduser()
+    if p.is_absolute() or problem.folder is None:
+        return p
+    return Path(problem.folder) / p

@@ -24,8 +24,8 @@ class DemoResult:
     export: Path
     report: Path
     ratio: float
-    test_acc: float
-    teacher_test_acc: float
+    test_metric: float
+    teacher_test_metric: float
 
 
 def default_problem() -> ProblemConfig:
@@ -83,13 +83,13 @@ def run_demo(out: Path, *, budget: int | None = None, fresh: bool = False,
     ctx = RunContext(out)
     ref = refine(ctx, int(best["id"]), merge=True, tolerance=0.5, finetune_epochs=2)
     c.print(f"{ref.key}: levels {sum(ref.levels_before.values())} -> "
-            f"{sum(ref.levels_after.values())}, test {ref.test_acc:.2f} %, {ref.ratio:.1f}x")
+            f"{sum(ref.levels_after.values())}, test {ref.test_metric:.2f} %, {ref.ratio:.1f}x")
 
     c.rule("5. export, decode, verify")
     exp = export_solution(ctx, ref.key, safetensors=True, onnx=True)
     c.print(f"{exp.mcz}: {exp.file_bytes:,} bytes, {exp.ratio:.1f}x vs fp32 "
-            f"({exp.fp32_bytes:,} bytes); decoded test accuracy {exp.test_acc:.2f} % "
-            f"(teacher {exp.teacher_test_acc:.2f} %); decoded file reproduces the solution "
+            f"({exp.fp32_bytes:,} bytes); decoded test accuracy {exp.test_metric:.2f} % "
+            f"(teacher {exp.teacher_test_metric:.2f} %); decoded file reproduces the solution "
             "exactly")
 
     if compare:
@@ -110,4 +110,4 @@ def run_demo(out: Path, *, budget: int | None = None, fresh: bool = False,
         c.print(f"plot   {p}")
     c.print(f"report {report}")
     c.print(f"[bold green]done in {time.perf_counter() - t0:.0f} s[/]")
-    return DemoResult(out, exp.mcz, report, exp.ratio, exp.test_acc, exp.teacher_test_acc)
+    return DemoResult(out, exp.mcz, report, exp.ratio, exp.test_metric, exp.teacher_test_metric)

@@ -27,3 +27,9 @@ class CodecError(MoecompError, ValueError):
 
 class RunError(MoecompError):
     """A run folder is missing, incomplete or does not hold the asked-for solution."""
+
+
+class TargetError(MoecompError):
+    """The teacher, its data and the fidelity measures do not fit together: the model rejects
+    the inputs, splits disagree on their sizes, a divergence or metric returns the wrong
+    shape. The message names the field or split, the shapes and the model's own error."""

@@ -49,10 +49,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from moecomp import inputs as inputs_mod
+from moecomp import outputs as outputs_mod
 from moecomp.apply import n_pruned
 from moecomp.codec.masks import estimate_mask_bytes, grid_of, worth_trying
 from moecomp.codec.streams import choose_freqs, table_bytes
-from moecomp.divergence import divergence
 from moecomp.errors import ConfigError
 from moecomp.plan import BITS_RANGE, CompressionPlan
 from moecomp.quantize import kmeans_quantize, shared_quantize, uniform_quantize
@@ -97,13 +98,15 @@ class Metrics:
     bits: kept-weighted mean bit-width of the surviving weights, in [1, 8] (minimised); the
         unweighted mean of the genes when a solution keeps no weight at all. A layer with the
         ``shared`` quantizer counts ``ceil(log2(shared_k))`` bits.
-    divergence: teacher-student divergence of ``target.divergence`` on the calibration inputs
-        (minimised; KL in nats, NMSE unitless, 1 - cosine).
+    divergence: mean per-sample teacher-student divergence (``target.divergence``) on the
+        calibration samples (minimised; KL in nats, NMSE unitless, 1 - cosine, or the
+        user's).
     size_bytes: estimated coded size of the whole model (see the module docstring).
     ratio: float32 bytes of all floating tensors of the model / ``size_bytes``.
-    accuracy: top-1 accuracy (%) on the calibration labels; NaN where it does not exist
-        (the target has no labels, is not a classifier, or its outputs are not ``(n, c)``).
-    acc_drop: teacher's calibration accuracy minus the student's, in points (NaN likewise).
+    metric: the target's task metric (``target.metric``, e.g. top-1 accuracy in %) on the
+        calibration samples; NaN where the target has none.
+    metric_drop: how much worse than the teacher's on the same samples, in the metric's
+        units (points for accuracy; positive = worse; NaN likewise).
     """
 
     density: np.ndarray
@@ -111,8 +114,8 @@ class Metrics:
     divergence: np.ndarray
     size_bytes: np.ndarray
     ratio: np.ndarray
-    accuracy: np.ndarray
-    acc_drop: np.ndarray
+    metric: np.ndarray
+    metric_drop: np.ndarray
 
     def __len__(self) -> int:
         return int(self.density.shape[0])
@@ -258,7 +261,7 @@ class Stage:
     """
 
     params: tuple[str, ...]
-    fn: Callable[[torch.Tensor, dict[str, torch.Tensor]], torch.Tensor]
+    fn: Callable[[Any, dict[str, torch.Tensor]], Any]
 
 
 @dataclass(frozen=True)
@@ -431,8 +434,12 @@ class _LRU(Generic[K, V]):
         return len(self._data)
 
 
-def _storage(t: torch.Tensor) -> tuple[Hashable, int]:
-    """The memory block of a tensor (its storage, shared by views) and its bytes."""
+def _storage(t: Any) -> tuple[Hashable, int]:
+    """The memory block of a tensor (its storage, shared by views) and its bytes; for a
+    structured output, the blocks of all its tensors together."""
+    if not isinstance(t, torch.Tensor):
+        parts = [_storage(x) for x in outputs_mod.tensors(t)]
+        return tuple(b for b, _ in parts), sum(n for _, n in parts)
     st = t.untyped_storage()
     return (t.device, st.data_ptr()), st.nbytes()
 
@@ -525,7 +532,7 @@ class Evaluator:
         self._shapes = [tuple(ref.shape) for ref in target.layers]
         self._mask_cache: dict[tuple[int, int], int | None] = {}
         self._total = float(sum(self._numel))
-        self._x = target.calib_x
+        self._x = target.calib.inputs
 
         tensors = {n: p.detach() for n, p in target.teacher.named_parameters()}
         tensors.update({n: b.detach() for n, b in target.teacher.named_buffers()})
@@ -572,20 +579,7 @@ class Evaluator:
             )
         )
 
-        self._teacher_acc = float("nan")
-        y = target.calib_y
-        out = target.teacher_out
-        self._has_acc = (
-            y is not None
-            and target.task == "classification"
-            and out.dim() == 2
-            and y.dim() == 1
-            and y.shape[0] == out.shape[0]
-        )
-        if self._has_acc:
-            assert y is not None
-            self._y = y.to(out.device)
-            self._teacher_acc = float((out.argmax(-1) == self._y).double().mean() * 100.0)
+        self._teacher_metric = target.teacher_metric("calibration")
 
         self._memo: _LRU[tuple[int, Gene], _LayerEntry] = _LRU(
             self.options.memo_mb * 2**20 if self.options.memo else 0, lambda e: _storage(e.block)
@@ -594,7 +588,7 @@ class Evaluator:
         self._stats: _LRU[tuple[int, Gene], tuple[int, int]] = _LRU(
             2_000_000, lambda _: (object(), 1)
         )
-        self._acts: _LRU[tuple[int, tuple[Gene, ...]], torch.Tensor] = _LRU(
+        self._acts: _LRU[tuple[int, tuple[Gene, ...]], Any] = _LRU(
             self.options.cache_mb * 2**20, _storage
         )
         self._setup_stages()
@@ -606,9 +600,9 @@ class Evaluator:
         return f"{'chain' if self._chain else 'generic'}+{'vmap' if self._vmap else 'loop'}"
 
     @property
-    def teacher_accuracy(self) -> float:
-        """Teacher's top-1 accuracy (%) on the calibration labels (NaN if none)."""
-        return self._teacher_acc
+    def teacher_metric(self) -> float:
+        """The teacher's metric on the calibration samples (NaN without a metric)."""
+        return self._teacher_metric
 
     def cache_info(self) -> dict[str, int]:
         """Hits, misses and entries of the layer memo and the activation cache."""
@@ -697,7 +691,8 @@ class Evaluator:
         self._chain = False
         stages: list[Stage] | None = None
         factory = STAGES.get(type(teacher))
-        if self.options.prefix_cache and factory is not None:
+        if self.options.prefix_cache and factory is not None and \
+                isinstance(self._x, torch.Tensor) and self.target.output is None:
             stages = factory(teacher)
             problem = self._check_stages(stages)
             if problem is None:
@@ -711,7 +706,8 @@ class Evaluator:
                     stacklevel=3,
                 )
         if not self._chain:
-            stages = [Stage(tuple(self._tensors), _FunctionalModel(teacher))]
+            stages = [Stage(tuple(self._tensors), _FunctionalModel(
+                teacher, self.target.output, self.target.batch_size))]
         assert stages is not None
         self._stages = stages
         self._stage_layers = [
@@ -733,21 +729,21 @@ class Evaluator:
         used = [n for st in stages for n in st.params if n in self._index]
         if sorted(used) != sorted(self._names):
             return "each compressible layer must be read by exactly one stage"
-        x = self._x[:8]
+        x = inputs_mod.head(self._x, 8)
         with torch.no_grad():
             y = x
             for st in stages:
                 y = st.fn(y, {n: self._tensors[n] for n in st.params})
             # the reference runs on the same tensors (dense ones rounded to their dtype)
-            ref = torch.func.functional_call(self.target.teacher, self._tensors, (x,))
-        if y.shape != ref.shape or not torch.allclose(y, ref, rtol=1e-4, atol=1e-5):
+            ref = inputs_mod.functional(self.target.teacher, self._tensors, x)
+        if not _allclose(y, ref):
             return "outputs differ from the model's forward"
         return None
 
     def _probe_vmap(self) -> bool:
         """Whether the stages run under ``torch.vmap``: tried once on a few inputs against
         the unbatched result; any failure means one forward per student (with a warning)."""
-        x = self._x[:4]
+        x = inputs_mod.head(self._x, 4)
         try:
             with torch.no_grad():
                 y_ref, y_vm = x, x
@@ -758,9 +754,7 @@ class Evaluator:
                     y_ref = st.fn(y_ref, {**self._fixed[k], **w})
                     wb = {n: torch.stack([t, t]) for n, t in w.items()}
                     y_vm = self._run_vmap(k, y_vm, k > 0, wb, 2)
-            ok = y_vm.shape[0] == 2 and all(
-                torch.allclose(y_vm[i], y_ref, rtol=1e-4, atol=1e-5) for i in range(2)
-            )
+            ok = all(_allclose(_row(y_vm, i), y_ref) for i in range(2))
             problem = "" if ok else "batched outputs differ from unbatched ones"
         # vmap raises several exception types for operations it cannot batch (RuntimeError,
         # NotImplementedError, ValueError from user code); any of them means "cannot batch".
@@ -780,31 +774,34 @@ class Evaluator:
         output, and an estimate of its peak (3 x the largest of its input, its output and any
         module output seen by hooks, for the intermediates live at once). Measured on a few
         inputs and scaled."""
-        n_small = min(4, self._x.shape[0])
-        x = self._x[:n_small]
+        n_small = min(4, inputs_mod.n_samples(self._x))
+        x = inputs_mod.head(self._x, n_small)
         out_b = [0] * len(self._stages)
         peak_b = [0] * len(self._stages)
         largest = 0
 
         def hook(_m: nn.Module, _i: Any, out: Any) -> None:
             nonlocal largest
-            if isinstance(out, torch.Tensor):
-                largest = max(largest, _tensor_bytes(out))
+            largest = max(largest, _nbytes(out))
 
         handles = [m.register_forward_hook(hook) for m in self.target.teacher.modules()]
         try:
             with torch.no_grad():
                 y = x
                 for k, st in enumerate(self._stages):
-                    largest = _tensor_bytes(y)
+                    largest = _nbytes(y)
                     y = st.fn(y, {n: self._tensors[n] for n in st.params})
-                    out_b[k] = _tensor_bytes(y)
+                    out_b[k] = _nbytes(y)
                     peak_b[k] = 3 * max(largest, out_b[k])
         finally:
             for h in handles:
                 h.remove()
-        scale = self._x.shape[0] / n_small
-        return ([max(1, int(b * scale)) for b in out_b], [max(1, int(b * scale)) for b in peak_b])
+        n = inputs_mod.n_samples(self._x)
+        scale = n / n_small
+        # the whole-model stage runs the samples in batches: its peak is one batch's
+        peak_scale = scale if self._chain else min(n, self.target.batch_size) / n_small
+        return ([max(1, int(b * scale)) for b in out_b],
+                [max(1, int(b * peak_scale)) for b in peak_b])
 
     # --- the hot path ---------------------------------------------------------------------
     def _evaluate_genes(self, genes: list[tuple[Gene, ...]]) -> Metrics:
@@ -813,7 +810,7 @@ class Evaluator:
             return _empty_metrics()
         budget = self.options.memory_mb * 2**20
         # A chunk holds the activations of up to ``chunk`` students at two levels at once.
-        held = [self._x.numel() * self._x.element_size(), *self._out_bytes]
+        held = [inputs_mod.nbytes(self._x), *self._out_bytes]
         two_levels = max(a + b for a, b in zip(held, held[1:], strict=False))
         chunk = max(1, min(self.chunk_size, int(budget // two_levels)))
         order = sorted(range(n), key=lambda i: tuple(genes[i][j] for j in self._gene_order))
@@ -827,19 +824,20 @@ class Evaluator:
                 acc[idx] = a
         density, bits, size = self._sizes(genes)
         self.n_evals += n
-        acc_drop = self._teacher_acc - acc
+        metric = self.target.metric
+        drop = metric.drop(self._teacher_metric, acc) if metric is not None else acc
         return Metrics(
             density=density,
             bits=bits,
             divergence=div,
             size_bytes=size,
             ratio=self._fp32_bytes / size,
-            accuracy=acc,
-            acc_drop=acc_drop,
+            metric=acc,
+            metric_drop=drop,
         )
 
     def _evaluate_chunk(self, genes: list[tuple[Gene, ...]]) -> tuple[np.ndarray, np.ndarray]:
-        """Divergence and accuracy ``(P,)`` of one chunk, evaluated as a trie over stages.
+        """Divergence and metric ``(P,)`` of one chunk, evaluated as a trie over stages.
 
         A node of level ``k`` is a distinct gene prefix up to stage ``k``; its activation is
         kept as ``(block, row)``, row ``row`` of a batch output ``block`` (so that the next
@@ -848,7 +846,7 @@ class Evaluator:
         P = len(genes)
         node_of = [0] * P
         prefix: list[tuple[Gene, ...]] = [()]
-        acts: list[tuple[torch.Tensor, int]] = [(self._x.unsqueeze(0), 0)]
+        acts: list[tuple[Any, int]] = [(_Whole(self._x), 0)]
         for k in range(len(self._stages)):
             lay = self._stage_layers[k]
             child: dict[tuple[int, tuple[Gene, ...]], int] = {}
@@ -862,14 +860,14 @@ class Evaluator:
                     new_prefix.append(prefix[key[0]] + key[1])
                     parents.append(key[0])
                 node_of[i] = u
-            new_acts: list[tuple[torch.Tensor, int] | None] = [None] * len(new_prefix)
+            new_acts: list[tuple[Any, int] | None] = [None] * len(new_prefix)
             missing = []
             for u, p in enumerate(new_prefix):
                 hit = self._acts.get((k, p))
                 if hit is None:
                     missing.append(u)
                 else:
-                    new_acts[u] = (hit.unsqueeze(0), 0)
+                    new_acts[u] = (_unsqueeze(hit), 0)
             for batch in self._batches(k, missing, parents):
                 block = self._run_stage(
                     k,
@@ -878,16 +876,18 @@ class Evaluator:
                 )
                 for r, u in enumerate(batch):
                     new_acts[u] = (block, r)
-                    self._acts.put((k, new_prefix[u]), block[r])
+                    self._acts.put((k, new_prefix[u]), _row(block, r))
             acts = [a for a in new_acts if a is not None]
             assert len(acts) == len(new_prefix)
             prefix = new_prefix
-        outputs, _ = _gather(acts)
-        d = divergence(self.target.teacher_out, outputs, self.target.divergence)
+        outputs, batched = _gather(acts)
+        if not batched:  # one node: give it its student axis
+            outputs = _unsqueeze(outputs)
+        target = self.target
+        d = target.divergence.batched(target.teacher_out, outputs).double().mean(-1)
         d_np = d.detach().to("cpu", torch.float64).numpy().reshape(-1)
-        if self._has_acc:
-            a = (outputs.argmax(-1) == self._y).double().mean(-1) * 100.0
-            a_np = a.cpu().numpy().reshape(-1)
+        if target.metric is not None:
+            a_np = target.metric.batched(target.teacher_out, outputs, target.calib.labels)
         else:
             a_np = np.full(len(acts), np.nan)
         return d_np[node_of], a_np[node_of]
@@ -899,7 +899,7 @@ class Evaluator:
         step = 1
         if self._vmap:
             bound = self.options.memory_mb * 2**20 // self._peak_bytes[k]
-            if self._x.device.type == "cpu":
+            if inputs_mod.device_of(self._x).type == "cpu":
                 per_node = self._out_bytes[k] + sum(
                     _tensor_bytes(self._tensors[self._names[j]]) for j in self._stage_layers[k]
                 )
@@ -921,8 +921,8 @@ class Evaluator:
         return out
 
     def _run_stage(
-        self, k: int, xs: list[tuple[torch.Tensor, int]], stage_genes: list[tuple[Gene, ...]]
-    ) -> torch.Tensor:
+        self, k: int, xs: list[tuple[Any, int]], stage_genes: list[tuple[Gene, ...]]
+    ) -> Any:
         """Stage ``k`` for ``G`` students: their inputs ``xs`` (``(block, row)``) and the genes
         of the stage's layers. Returns ``(G, *out)``."""
         lay = self._stage_layers[k]
@@ -933,27 +933,26 @@ class Evaluator:
         }
         if G == 1:  # also every call without vmap: _batches makes batches of one then
             blk, row = xs[0]
-            return fn(blk[row], {**fixed, **{n: w[0] for n, w in wb.items()}}).unsqueeze(0)
+            return _unsqueeze(fn(_row(blk, row), {**fixed, **{n: w[0] for n, w in wb.items()}}))
         x, x_batched = _gather(xs)
         return self._run_vmap(k, x, x_batched, wb, G)
 
     def _run_vmap(
-        self, k: int, x: torch.Tensor, x_batched: bool, wb: dict[str, torch.Tensor], G: int
-    ) -> torch.Tensor:
+        self, k: int, x: Any, x_batched: bool, wb: dict[str, torch.Tensor], G: int
+    ) -> Any:
         """Stage ``k`` for ``G`` students under ``torch.vmap``: stacked weights ``wb`` (name ->
         ``(G, *shape)``), input ``x`` shared (or ``(G, ...)`` when ``x_batched``)."""
         fn, fixed = self._stages[k].fn, self._fixed[k]
         if not wb:  # a stage with no compressible layer
             if not x_batched:
                 y = fn(x, fixed)
-                return y.unsqueeze(0).expand(G, *y.shape)
+                return outputs_mod.map_tensors(y, lambda t: t.unsqueeze(0).expand(G, *t.shape))
             return torch.vmap(lambda xi: fn(xi, fixed))(x)
 
-        def one(xi: torch.Tensor, w: dict[str, torch.Tensor]) -> torch.Tensor:
+        def one(xi: Any, w: dict[str, torch.Tensor]) -> Any:
             return fn(xi, {**fixed, **w})
 
-        out: torch.Tensor = torch.vmap(one, in_dims=(0 if x_batched else None, 0))(x, wb)
-        return out
+        return torch.vmap(one, in_dims=(0 if x_batched else None, 0))(x, wb)
 
     # --- layers ---------------------------------------------------------------------------
     def _weights(self, j: int, genes: list[Gene]) -> torch.Tensor:
@@ -1067,15 +1066,57 @@ class Evaluator:
         return total_kept / self._total, mean_bits, size
 
 
-def _gather(xs: list[tuple[torch.Tensor, int]]) -> tuple[torch.Tensor, bool]:
+class _Whole:
+    """The calibration inputs as the one parent of every stage-0 node (``_row`` gives them
+    back whole): inputs of any structure, shared by all students."""
+
+    def __init__(self, inputs: inputs_mod.Inputs) -> None:
+        self.inputs = inputs
+
+
+def _row(block: Any, r: int | slice) -> Any:
+    """Row ``r`` of a batch output (any structure with a leading student axis)."""
+    if isinstance(block, _Whole):
+        return block.inputs
+    if isinstance(block, torch.Tensor):
+        return block[r]
+    return outputs_mod.take(block, r)
+
+
+def _unsqueeze(y: Any) -> Any:
+    """``y`` with a leading student axis of one."""
+    if isinstance(y, torch.Tensor):
+        return y.unsqueeze(0)
+    return outputs_mod.map_tensors(y, lambda t: t.unsqueeze(0))
+
+
+def _nbytes(obj: Any) -> int:
+    """Bytes held by the tensors of ``obj`` (a tensor, inputs or a structured output)."""
+    if isinstance(obj, torch.Tensor):
+        return _tensor_bytes(obj)
+    return sum(_tensor_bytes(t) for t in outputs_mod.tensors(obj))
+
+
+def _allclose(a: Any, b: Any) -> bool:
+    """Whether two outputs of one structure agree to float tolerance."""
+    ta, tb = outputs_mod.tensors(a), outputs_mod.tensors(b)
+    return len(ta) == len(tb) and all(
+        x.shape == y.shape and torch.allclose(x, y, rtol=1e-4, atol=1e-5)
+        for x, y in zip(ta, tb, strict=True))
+
+
+def _gather(xs: list[tuple[Any, int]]) -> tuple[Any, bool]:
     """One input for a batch from rows ``(block, row)``: the row itself if all are the same
     (``batched=False``), a slice if they are consecutive rows of one block, else a stack."""
     b0, r0 = xs[0]
     if all(b is b0 and r == r0 for b, r in xs):
-        return b0[r0], False
+        return _row(b0, r0), False
     if all(b is b0 and r == r0 + i for i, (b, r) in enumerate(xs)):
-        return b0[r0 : r0 + len(xs)], True
-    return torch.stack([b[r] for b, r in xs]), True
+        return _row(b0, slice(r0, r0 + len(xs))), True
+    rows = [_row(b, r) for b, r in xs]
+    if isinstance(rows[0], torch.Tensor):
+        return torch.stack(rows), True
+    return outputs_mod.cat([_unsqueeze(y) for y in rows]), True
 
 
 def _stack(xs: list[tuple[torch.Tensor, int]]) -> torch.Tensor:
@@ -1092,10 +1133,14 @@ def _gene_for(j: int, gene: Gene) -> Gene:
 
 @dataclass(frozen=True)
 class _FunctionalModel:
-    """The whole model as one stage: ``functional_call`` with the given tensors."""
+    """The whole model as one stage: ``functional_call`` with the given tensors on inputs of
+    any structure, in batches of ``batch_size`` samples, narrowed to ``output``."""
 
     model: nn.Module
+    output: str | None = None
+    batch_size: int = 1 << 30
 
-    def __call__(self, x: torch.Tensor, p: dict[str, torch.Tensor]) -> torch.Tensor:
-        out: torch.Tensor = torch.func.functional_call(self.model, p, (x,))
-        return out
+    def __call__(self, x: inputs_mod.Inputs, p: dict[str, torch.Tensor]) -> Any:
+        parts = [outputs_mod.select(inputs_mod.functional(self.model, p, b), self.output)
+                 for _, b in inputs_mod.batches(x, self.batch_size)]
+        return parts[0] if len(parts) == 1 else outputs_mod.cat(parts)

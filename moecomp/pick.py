@@ -28,14 +28,18 @@ import torch
 
 from moecomp.errors import ConfigError, MoecompError, RunError
 from moecomp.plan import CompressionPlan
-from moecomp.runs import METRICS, RunFolder, atomic_write_csv
+from moecomp.runs import METRICS, atomic_write_csv
+from moecomp.solution import RunContext
 from moecomp.target import Target
 
 METHODS = ("asf", "pseudo")
-HOLDOUT_COLUMNS = ("val_acc", "val_drop", "test_acc", "test_drop")
-# A rebuilt student whose calibration accuracy differs from what the search recorded by more
-# than this many points was not rebuilt the way the search built it (other ranks or teacher).
-CALIBRATION_TOLERANCE = 1.0
+HOLDOUT_COLUMNS = ("val_divergence", "val_metric", "val_drop", "test_divergence",
+                   "test_metric", "test_drop")
+# A rebuilt student whose calibration divergence differs from what the search recorded by
+# more than this share (plus a floor for tiny divergences) was not rebuilt the way the search
+# built it: other ranks, teacher or data. Batched and one-by-one forwards differ in rounding.
+CALIBRATION_RTOL = 0.02
+CALIBRATION_ATOL = 1e-4
 
 
 class NoFeasibleSolution(MoecompError):
@@ -48,7 +52,7 @@ ObjectiveFn = Callable[[pd.DataFrame], np.ndarray]
 
 def default_objectives(df: pd.DataFrame) -> np.ndarray:
     """``F (n, 3)``: density, bits, divergence of a metric frame (the ``3obj`` objectives).
-    A run's own objectives come from ``moecomp.compare.objective_space(problem).matrix``."""
+    A run's own objectives: ``moecomp.search.objectives.objective_space(problem).matrix``."""
     return df[["density", "bits", "divergence"]].to_numpy(float)
 
 
@@ -82,7 +86,7 @@ def by_constraints(
     max_divergence: float | None = None,
     min_ratio: float | None = None,
 ) -> pd.DataFrame:
-    """The rows of a metric frame with ``acc_drop <= max_drop``, ``divergence <=
+    """The rows of a metric frame with ``metric_drop <= max_drop``, ``divergence <=
     max_divergence`` and ``ratio >= min_ratio`` (a bound of None is off), best compression
     ratio first (ties: smaller divergence).
 
@@ -106,7 +110,7 @@ def _bounds(
     """(column, operator, value, option name) of the bounds that are on."""
     out = []
     for col, op, value, name in (
-        ("acc_drop", "<=", max_drop, "max_drop"),
+        ("metric_drop", "<=", max_drop, "max_drop"),
         ("divergence", "<=", max_divergence, "max_divergence"),
         ("ratio", ">=", min_ratio, "min_ratio"),
     ):
@@ -296,55 +300,47 @@ def choose(
 
 
 # --- held-out re-evaluation -----------------------------------------------------------------
-def holdout_accuracy(
+def holdout_fidelity(
     target: Target, ranks: dict[str, torch.Tensor], plans: Sequence[CompressionPlan]
 ) -> pd.DataFrame:
-    """Top-1 accuracy (%) of the students of ``plans`` on the target's full validation and
-    test splits, and the drop (points) from the teacher's accuracy on the same split.
+    """The students of ``plans`` measured on the target's calibration samples and its full
+    validation and test splits (``Target.fidelity``).
 
     target: a ``moecomp.target.Target``; ranks: its ranks (``compute_ranks``).
-    Returns one row per plan: ``calib_acc`` (on the calibration data, to check the rebuild),
-    ``val_acc``, ``val_drop``, ``test_acc``, ``test_drop``, plus ``teacher_val_acc`` and
-    ``teacher_test_acc``; a split the target lacks gives no columns.
+    Returns one row per plan: ``calib_divergence`` and ``calib_metric`` (to check the rebuild
+    against the search), then per held-out split ``val_divergence``, ``val_metric``,
+    ``val_drop`` (in the metric's units, positive = worse), likewise ``test_*``, and the
+    teacher's ``teacher_val_metric``, ``teacher_test_metric``. Metric columns are NaN
+    without a metric; a split the target lacks gives no columns.
     """
     from moecomp.apply import apply_plan, student_state_dict
-    from moecomp.data import Split
-    from moecomp.train import accuracy
+    from moecomp.target import load_state
 
-    if target.task != "classification":
-        raise ConfigError(
-            "task", f"held-out accuracy needs a classifier; this target is {target.task!r}"
-        )
-    splits: dict[str, Split] = {}
-    if target.calib_y is not None:
-        splits["calib"] = Split(target.calib_x, target.calib_y)
-    for name in ("val", "test"):
-        split = getattr(target, name)
-        if split is not None:
-            splits[name] = split
-    teacher_acc = {k: accuracy(target.teacher, s) for k, s in splits.items()}
+    splits = [("calib", "calibration")] + [
+        (short, name) for short, name in (("val", "validation"), ("test", "test"))
+        if target.split(name) is not None]
     weights = target.weights()
     teacher_state = target.student_base()
     student = copy.deepcopy(target.teacher)
     rows = []
     for plan in plans:
         layers = apply_plan(plan, weights, ranks)
-        student.load_state_dict(student_state_dict(teacher_state, layers))
+        load_state(student, student_state_dict(teacher_state, layers))
         row: dict[str, float] = {}
-        for k, split in splits.items():
-            acc = accuracy(student, split)
-            row[f"{k}_acc"] = acc
-            if k != "calib":
-                row[f"{k}_drop"] = teacher_acc[k] - acc
-        for k in ("val", "test"):
-            if k in teacher_acc:
-                row[f"teacher_{k}_acc"] = teacher_acc[k]
+        for short, name in splits:
+            f = target.fidelity(student, name)
+            row[f"{short}_divergence"] = f.divergence
+            row[f"{short}_metric"] = f.metric
+            if short != "calib":
+                row[f"{short}_drop"] = f.metric_drop
+        for short, name in splits[1:]:
+            row[f"teacher_{short}_metric"] = target.teacher_metric(name)
         rows.append(row)
     return pd.DataFrame(rows)
 
 
 def pick(
-    run_dir: str | os.PathLike[str],
+    run_dir: RunContext | str | os.PathLike[str],
     *,
     max_drop: float | None = None,
     max_divergence: float | None = None,
@@ -359,17 +355,18 @@ def pick(
     """Choose solutions from a run's front (see :func:`choose` for the rules), re-evaluate
     them on the full validation and test splits, and write ``RUN/picks.csv``.
 
-    Columns: ``id``, ``rule``, ``gen``, the search's metrics (``accuracy`` and ``acc_drop``
-    are on the calibration data), with ``reevaluate`` also ``val_acc``, ``val_drop``,
-    ``test_acc``, ``test_drop`` (drops from the teacher on the same split, in points) and
+    Columns: ``id``, ``rule``, ``gen``, the search's metrics (``accuracy`` and ``metric_drop``
+    are on the calibration data), with ``reevaluate`` also ``val_metric``, ``val_drop``,
+    ``test_metric``, ``test_drop`` (drops from the teacher on the same split, in points) and
     the teacher's accuracies, then the genes (``s:<tensor>``, ``b:<tensor>``).
     """
-    run = RunFolder(run_dir)
-    problem = run.problem()
+    ctx = run_dir if isinstance(run_dir, RunContext) else RunContext(run_dir, progress=progress)
+    run = ctx.run
+    problem = ctx.problem
     front = run.front()
     if front.empty:
         raise RunError(f"{run.path}: front.csv has no solutions")
-    from moecomp.compare import objective_space
+    from moecomp.search.objectives import objective_space
 
     space = objective_space(problem)
     if weights is not None and len(weights) != len(space.names):
@@ -392,32 +389,27 @@ def pick(
     genes = [c for c in picks.columns if c.startswith(("s:", "b:"))]
     head = ["id", "rule", "gen", *METRICS]
     if reevaluate:
-        held = _reevaluate(run, picks, progress=progress)
+        held = _reevaluate(ctx, picks)
         picks = pd.concat([picks.reset_index(drop=True), held], axis=1)
-        head += [c for c in held.columns if c != "calib_acc"]
+        head += [c for c in held.columns if not c.startswith("calib_")]
     picks = picks[head + genes]
     atomic_write_csv(run.file("picks.csv"), picks)
     return picks
 
 
-def _reevaluate(run: RunFolder, picks: pd.DataFrame, *, progress: bool) -> pd.DataFrame:
-    from moecomp.relevance import compute_ranks
-    from moecomp.target import build_target
-
-    problem = run.problem()
-    target = build_target(problem, progress=progress)
-    ranks = compute_ranks(target, problem.relevance, progress=progress)
-    plans = [run.plan(int(i)) for i in picks["id"]]
-    held = holdout_accuracy(target, ranks, plans)
-    if "calib_acc" in held:
-        diff = held["calib_acc"].to_numpy() - picks["accuracy"].to_numpy(float)
-        bad = np.abs(diff) > CALIBRATION_TOLERANCE
-        if bad.any():
-            j = int(np.argmax(bad))
-            raise RunError(
-                f"{run.path}: solution {int(picks['id'].iloc[j])} rebuilt from its plan has "
-                f"calibration accuracy {held['calib_acc'].iloc[j]:.2f} %, but the search "
-                f"recorded {picks['accuracy'].iloc[j]:.2f} %: the teacher, data or ranks "
-                f"differ from the search's"
-            )
+def _reevaluate(ctx: RunContext, picks: pd.DataFrame) -> pd.DataFrame:
+    """``holdout_fidelity`` of the picks, after checking that each rebuilt student gives the
+    calibration divergence the search recorded (else the run's target was not rebuilt)."""
+    plans = [ctx.run.plan(int(i)) for i in picks["id"]]
+    held = holdout_fidelity(ctx.target, ctx.ranks, plans)
+    got = held["calib_divergence"].to_numpy(float)
+    want = picks["divergence"].to_numpy(float)
+    bad = ~np.isclose(got, want, rtol=CALIBRATION_RTOL, atol=CALIBRATION_ATOL)
+    if bad.any():
+        j = int(np.argmax(bad))
+        raise RunError(
+            f"{ctx.run.path}: solution {int(picks['id'].iloc[j])} rebuilt from its plan has "
+            f"calibration divergence {got[j]:.6g}, but the search recorded {want[j]:.6g}: "
+            f"the teacher, data or ranks differ from the search's"
+        )
     return held

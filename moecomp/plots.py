@@ -1,5 +1,7 @@
-"""Figures of a run: the front with the picks marked, ratio vs accuracy, the picks' per-layer
-genes and the hypervolume history (seaborn PNGs in ``RUN/plots/``).
+"""Figures of a run: the front with the picks marked, compression ratio vs the task metric
+(vs the divergence when the target has none), the picks' per-layer genes and the
+hypervolume history (seaborn PNGs in ``RUN/plots/``). The metric's name and unit come from
+the run's target.json (:func:`moecomp.runs.metric_info`).
 
 Info first, drawing second (Optuna's habit): each ``*_info`` function reduces the run's
 tables to the small frame a figure shows, and tests check those; each ``draw_*`` function
@@ -21,19 +23,21 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.ticker import FuncFormatter
 
-from moecomp.runs import RunFolder, bits_col, sparsity_col
+from moecomp.divergence import divergence_label
+from moecomp.runs import (
+    MetricInfo,
+    RunFolder,
+    bits_col,
+    metric_info,
+    read_table,
+    sparsity_col,
+)
 
 LABELS = {
     "density": "density (share of weights kept)",
     "bits": "mean bits per kept weight",
     "ratio": "compression ratio vs fp32 (x)",
-    "accuracy": "accuracy (%)",
     "n_evals": "evaluations",
-}
-DIVERGENCE_LABELS = {
-    "kl": "KL divergence (nats)",
-    "nmse": "normalised MSE (teacher = 0)",
-    "cosine": "1 - cosine similarity",
 }
 # status -> (colour, marker size, alpha): the front stands out, the rest recedes.
 STYLE = {
@@ -42,6 +46,7 @@ STYLE = {
 }
 PICK_COLOUR = "#d62728"
 DPI = 130
+RATIO_FIGURE = "ratio_metric.png"
 
 
 # --- info -----------------------------------------------------------------------------------
@@ -65,7 +70,7 @@ def front_info(
     """One row per evaluated solution: ``id``, the metrics, ``dominated`` (not on the front),
     ``status`` ("Pareto front" or "dominated"), ``picked`` and ``label`` (the pick
     annotation, "" if not picked). Sorted so picks come last (drawn on top)."""
-    cols = ["id", "density", "bits", "divergence", "ratio", "accuracy", "acc_drop"]
+    cols = ["id", "density", "bits", "divergence", "ratio", "metric", "metric_drop"]
     df = pd.concat([evaluated[cols], front[cols]], ignore_index=True)
     df = df.drop_duplicates("id").reset_index(drop=True)
     on_front = df["id"].isin(front["id"])
@@ -79,20 +84,104 @@ def front_info(
     ).reset_index(drop=True)
 
 
-def teacher_accuracy(evaluated: pd.DataFrame) -> float:
-    """The teacher's calibration accuracy (%): every row's accuracy + acc_drop."""
-    vals = (evaluated["accuracy"] + evaluated["acc_drop"]).to_numpy(float)
+def teacher_value(evaluated: pd.DataFrame, metric: MetricInfo) -> float:
+    """The teacher's calibration value of ``metric``: each row's metric plus its drop (minus,
+    for a metric to minimise); the median over rows, which agree up to rounding."""
+    sign = 1.0 if metric.direction == "maximize" else -1.0
+    vals = (evaluated["metric"] + sign * evaluated["metric_drop"]).to_numpy(float)
+    vals = vals[np.isfinite(vals)]
+    if not len(vals):
+        raise ValueError(f"no row has a {metric.name} value to find the teacher's from")
     return float(np.median(vals))
 
 
-def held_out_info(picks: pd.DataFrame | None) -> pd.DataFrame | None:
+def held_out_info(picks: pd.DataFrame | None, column: str = "metric") -> pd.DataFrame | None:
     """The picks' re-evaluation on the test split: one row per picked id with ``ratio``,
-    ``accuracy`` (calibration), ``test_acc`` and ``teacher_test_acc``; None when the picks
-    were not re-evaluated (``pick(..., reevaluate=False)``)."""
-    cols = ["id", "ratio", "accuracy", "test_acc", "teacher_test_acc"]
-    if picks is None or picks.empty or not set(cols) <= set(picks.columns):
+    ``calibration`` (the pick's ``column`` on the calibration set: ``metric`` or
+    ``divergence``) and ``test`` (its ``test_<column>``); None when the picks were not
+    re-evaluated (``pick(..., reevaluate=False)``) or the test split has no such value."""
+    test = f"test_{column}"
+    if picks is None or picks.empty or not {"id", "ratio", column, test} <= set(picks.columns):
         return None
-    return picks[cols].drop_duplicates("id").reset_index(drop=True)
+    df = picks[["id", "ratio", column, test]].drop_duplicates("id").reset_index(drop=True)
+    df = df.rename(columns={column: "calibration", test: "test"})
+    return None if df["test"].isna().all() else df
+
+@dataclass(frozen=True)
+class RatioInfo:
+    """What the ratio figure shows on its y axis against the compression ratio.
+
+    column: the column of :func:`front_info` drawn: ``metric``, or ``divergence`` when the
+        run has no task metric;
+    name: what the y axis is called in titles (``accuracy``, ``KL divergence``);
+    label: the y axis label with units;
+    unit: the unit of values written in legends (``%``, a user's, or the divergence's);
+    teacher, teacher_test: the teacher's value on the calibration and test sets (None for a
+        divergence, the teacher's own being 0);
+    held_out: :func:`held_out_info` of the picks (None without a test re-evaluation);
+    zoom: the band (lo, hi) of a second, zoomed panel (:func:`metric_zoom`), or None;
+    log_y: a log y axis (divergences spanning more than two decades);
+    higher_is_better: where the good solutions sit (the legend goes to the other corner).
+    """
+
+    column: str
+    name: str
+    label: str
+    unit: str
+    teacher: float | None
+    teacher_test: float | None
+    held_out: pd.DataFrame | None
+    zoom: tuple[float, float] | None
+    log_y: bool
+    higher_is_better: bool
+
+
+def ratio_info(
+    points: pd.DataFrame,
+    evaluated: pd.DataFrame,
+    picks: pd.DataFrame | None,
+    metric: MetricInfo | None,
+    *,
+    divergence: str = "kl",
+) -> RatioInfo:
+    """The ratio figure of a run: compression ratio vs its task metric on the calibration
+    set, or vs the divergence when there is no metric (``metric`` None, see
+    :func:`moecomp.runs.metric_info`). points: :func:`front_info`; evaluated: evaluated.csv
+    (for the teacher's value); picks: picks.csv or None; divergence: its name, for labels."""
+    if metric is None:
+        held = held_out_info(picks, "divergence")
+        label = divergence_label(divergence)
+        return RatioInfo(
+            column="divergence",
+            name=label.split(" (")[0],
+            label=f"{label} on the calibration set (teacher = 0)",
+            unit="",
+            teacher=None,
+            teacher_test=None,
+            held_out=held,
+            zoom=None,
+            log_y=_use_log(points["divergence"]),
+            higher_is_better=False,
+        )
+    teacher = teacher_value(evaluated, metric)
+    held = held_out_info(picks, "metric")
+    teacher_test = None
+    if held is not None and picks is not None and "teacher_test_metric" in picks.columns:
+        t = picks["teacher_test_metric"].dropna()
+        teacher_test = float(t.iloc[0]) if len(t) else None
+    return RatioInfo(
+        column="metric",
+        name=metric.name,
+        label=f"{metric.label} on the calibration set",
+        unit=metric.unit,
+        teacher=teacher,
+        teacher_test=teacher_test,
+        held_out=held,
+        zoom=metric_zoom(points, teacher, held, teacher_test=teacher_test,
+                         percent=metric.percent),
+        log_y=False,
+        higher_is_better=metric.direction == "maximize",
+    )
 
 
 @dataclass(frozen=True)
@@ -235,7 +324,7 @@ def draw_front_pairs(
 ) -> Path:
     """Three projections of the 3-objective front: density vs divergence, bits vs
     divergence, density vs bits."""
-    labels = LABELS | {"divergence": DIVERGENCE_LABELS.get(divergence, "divergence")}
+    labels = LABELS | {"divergence": divergence_label(divergence)}
     pairs = [("density", "divergence"), ("bits", "divergence"), ("density", "bits")]
     with sns.axes_style("whitegrid"):
         fig = Figure(figsize=(18, 5.4), layout="constrained")
@@ -260,97 +349,116 @@ def draw_front_pairs(
     return _save(fig, path)
 
 
-def accuracy_zoom(
-    info: pd.DataFrame, teacher_acc: float, held_out: pd.DataFrame | None = None
+def metric_zoom(
+    points: pd.DataFrame,
+    teacher: float,
+    held_out: pd.DataFrame | None = None,
+    *,
+    teacher_test: float | None = None,
+    percent: bool = True,
 ) -> tuple[float, float] | None:
-    """The accuracy band (%) a zoomed panel shows: the picks (calibration and test) and the
-    teacher with a margin; None when there are no picks or the band would span most of the
-    full range anyway."""
-    picks = info[info["picked"]]
+    """The band of metric values a zoomed panel shows: the picks (calibration and test) and
+    the teacher with a margin; None when there are no picks or the band would span most of
+    the full range anyway. points: :func:`front_info`; held_out: :func:`held_out_info`.
+    percent: the metric is a percentage (margin at least a point, band within [0, 100.5])."""
+    picks = points[points["picked"]]
     if picks.empty:
         return None
-    vals = [teacher_acc, *picks["accuracy"]]
+    vals = [teacher, *picks["metric"]]
     if held_out is not None and not held_out.empty:
-        vals += [*held_out["test_acc"], float(held_out["teacher_test_acc"].iloc[0])]
+        vals += [*held_out["test"].dropna()]
+    if teacher_test is not None:
+        vals.append(teacher_test)
+    vals = [v for v in vals if np.isfinite(v)]
+    full = float(points["metric"].max() - points["metric"].min())
+    if not vals or not full > 0:
+        return None
     lo, hi = min(vals), max(vals)
-    margin = max(1.0, 0.15 * (hi - lo))
-    lo, hi = max(lo - margin, 0.0), min(hi + margin, 100.5)  # accuracy is a percentage
-    full = float(info["accuracy"].max() - info["accuracy"].min())
-    if full <= 0 or (hi - lo) > 0.6 * full:
+    if percent:
+        margin = max(1.0, 0.15 * (hi - lo))
+        lo, hi = max(lo - margin, 0.0), min(hi + margin, 100.5)
+    else:  # no natural step or bounds: the margin follows the spread
+        margin = max(0.15 * (hi - lo), 0.02 * full)
+        lo, hi = lo - margin, hi + margin
+    if (hi - lo) > 0.6 * full:
         return None
     return lo, hi
 
 
-def draw_ratio_accuracy(
-    info: pd.DataFrame,
-    teacher_acc: float,
-    path: Path,
-    *,
-    held_out: pd.DataFrame | None = None,
-    title: str = "",
-) -> Path:
-    """Compression ratio (log x) vs calibration accuracy, the teacher as a horizontal line;
-    with ``held_out`` (see :func:`held_out_info`) also the picks' test accuracy, each joined
-    to its calibration point, and the teacher's test accuracy. When the picks sit in a narrow
-    accuracy band (:func:`accuracy_zoom`), a second panel shows that band."""
-    on_test = held_out is not None and not held_out.empty
-    zoom = accuracy_zoom(info, teacher_acc, held_out)
+def _value(v: float, unit: str) -> str:
+    """A metric value for a legend: ``96.1 %``, ``0.9731``, ``12.3 ms``."""
+    if unit == "%":
+        return f"{v:.1f} %"
+    return f"{v:.4g} {unit}".rstrip()
+
+
+def draw_ratio(points: pd.DataFrame, ratio: RatioInfo, path: Path, *, title: str = "") -> Path:
+    """Compression ratio (log x) vs ``ratio.column`` on the calibration set (see
+    :func:`ratio_info`), the teacher as a horizontal line; with held-out picks also their
+    test values, each joined to its calibration point, and the teacher's test value. When the
+    picks sit in a narrow band (``ratio.zoom``), a second panel shows that band."""
+    y, zoom, held = ratio.column, ratio.zoom, ratio.held_out
+    on_test = held is not None and not held.empty
     with sns.axes_style("whitegrid"):
         fig = Figure(figsize=(18 if zoom else 11, 6), layout="constrained")
         axes = fig.subplots(1, 2 if zoom else 1, squeeze=False)[0]
         for k, ax in enumerate(axes):
-            _scatter_status(ax, info, "ratio", "accuracy", legend=k == 0)
-            ax.axhline(
-                teacher_acc,
-                color="black",
-                linestyle="--",
-                linewidth=1,
-                label=f"teacher, calibration set ({teacher_acc:.1f} %)",
-            )
-            if held_out is not None and on_test:
+            _scatter_status(ax, points, "ratio", y, legend=k == 0)
+            if ratio.teacher is not None:
+                ax.axhline(
+                    ratio.teacher,
+                    color="black",
+                    linestyle="--",
+                    linewidth=1,
+                    label=f"teacher, calibration set ({_value(ratio.teacher, ratio.unit)})",
+                )
+            if held is not None and on_test:
                 ax.vlines(
-                    held_out["ratio"],
-                    held_out["accuracy"],
-                    held_out["test_acc"],
+                    held["ratio"],
+                    held["calibration"],
+                    held["test"],
                     color=PICK_COLOUR,
                     linestyle=":",
                     linewidth=1,
                     zorder=4,
                 )
                 ax.scatter(
-                    held_out["ratio"],
-                    held_out["test_acc"],
+                    held["ratio"],
+                    held["test"],
                     marker="D",
                     s=45,
                     facecolor="white",
                     edgecolor=PICK_COLOUR,
                     linewidth=1.5,
                     zorder=5,
-                    label=f"pick on the test set ({len(held_out)})",
+                    label=f"pick on the test set ({len(held)})",
                 )
-                t = float(held_out["teacher_test_acc"].iloc[0])
+            if ratio.teacher_test is not None:
                 ax.axhline(
-                    t,
+                    ratio.teacher_test,
                     color="#555555",
                     linestyle=":",
                     linewidth=1.2,
-                    label=f"teacher, test set ({t:.1f} %)",
+                    label=f"teacher, test set ({_value(ratio.teacher_test, ratio.unit)})",
                 )
             ax.set_xscale("log")
+            if ratio.log_y:
+                ax.set_yscale("log")
             _times_ticks(ax)
             ax.set_xlabel(LABELS["ratio"])
-            ax.set_ylabel(
-                "accuracy (%) on the calibration set" + ("; diamonds: test set" if on_test else "")
-            )
-        axes[0].legend(loc="lower left", frameon=True)
+            ax.set_ylabel(ratio.label + ("; diamonds: test set" if on_test else ""))
+        # The good solutions sit at the top (or bottom) left: the legend goes below (above).
+        axes[0].legend(loc="lower left" if ratio.higher_is_better else "upper left",
+                       frameon=True)
         if zoom:
             axes[0].set_title("all evaluated solutions")
             axes[1].set_ylim(*zoom)
-            axes[1].set_title(f"zoom: accuracy {zoom[0]:.1f} to {zoom[1]:.1f} %")
+            band = f"{_value(zoom[0], ratio.unit)} to {_value(zoom[1], ratio.unit)}"
+            axes[1].set_title(f"zoom: {ratio.name} {band}")
         # Label the picks where they can be told apart: in the zoom when there is one.
-        _annotate(axes[-1], info, "ratio", "accuracy")
-        _pick_key(fig, info)
-        fig.suptitle(title or "Compression ratio vs accuracy")
+        _annotate(axes[-1], points, "ratio", y)
+        _pick_key(fig, points)
+        fig.suptitle(title or f"Compression ratio vs {ratio.name}")
     return _save(fig, path)
 
 
@@ -446,8 +554,10 @@ def plot_run(run_dir: str | os.PathLike[str], picks: pd.DataFrame | None = None)
     problem = run.problem()
     evaluated, front = run.evaluated(), run.front()
     if picks is None and run.file("picks.csv").is_file():
-        picks = pd.read_csv(run.file("picks.csv"))
+        picks = read_table(run.file("picks.csv"))
     info = front_info(evaluated, front, picks)
+    metric = metric_info(run, evaluated)
+    ratio = ratio_info(info, evaluated, picks, metric, divergence=problem.objectives.divergence)
     out = run.plots
     name = problem.name
     paths = [
@@ -458,12 +568,12 @@ def plot_run(run_dir: str | os.PathLike[str], picks: pd.DataFrame | None = None)
             title=f"{name}: Pareto front projections ({len(info)} evaluated, "
             f"{int((~info['dominated']).sum())} non-dominated; all minimised)",
         ),
-        draw_ratio_accuracy(
+        draw_ratio(
             info,
-            teacher_accuracy(evaluated),
-            out / "ratio_accuracy.png",
-            held_out=held_out_info(picks),
-            title=f"{name}: compression ratio vs accuracy",
+            ratio,
+            out / RATIO_FIGURE,
+            title=f"{name}: compression ratio vs {ratio.name}"
+            + ("" if metric is not None else " (no task metric)"),
         ),
     ]
     if picks is not None and not picks.empty:

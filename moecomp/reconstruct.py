@@ -26,9 +26,12 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from moecomp import inputs as inputs_mod
 from moecomp.apply import QuantizedLayer, student_state_dict
 from moecomp.errors import ConfigError
+from moecomp.inputs import Inputs
 from moecomp.solution import student_model
+from moecomp.target import load_state
 
 Grid = Callable[[str, torch.Tensor], torch.Tensor]
 """``grid(name, values (m,)) -> codebook (k,)``: the levels a layer's survivors may take."""
@@ -103,7 +106,7 @@ def _outputs(module: nn.Module, y: torch.Tensor) -> torch.Tensor:
     return y.permute(0, 2, 3, 1).reshape(-1, y.shape[1])
 
 
-def _captured(model: nn.Module, module: nn.Module, x: torch.Tensor, batch_size: int
+def _captured(model: nn.Module, module: nn.Module, x: Inputs, batch_size: int
               ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """(input, output) of ``module`` for each batch of ``x`` run through ``model``."""
     seen: list[tuple[torch.Tensor, torch.Tensor]] = []
@@ -115,9 +118,9 @@ def _captured(model: nn.Module, module: nn.Module, x: torch.Tensor, batch_size: 
     # manager across a yield would leave the caller's grad mode wrong; the caller holds it
     handle = module.register_forward_hook(hook)
     try:
-        for i in range(0, len(x), batch_size):
+        for _, xb in inputs_mod.batches(x, batch_size):
             seen.clear()
-            model(x[i:i + batch_size])
+            inputs_mod.call(model, xb)
             if len(seen) != 1:
                 raise ConfigError("reconstruct", f"{type(module).__name__} is called "
                                   f"{len(seen)} times per forward; only layers called "
@@ -127,14 +130,14 @@ def _captured(model: nn.Module, module: nn.Module, x: torch.Tensor, batch_size: 
         handle.remove()
 
 
-def _call_order(model: nn.Module, names: list[str], x: torch.Tensor) -> list[str]:
+def _call_order(model: nn.Module, names: list[str], x: Inputs) -> list[str]:
     """``names`` (module names) in the order one forward pass calls them."""
     order: list[str] = []
     handles = [model.get_submodule(n).register_forward_hook(
         lambda *_a, n=n: order.append(n)) for n in names]
     try:
         with torch.no_grad():
-            model(x[:1])
+            inputs_mod.call(model, inputs_mod.head(x, 1))
     finally:
         for h in handles:
             h.remove()
@@ -150,7 +153,7 @@ def _fittable(module: nn.Module) -> bool:
 # --- the whole model ---------------------------------------------------------------------
 
 def reconstruct(teacher: nn.Module, state: dict[str, torch.Tensor],
-                layers: dict[str, QuantizedLayer], grid: Grid, x: torch.Tensor, *,
+                layers: dict[str, QuantizedLayer], grid: Grid, x: Inputs, *,
                 batch_size: int = 1024, damp: float = 0.01, progress: bool = False
                 ) -> tuple[dict[str, QuantizedLayer], dict[str, torch.Tensor], list[LayerFit]]:
     """Re-fit every compressed Linear / Conv2d weight (and its bias) of a student.
@@ -158,15 +161,17 @@ def reconstruct(teacher: nn.Module, state: dict[str, torch.Tensor],
     teacher: the fp32 model (not modified); state: the student's state_dict; layers: its
     compressed tensors (masks are kept); grid: the levels each layer may use, computed from
     its least-squares survivors (e.g. the plan's quantizer with the plan's bits);
-    x: (n, *in) calibration inputs, never the validation or test split.
+    x: calibration inputs (any structure, ``moecomp.inputs``), never the validation or test
+    split.
     Returns the new layers, the new state_dict (biases re-fitted) and one ``LayerFit`` per
     re-fitted layer.
     """
-    if len(x) == 0:
+    if inputs_mod.n_samples(x) == 0:
         raise ConfigError("reconstruct", "needs at least one calibration input")
     student = student_model(teacher, state)
     modules = {n.rsplit(".", 1)[0]: n for n in layers if n.endswith(".weight")}
-    modules = {m: n for m, n in modules.items() if _fittable(teacher.get_submodule(m))}
+    modules = {m: n for m, n in modules.items() if _fittable(teacher.get_submodule(m))
+               and teacher.get_submodule(m).weight is dict(teacher.named_parameters())[n]}
     new_layers = dict(layers)
     new_state = dict(state)
     fits = []
@@ -199,14 +204,14 @@ def reconstruct(teacher: nn.Module, state: dict[str, torch.Tensor],
                 assert b_q is not None
                 new_state[bias] = b_q.to(state[bias].dtype)
             new_state = student_state_dict(new_state, {name: layer})
-            student.load_state_dict(new_state)
+            load_state(student, new_state)
         fits.append(LayerFit(name, mse_before, min(mse_after, mse_before)))
     return new_layers, new_state, fits
 
 
 @torch.no_grad()
 def _statistics(teacher: nn.Module, student: nn.Module, t_mod: nn.Module, s_mod: nn.Module,
-                x: torch.Tensor, batch_size: int, bias: str | None
+                x: Inputs, batch_size: int, bias: str | None
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
     """``H = X^T X`` (d, d), ``G = X^T Y`` (d, out) and ``diag(Y^T Y)`` (out,) in float64,
     with X the student's layer inputs (plus a column of ones if the layer has a bias) and

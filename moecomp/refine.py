@@ -2,39 +2,47 @@
 
 Only picked solutions are refined (it costs far more per solution than the search's
 evaluation). Three optional steps, in this order: layer-wise reconstruction (``reconstruct``:
-least-squares re-fit of the survivors and GPTQ rounding on training images, no gradient
-training); fine-tuning, which keeps the masks fixed and quantises in the loop
+least-squares re-fit of the survivors and GPTQ rounding on calibration samples, no gradient
+training); fine-tuning, distillation from the teacher with the target's own divergence (plus
+cross-entropy on labels for classifiers) that keeps the masks fixed and quantises in the loop
 (straight-through estimator); bin merging (seed 2), which merges neighbouring levels while
-the validation accuracy drop stays within a tolerance. The refined solution is written to
-the run folder as ``refined/rN.mcz`` with a row in ``refined.csv`` that records its lineage.
+the validation measure (the metric's drop, or the divergence) stays within a tolerance. All
+of it reads the calibration split only; no labels are needed. The refined solution is written
+to the run folder as ``refined/rN.mcz`` with a row in ``refined.csv`` that records its
+lineage.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import pandas as pd
 import torch
 from torch import nn
-from torch.func import functional_call
 from tqdm.auto import tqdm
 
+from moecomp import inputs as inputs_mod
+from moecomp import outputs
 from moecomp.apply import SINGLE_QUANTIZERS, QuantizedLayer, student_state_dict
 from moecomp.codec import write_mcz
-from moecomp.data import Split, Splits, load_dataset
+from moecomp.data import Split
 from moecomp.divergence import kl
 from moecomp.errors import ConfigError
 from moecomp.merge import merge_bins
 from moecomp.reconstruct import reconstruct as reconstruct_layers
-from moecomp.runs import atomic_write_csv
+from moecomp.runs import atomic_write_csv, read_table
 from moecomp.solution import RunContext, Solution, dense_tensors, student_model
-from moecomp.train import accuracy
+from moecomp.target import Fidelity, Target, load_state
 
-FidelityKind = str  # "accuracy" (val accuracy drop, points) | "divergence" (calib KL, nats)
+FIDELITY_KINDS = ("metric", "divergence")
+"""What bin merging's tolerance is in: the metric's drop on validation (its units, points for
+accuracy), or the mean divergence on validation."""
 
 
 @dataclass(frozen=True)
@@ -49,8 +57,12 @@ class RefineResult:
     tolerance: float
     finetune_epochs: int
     reconstructed: bool
-    val_acc: float
-    test_acc: float
+    val_metric: float
+    test_metric: float
+    val_divergence: float
+    test_divergence: float
+    metric_name: str
+    metric_unit: str
     file_bytes: int
     ratio: float
     path: str
@@ -71,16 +83,35 @@ def _fake_quant(w: torch.Tensor, mask: torch.Tensor, bits: int, quantizer: str =
     return q
 
 
-def finetune(model: nn.Module, teacher: nn.Module, layers: dict[str, QuantizedLayer],
+def distillation_loss(target: Target, t_out: Any, s_out: Any, labels: torch.Tensor | None,
+                      *, temperature: float = 2.0) -> torch.Tensor:
+    """The fine-tuning loss of a batch: for the ``kl`` divergence T^2 * KL(teacher_T ||
+    student_T) of the softened logits, otherwise the target's own per-sample divergence,
+    averaged; plus cross-entropy on the labels when the target is a classifier that has
+    them."""
+    if target.divergence.name == "kl" and target.divergence.builtin:
+        t = outputs.default_part(t_out)
+        s = outputs.default_part(s_out)
+        loss = temperature**2 * kl(t / temperature, s / temperature).mean()
+    else:
+        loss = target.divergence(t_out, s_out).mean()
+    if labels is not None and target.task == "classification":
+        s = outputs.default_part(s_out)
+        loss = loss + nn.functional.cross_entropy(s.flatten(0, -2), labels.reshape(-1))
+    return loss
+
+
+def finetune(model: nn.Module, target: Target, layers: dict[str, QuantizedLayer],
              bits: dict[str, int], train: Split, *, epochs: int, lr: float = 2e-3,
              quantizers: dict[str, str] | None = None,
              batch_size: int = 128, temperature: float = 2.0, seed: int = 0,
              progress: bool = True) -> dict[str, torch.Tensor]:
     """Distil the teacher into the masked, quantised student; returns float parameters.
 
-    Loss: T^2 * KL(teacher_T || student_T) + cross-entropy on the labels. Masks stay fixed;
-    pruned weights stay exactly zero.
+    Loss: :func:`distillation_loss` on batches of ``train`` (calibration-side samples).
+    Masks stay fixed; pruned weights stay exactly zero.
     """
+    teacher = target.teacher
     params = {k: v.detach().clone().requires_grad_(True)
               for k, v in model.named_parameters()}
     masks = {n: layers[n].mask for n in layers}
@@ -95,16 +126,16 @@ def finetune(model: nn.Module, teacher: nn.Module, layers: dict[str, QuantizedLa
     for _ in range(epochs):
         perm = torch.randperm(n, generator=gen)
         for i in range(0, n, batch_size):
-            idx = perm[i:i + batch_size]
-            x, y = train.x[idx], train.y[idx]
+            batch = train.take(perm[i:i + batch_size])
             with torch.no_grad():
-                t_out = teacher(x)
+                t_out = outputs.select(inputs_mod.call(teacher, batch.inputs), target.output)
             live = {k: (_fake_quant(v, masks[k], bits[k], kinds.get(k, "uniform"))
                         if k in masks else v)
                     for k, v in params.items()}
-            s_out = functional_call(model, live, (x,))
-            loss = temperature**2 * kl(t_out / temperature, s_out / temperature)
-            loss = loss + nn.functional.cross_entropy(s_out, y)
+            s_out = outputs.select(inputs_mod.functional(model, live, batch.inputs),
+                                   target.output)
+            loss = distillation_loss(target, t_out, s_out, batch.labels,
+                                     temperature=temperature)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -128,11 +159,11 @@ def requantize(weights: dict[str, torch.Tensor], layers: dict[str, QuantizedLaye
     return out
 
 
-def _reconstructed(ctx: RunContext, sol: Solution, data: Splits, n_images: int, seed: int,
+def _reconstructed(ctx: RunContext, sol: Solution, pool: Split, n_images: int, seed: int,
                    progress: bool) -> tuple[dict[str, QuantizedLayer], dict[str, torch.Tensor]]:
-    """The solution after layer-wise reconstruction on ``n_images`` training images; a
-    layer of a shared codebook keeps that codebook, any other gets its plan's quantizer
-    on the re-fitted survivors."""
+    """The solution after layer-wise reconstruction on ``n_images`` calibration-side
+    samples of ``pool``; a layer of a shared codebook keeps that codebook, any other gets
+    its plan's quantizer on the re-fitted survivors."""
     plan = sol.plan.layers
 
     def grid(name: str, values: torch.Tensor) -> torch.Tensor:
@@ -141,9 +172,10 @@ def _reconstructed(ctx: RunContext, sol: Solution, data: Splits, n_images: int, 
         return SINGLE_QUANTIZERS[plan[name].quantizer](values, plan[name].bits)[1]
 
     gen = torch.Generator().manual_seed(seed)
-    pick = torch.randperm(len(data.train), generator=gen)[:n_images]
+    pick = torch.randperm(len(pool), generator=gen)[:n_images]
     layers, state, _ = reconstruct_layers(ctx.target.teacher, sol.state, sol.layers, grid,
-                                          data.train.x[pick], progress=progress)
+                                          pool.take(pick).inputs,
+                                          batch_size=ctx.target.batch_size, progress=progress)
     return layers, state
 
 
@@ -153,24 +185,14 @@ def _fidelity(ctx: RunContext, base_state: dict[str, torch.Tensor], metric: str
               ) -> Callable[[dict[str, QuantizedLayer]], float]:
     target = ctx.target
     model = student_model(target.teacher, base_state)
-    if metric == "accuracy":
-        if target.val is None:
-            raise ConfigError("metric", "accuracy needs a validation split")
-        val = target.val
-        teacher_acc = accuracy(target.teacher, val)
+    split = "validation" if target.val is not None else "calibration"
 
-        def acc_drop(layers: dict[str, QuantizedLayer]) -> float:
-            model.load_state_dict(student_state_dict(base_state, layers))
-            return teacher_acc - accuracy(model, val)
+    def measure(layers: dict[str, QuantizedLayer]) -> float:
+        load_state(model, student_state_dict(base_state, layers))
+        f = target.fidelity(model, split)
+        return f.metric_drop if metric == "metric" else f.divergence
 
-        return acc_drop
-
-    def divergence(layers: dict[str, QuantizedLayer]) -> float:
-        model.load_state_dict(student_state_dict(base_state, layers))
-        with torch.no_grad():
-            return float(kl(target.teacher_out, model(target.calib_x)))
-
-    return divergence
+    return measure
 
 
 def next_key(ctx: RunContext) -> str:
@@ -180,28 +202,37 @@ def next_key(ctx: RunContext) -> str:
 
 
 def refine(run: RunContext | str | os.PathLike[str], solution: str | int, *, merge: bool = True,
-           tolerance: float = 0.5, metric: FidelityKind = "accuracy",
+           tolerance: float = 0.5, metric: str | None = None,
            finetune_epochs: int = 0, lr: float = 2e-3, seed: int = 0,
            reconstruct: bool = False, calibration: int = 8192,
            progress: bool = True) -> RefineResult:
     """Refine one solution of a run and add it to the run as ``refined/rN.mcz``.
 
-    reconstruct: re-fit survivors and biases layer by layer on ``calibration`` training
-        images first (see ``moecomp.reconstruct``); no gradient training.
+    reconstruct: re-fit survivors and biases layer by layer on ``calibration`` samples of
+        the calibration split first (see ``moecomp.reconstruct``); no gradient training.
 
     tolerance: how much worse than the unmerged (fine-tuned) solution the merged one may be,
-        in units of ``metric``: validation accuracy points ("accuracy") or calibration KL in
-        nats ("divergence"). The result never exceeds it.
+        in units of ``metric`` on the validation split: the metric's drop ("metric", points
+        for accuracy) or the mean divergence ("divergence"); default: "metric" when the
+        target has one. The result never exceeds it.
     """
-    if metric not in ("accuracy", "divergence"):
-        raise ConfigError("metric", f"must be accuracy or divergence, got {metric!r}")
+    if metric == "accuracy":  # the name before metrics were generic
+        metric = "metric"
+    if metric is not None and metric not in FIDELITY_KINDS:
+        raise ConfigError("metric", f"must be one of {', '.join(FIDELITY_KINDS)}, got "
+                          f"{metric!r}")
     if not tolerance >= 0:
         raise ConfigError("tolerance", f"must be >= 0, got {tolerance!r}")
     if finetune_epochs < 0:
         raise ConfigError("finetune_epochs", f"must be >= 0, got {finetune_epochs!r}")
     if reconstruct and not calibration >= 1:
-        raise ConfigError("calibration", f"must be >= 1 training images, got {calibration!r}")
+        raise ConfigError("calibration", f"must be >= 1 samples, got {calibration!r}")
     ctx = run if isinstance(run, RunContext) else RunContext(run, progress=progress)
+    if metric is None:
+        metric = "metric" if ctx.target.metric is not None else "divergence"
+    if metric == "metric" and ctx.target.metric is None:
+        raise ConfigError("metric", "this target has no metric (it works on divergence "
+                          "alone): use metric 'divergence'")
     sol: Solution = ctx.solution(solution)
     if finetune_epochs > 0 and any(lp.quantizer == "shared" for lp in sol.plan.layers.values()):
         raise ConfigError("finetune_epochs", "fine-tuning keeps each layer's own codebook; a "
@@ -211,15 +242,13 @@ def refine(run: RunContext | str | os.PathLike[str], solution: str | int, *, mer
     bits = {n: lp.bits for n, lp in sol.plan.layers.items()}
     layers, state = sol.layers, sol.state
     t0 = time.perf_counter()
-    if reconstruct or finetune_epochs > 0:
-        data = load_dataset(ctx.problem.data.dataset, path=ctx.problem.data.path,
-                            seed=ctx.problem.data.seed)
+    pool = target.pool if target.pool is not None else target.calib
     if reconstruct:
-        layers, state = _reconstructed(ctx, sol, data, calibration, seed, progress)
+        layers, state = _reconstructed(ctx, sol, pool, calibration, seed, progress)
     if finetune_epochs > 0:
         model = student_model(target.teacher, state)
         kinds = {n: lp.quantizer for n, lp in sol.plan.layers.items()}
-        trained = finetune(model, target.teacher, layers, bits, data.train,
+        trained = finetune(model, target, layers, bits, pool,
                            epochs=finetune_epochs, lr=lr, seed=seed, quantizers=kinds,
                            progress=progress)
         layers = requantize(trained, layers, bits, kinds)
@@ -241,20 +270,24 @@ def refine(run: RunContext | str | os.PathLike[str], solution: str | int, *, mer
     path = folder / f"{key}.mcz"
     meta = {"parent": sol.key, "problem": ctx.problem.name, "reconstruct": reconstruct,
             "finetune_epochs": finetune_epochs, "merge": merge, "tolerance": tolerance,
-            "metric": metric}
+            "metric": metric, "tied": target.tied}
     size = write_mcz(path, layers, dense_tensors(state, layers,
                                                  dtype=target.dense_torch_dtype),
                      plan=sol.plan.to_dict(),
                      meta=meta, order=list(state))
     n_params = sum(int(v.numel()) for v in state.values() if v.is_floating_point())
+    val, test = (target.fidelity(model, name) if target.split(name) is not None
+                 else Fidelity(math.nan, math.nan, math.nan) for name in ("validation", "test"))
     res = RefineResult(
         key=key, parent=sol.key, levels_before=before,
         levels_after={n: ql.n_levels for n, ql in layers.items()}, fidelity_metric=metric,
         fidelity_before=f_before, fidelity_after=f_after, tolerance=tolerance,
         finetune_epochs=finetune_epochs, reconstructed=reconstruct,
-        val_acc=accuracy(model, target.val) if target.val is not None else float("nan"),
-        test_acc=accuracy(model, target.test) if target.test is not None else float("nan"),
-        file_bytes=size, ratio=4 * n_params / size, path=str(path))
+        val_metric=val.metric, test_metric=test.metric, val_divergence=val.divergence,
+        test_divergence=test.divergence, metric_name=target.metric_name,
+        metric_unit=target.metric.unit if target.metric is not None else "",
+        file_bytes=size, ratio=4 * n_params / size,
+        path=str(path))
     _record(ctx, res, seconds=time.perf_counter() - t0)
     return res
 
@@ -264,12 +297,14 @@ def _record(ctx: RunContext, res: RefineResult, *, seconds: float) -> None:
     row = {
         "key": res.key, "parent": res.parent, "reconstructed": res.reconstructed,
         "finetune_epochs": res.finetune_epochs,
-        "metric": res.fidelity_metric, "tolerance": res.tolerance,
+        "tolerance_in": res.fidelity_metric, "tolerance": res.tolerance,
         "fidelity_before": res.fidelity_before, "fidelity_after": res.fidelity_after,
         "levels_before": json.dumps(res.levels_before),
         "levels_after": json.dumps(res.levels_after),
-        "val_acc": res.val_acc, "test_acc": res.test_acc, "file_bytes": res.file_bytes,
+        "val_metric": res.val_metric, "test_metric": res.test_metric,
+        "val_divergence": res.val_divergence, "test_divergence": res.test_divergence,
+        "file_bytes": res.file_bytes,
         "ratio": res.ratio, "seconds": round(seconds, 2), "path": res.path,
     }
-    old = pd.read_csv(csv) if csv.is_file() else pd.DataFrame()
+    old = read_table(csv) if csv.is_file() else pd.DataFrame()
     atomic_write_csv(csv, pd.concat([old, pd.DataFrame([row])], ignore_index=True))

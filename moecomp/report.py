@@ -3,7 +3,9 @@ base64) that say what was compressed, how the search went, what the front offers
 picked, refined and exported, and how the front compares with the DE baseline.
 
 Everything is read from the run folder (``moecomp.runs``); parts whose files are absent
-(picks, refined solutions, exports, the DE comparison) say so or are left out. The HTML is the
+(picks, refined solutions, exports, the DE comparison) say so or are left out. Metric columns
+are shown under the run's metric name and unit (target.json, :func:`moecomp.runs.metric_info`);
+a run without a task metric is reported on its divergence alone, and says so. The HTML is the
 same Markdown rendered by markdown-it (a dependency of rich), so the two never disagree.
 """
 
@@ -18,9 +20,11 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 
-from moecomp.runs import METRICS, RunFolder, atomic_write_text
+from moecomp.divergence import divergence_label
+from moecomp.runs import METRICS, MetricInfo, RunFolder, atomic_write_text, metric_info, read_table
 
 REPORT_MD = "report.md"
 REPORT_HTML = "report.html"
@@ -32,14 +36,8 @@ FORMATS = {
     "divergence": ".4g",
     "size_bytes": ",.0f",
     "ratio": ".1f",
-    "accuracy": ".2f",
-    "acc_drop": ".2f",
-    "val_acc": ".2f",
-    "val_drop": ".2f",
-    "test_acc": ".2f",
-    "test_drop": ".2f",
-    "teacher_val_acc": ".2f",
-    "teacher_test_acc": ".2f",
+    "val_divergence": ".4g",
+    "test_divergence": ".4g",
     "hv": ".4f",
     "elapsed_s": ".1f",
     "fidelity_before": ".4g",
@@ -49,20 +47,16 @@ FORMATS = {
     "teacher_file_bytes": ",.0f",
     "tolerance": ".3g",
     "seconds": ".1f",
-    "max_drop": "g",
 }
-# Accuracy-drop tolerances (points) of the front's "what each tolerance buys" table.
+# Drop tolerances (points) of a percentage metric in the front's "what each tolerance buys"
+# table. Other metrics and divergences have no natural steps: their levels are QUANTILES of
+# the front's own values.
 DROP_LEVELS = (0.5, 1.0, 2.0, 5.0, 10.0)
-# Captions of the figures moecomp.plots draws, in the order they are shown.
-FIGURES = {
-    "front_pairs.png": "Pairwise projections of the front (all objectives minimised); grey "
-    "points are dominated, stars are the picks.",
-    "ratio_accuracy.png": "Compression ratio vs accuracy on the calibration set; diamonds are "
-    "the picks re-evaluated on the test set; the right panel (if any) zooms on the picks.",
-    "pick_layers.png": "Per-layer sparsity and bits of the picks.",
-    "hv_history.png": "Hypervolume after each generation (objectives divided by the fixed "
-    "reference point, so runs of one problem compare).",
-}
+QUANTILES = (0.1, 0.25, 0.5, 0.75, 0.9)
+# The figures moecomp.plots draws, in the order they are shown (captions: _captions).
+FIGURES = ("front_pairs.png", "ratio_metric.png", "pick_layers.png", "hv_history.png")
+# What run folders drawn by an earlier moecomp hold instead (shown with --no-plots).
+LEGACY_FIGURES = {"ratio_metric.png": "ratio_accuracy.png"}
 COMPARE_MD = "compare_summary.md"
 COMPARE_PNG = "compare_de.png"
 
@@ -109,22 +103,83 @@ def _key_values(items: Sequence[tuple[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+# --- metric columns -------------------------------------------------------------------------
+SPLITS = ("calib", "val", "test")
+
+
+def metric_headers(metric: MetricInfo) -> dict[str, str]:
+    """Run-table column -> the header a reader sees: ``metric`` -> ``accuracy (%)``,
+    ``metric_drop`` -> ``accuracy drop (points)``, ``val_metric`` -> ``val accuracy (%)``,
+    ``val_drop`` -> ``val drop (points)``, ``teacher_test_metric`` -> ``teacher test
+    accuracy (%)``."""
+    drop = f"drop ({metric.drop_unit})" if metric.drop_unit else "drop"
+    out = {"metric": metric.label, "metric_drop": metric.drop_label}
+    for split in SPLITS:
+        out[f"{split}_metric"] = f"{split} {metric.label}"
+        out[f"{split}_drop"] = f"{split} {drop}"
+        out[f"teacher_{split}_metric"] = f"teacher {split} {metric.label}"
+    return out
+
+
+def shown(df: pd.DataFrame, metric: MetricInfo | None) -> tuple[pd.DataFrame, dict[str, str]]:
+    """``df`` as a report shows it, and the formats of its columns: metric columns renamed
+    (:func:`metric_headers`), or dropped when the run has no metric (they hold only NaN)."""
+    names = metric_headers(MetricInfo("metric", "", "maximize"))
+    if metric is None:
+        return df.drop(columns=[c for c in df.columns if c in names]), dict(FORMATS)
+    headers = metric_headers(metric)
+    # A percentage to two decimals (points); a user's metric has no known scale.
+    fmt = ".2f" if metric.percent else ".4g"
+    formats = FORMATS | {headers[c]: fmt for c in df.columns if c in headers}
+    return df.rename(columns=headers), formats
+
+
+def _capital(text: str) -> str:
+    """The first letter upper case (``str.capitalize`` would lower the rest: ``KL``)."""
+    return text[:1].upper() + text[1:]
+
+
+def _value(v: float, metric: MetricInfo) -> str:
+    """A metric value with its unit: ``96.50 %``, ``0.9731``."""
+    if metric.percent:
+        return f"{v:.2f} %"
+    return f"{v:.4g} {metric.unit}".rstrip()
+
+
 # --- sections -------------------------------------------------------------------------------
-def _problem_section(run: RunFolder) -> list[str]:
+def _problem_section(run: RunFolder, metric: MetricInfo | None) -> list[str]:
     p = run.problem()
     layers = run.layer_names() if run.file("evaluated.csv").is_file() else []
     o, g, r, s = p.objectives, p.genes, p.relevance, p.search
-    model = p.model.zoo or f"{p.model.factory} (weights {p.model.weights})"
+    model: str
+    if p.model.zoo:
+        model = p.model.zoo
+    elif p.model.factory:
+        model = f"{p.model.factory} (weights {p.model.weights or 'from the factory'})"
+    else:
+        model = "a Python object (not rebuilt from the problem)"
+    source = {"factory": f"factory {p.data.factory}", "file": f"file {p.data.path}"}.get(
+        p.data.source, p.data.source
+    )
     constraints = [
-        f"accuracy drop <= {o.max_accuracy_drop:g} points" if o.max_accuracy_drop else "",
         f"divergence <= {o.max_divergence:g}" if o.max_divergence else "",
     ]
+    if o.max_metric_drop and metric is not None:
+        constraints.insert(
+            0, f"{metric.name} drop <= {o.max_metric_drop:g} {metric.drop_unit}".rstrip()
+        )
+    task = (
+        f"{metric.label}, {'higher' if metric.direction == 'maximize' else 'lower'} is better"
+        if metric is not None
+        else "none: solutions are measured by their divergence alone"
+    )
     items = [
         ("name", p.name),
         ("model", model),
-        ("data", f"{p.data.dataset}, {p.data.calibration} calibration images (seed {p.data.seed})"),
+        ("data", f"{source}, {p.data.calibration} calibration samples (seed {p.data.seed})"),
         ("compressed tensors", ", ".join(layers) or "-"),
         ("objectives", f"{o.mode}, divergence {o.divergence}"),
+        ("task metric", task),
         ("constraints", "; ".join(c for c in constraints if c) or "none"),
         ("HV reference point", ", ".join(f"{v:g}" for v in o.ref_point)),
         (
@@ -166,38 +221,83 @@ def _search_section(run: RunFolder) -> list[str]:
     return out
 
 
-def _front_section(run: RunFolder) -> list[str]:
+def _front_section(run: RunFolder, metric: MetricInfo | None) -> list[str]:
     front = run.front()
     n_eval = len(run.evaluated())
     cols = ["id", "gen", *METRICS]
     cols += [c for c in ("shared_k",) if c in front.columns]
-    top = front.sort_values("ratio", ascending=False).head(FRONT_ROWS)[cols]
+    top, formats = shown(front.sort_values("ratio", ascending=False).head(FRONT_ROWS)[cols], metric)
+    column, levels, how = tolerance_levels(front, metric)
+    table, table_formats = shown(tolerance_table(front, levels, column=column), metric)
+    if metric is None:
+        div = divergence_label(run.problem().objectives.divergence)
+        measured = (
+            f"This target has no task metric: solutions are measured by their {div} alone, "
+            "on the calibration set."
+        )
+        within = f"Best compression ratio per tolerance on the divergence ({how}):"
+        level = f"max {div}"
+    else:
+        unit = f" ({metric.drop_unit})" if metric.drop_unit else ""
+        measured = (
+            f"{_capital(metric.name)} and its drop from the teacher{unit} are on the "
+            "calibration set."
+        )
+        within = f"Best compression ratio per tolerance on the {metric.name} drop ({how}):"
+        level = f"max {metric.drop_label}"
+    table = table.rename(columns={f"max_{column}": level})
+    table_formats[level] = "g"
     return [
         "## Front",
         "",
-        f"{len(front)} non-dominated solutions of {n_eval} evaluated. Accuracy and its drop "
-        "from the teacher (points) are on the calibration set.",
+        f"{len(front)} non-dominated solutions of {n_eval} evaluated. {measured}",
         "",
-        "Best compression ratio within an accuracy drop of:",
+        within,
         "",
-        markdown_table(tolerance_table(front)),
+        markdown_table(table, table_formats),
         "",
         f"The {len(top)} solutions of best compression ratio:",
         "",
-        markdown_table(top),
+        markdown_table(top, formats),
         "",
     ]
 
 
-def tolerance_table(front: pd.DataFrame, levels: Sequence[float] = DROP_LEVELS) -> pd.DataFrame:
-    """Per accuracy-drop tolerance (points), the front's solution of best ratio within it:
-    columns ``max_drop``, ``id``, ``ratio``, ``density``, ``bits``, ``accuracy``,
-    ``acc_drop`` (a tolerance nothing meets gives a row of ``-``)."""
-    cols = ["id", "ratio", "density", "bits", "accuracy", "acc_drop"]
+def tolerance_levels(
+    front: pd.DataFrame, metric: MetricInfo | None
+) -> tuple[str, tuple[float, ...], str]:
+    """The column, levels and a description of the levels of the front's tolerance table:
+    for a percentage metric its drop at :data:`DROP_LEVELS` points; for another metric its
+    drop, and without a metric the divergence, at the :data:`QUANTILES` of the front's
+    values (rounded to two significant digits; such metrics have no natural steps)."""
+    if metric is not None and metric.percent:
+        return "metric_drop", DROP_LEVELS, "points"
+    column = "divergence" if metric is None else "metric_drop"
+    values = front[column].to_numpy(float)
+    values = values[np.isfinite(values)]
+    if not len(values):
+        return column, (), "no finite values on the front"
+    levels = sorted({float(f"{q:.2g}") for q in np.quantile(values, QUANTILES)})
+    pct = ", ".join(f"{q:.0%}" for q in QUANTILES)
+    unit = f"{metric.drop_unit}; " if metric is not None and metric.drop_unit else ""
+    return column, tuple(levels), f"{unit}levels: the {pct} quantiles of the front's values"
+
+
+def tolerance_table(
+    front: pd.DataFrame, levels: Sequence[float] = DROP_LEVELS, *, column: str = "metric_drop"
+) -> pd.DataFrame:
+    """Per tolerance on ``column`` (``metric_drop``, in the metric's drop units, or
+    ``divergence``), the front's solution of best ratio within it: columns ``max_<column>``,
+    ``id``, ``ratio``, ``density``, ``bits``, then ``metric`` and ``metric_drop``, or
+    ``divergence`` (a tolerance nothing meets gives a row of ``-``)."""
+    if column not in ("metric_drop", "divergence"):
+        raise ValueError(f"column: must be 'metric_drop' or 'divergence', got {column!r}")
+    cols = ["id", "ratio", "density", "bits"]
+    cols += ["metric", "metric_drop"] if column == "metric_drop" else ["divergence"]
     rows: list[dict[str, Any]] = []
     for level in levels:
-        ok = front[front["acc_drop"] <= level]
-        row: dict[str, Any] = {"max_drop": level}
+        ok = front[front[column] <= level]
+        row: dict[str, Any] = {f"max_{column}": level}
         if ok.empty:
             row |= dict.fromkeys(cols, None)
         else:
@@ -205,62 +305,67 @@ def tolerance_table(front: pd.DataFrame, levels: Sequence[float] = DROP_LEVELS) 
             row |= {c: best[c] for c in cols}
             row["id"] = int(best["id"])
         rows.append(row)
-    return pd.DataFrame(rows, columns=["max_drop", *cols])
+    return pd.DataFrame(rows, columns=[f"max_{column}", *cols])
 
 
-def _picks_section(run: RunFolder) -> list[str]:
+def _picks_section(run: RunFolder, metric: MetricInfo | None) -> list[str]:
     out = ["## Picks", ""]
     path = run.file("picks.csv")
     if not path.is_file():
         return out + ["No picks yet: run `moecomp pick RUN` (e.g. `--knee` or `--max-drop 1`).", ""]
-    picks = pd.read_csv(path)
-    cols = [
-        "id",
-        "rule",
-        "ratio",
-        "density",
-        "bits",
-        "divergence",
-        "accuracy",
-        "acc_drop",
-        "val_acc",
-        "val_drop",
-        "test_acc",
-        "test_drop",
-    ]
+    picks = read_table(path)
+    cols = ["id", "rule", "ratio", "density", "bits", "divergence"]
+    if metric is None:
+        cols += ["val_divergence", "test_divergence"]
+    else:
+        cols += ["metric", "metric_drop", "val_metric", "val_drop", "test_metric", "test_drop"]
     table = picks[[c for c in cols if c in picks.columns]].rename(
-        columns={"accuracy": "calib_acc", "acc_drop": "calib_drop"}
+        columns={"metric": "calib_metric", "metric_drop": "calib_drop"}
     )
-    fmt = FORMATS | {"calib_acc": ".2f", "calib_drop": ".2f"}
+    table, fmt = shown(table, metric)
+    if metric is None:
+        split = {f"{s}_divergence": f"{s} divergence" for s in ("val", "test")}
+        table = table.rename(columns={"divergence": "calib divergence"} | split)
+        fmt |= dict.fromkeys(["calib divergence", *split.values()], ".4g")
+        div = divergence_label(run.problem().objectives.divergence)
+        out += [
+            f"No task metric: {div} on the calibration set the search used (calib) and, "
+            "re-evaluated, on the full validation and test splits.",
+            "",
+        ]
+        return out + [markdown_table(table, fmt), ""]
+    unit = f" ({metric.drop_unit})" if metric.drop_unit else ""
     out += [
-        "Accuracy (%) and drop from the teacher (points) on the calibration set the "
-        "search used and, re-evaluated, on the full validation and test splits.",
+        f"{_capital(metric.label)} and its drop from the teacher{unit} "
+        "on the calibration set the search used (calib) and, re-evaluated, on the full "
+        "validation and test splits.",
         "",
     ]
-    if "teacher_test_acc" in picks.columns:
+    if {"teacher_val_metric", "teacher_test_metric"} <= set(picks.columns):
         t = picks.iloc[0]
         out += [
-            f"Teacher: validation {t['teacher_val_acc']:.2f} %, test "
-            f"{t['teacher_test_acc']:.2f} %.",
+            f"Teacher: validation {_value(t['teacher_val_metric'], metric)}, test "
+            f"{_value(t['teacher_test_metric'], metric)}.",
             "",
         ]
     return out + [markdown_table(table, fmt), ""]
 
 
-def _refined_section(run: RunFolder) -> list[str]:
+def _refined_section(run: RunFolder, metric: MetricInfo | None) -> list[str]:
     path = run.file("refined.csv")
     if not path.is_file():
         return []
-    df = pd.read_csv(path)
+    df = read_table(path)
     # Per-layer level counts are JSON blobs; too wide for a table.
     df = df.drop(columns=[c for c in ("levels_before", "levels_after") if c in df.columns])
     for c in df.columns:
         if df[c].dtype == object:
             df[c] = df[c].map(lambda v: _relative(v, run.path))
-    return ["## Refined solutions", "", f"From `{path.name}`:", "", markdown_table(df), ""]
+    df, fmt = shown(df, metric)
+    return ["## Refined solutions", "", f"From `{path.name}`:", "", markdown_table(df, fmt), ""]
 
 
-def _exports_section(run: RunFolder) -> list[str]:
+def _exports_section(run: RunFolder, metric: MetricInfo | None) -> list[str]:
     folder = run.path / "exports"
     if not folder.is_dir():
         return []
@@ -270,11 +375,13 @@ def _exports_section(run: RunFolder) -> list[str]:
         records.append({k: v for k, v in rec.items() if not isinstance(v, dict | list)})
     out = ["## Exports", ""]
     if records:
-        df = pd.DataFrame(records)
+        # The metric's name and unit are in the headers.
+        df = pd.DataFrame(records).drop(columns=["metric_name", "metric_unit"], errors="ignore")
         for c in df.columns:
             if df[c].dtype == object:
                 df[c] = df[c].map(lambda v: _relative(v, run.path))
-        out += [markdown_table(df), ""]
+        df, fmt = shown(df, metric)
+        out += [markdown_table(df, fmt), ""]
     files = [f for f in sorted(folder.rglob("*")) if f.is_file()]
     out += ["Files:", ""]
     out += [f"- `{f.relative_to(run.path)}` ({f.stat().st_size:,} bytes)" for f in files]
@@ -287,13 +394,40 @@ def _relative(v: Any, base: Path) -> Any:
     return v
 
 
-def _figures_section(paths: Sequence[Path], image: Callable[[Path], str]) -> list[str]:
+def figure_captions(metric: MetricInfo | None) -> dict[str, str]:
+    """PNG name -> its caption in the report."""
+    if metric is None:
+        ratio = (
+            "Compression ratio vs divergence on the calibration set (this target has no task "
+            "metric; the teacher's divergence is 0); diamonds are the picks re-evaluated on "
+            "the test set."
+        )
+    else:
+        ratio = (
+            f"Compression ratio vs {metric.name} on the calibration set; diamonds are the "
+            "picks re-evaluated on the test set; the right panel (if any) zooms on the picks."
+        )
+    return {
+        "front_pairs.png": "Pairwise projections of the front (all objectives minimised); "
+        "grey points are dominated, stars are the picks.",
+        "ratio_metric.png": ratio,
+        "ratio_accuracy.png": "Compression ratio vs accuracy (drawn by an earlier moecomp).",
+        "pick_layers.png": "Per-layer sparsity and bits of the picks.",
+        "hv_history.png": "Hypervolume after each generation (objectives divided by the fixed "
+        "reference point, so runs of one problem compare).",
+    }
+
+
+def _figures_section(
+    paths: Sequence[Path], image: Callable[[Path], str], metric: MetricInfo | None
+) -> list[str]:
     out = ["## Figures", ""]
-    shown = [p for p in paths if p.is_file()]
-    if not shown:
+    present = [p for p in paths if p.is_file()]
+    if not present:
         return out + ["No figures.", ""]
-    for p in shown:
-        caption = FIGURES.get(p.name, p.stem.replace("_", " "))
+    captions = figure_captions(metric)
+    for p in present:
+        caption = captions.get(p.name, p.stem.replace("_", " "))
         out += [f"![{p.stem}]({image(p)})", "", f"*{caption}*", ""]
     return out
 
@@ -331,13 +465,14 @@ def report_markdown(
         f"Run folder `{run.path}`, report written {when}.",
         "",
     ]
-    parts += _problem_section(run)
+    metric = metric_info(run, run.front())
+    parts += _problem_section(run, metric)
     parts += _search_section(run)
-    parts += _front_section(run)
-    parts += _picks_section(run)
-    parts += _refined_section(run)
-    parts += _exports_section(run)
-    parts += _figures_section(figures, link)
+    parts += _front_section(run, metric)
+    parts += _picks_section(run, metric)
+    parts += _refined_section(run, metric)
+    parts += _exports_section(run, metric)
+    parts += _figures_section(figures, link, metric)
     parts += _compare_section(run, link)
     return "\n".join(parts).rstrip() + "\n"
 
@@ -385,7 +520,8 @@ def write_report(run_dir: str | os.PathLike[str], *, plots: bool = True) -> Path
         figures = plot_run(run.path)
     else:
         folder = run.path / "plots"
-        figures = [folder / n for n in FIGURES if (folder / n).is_file()]
+        names = [n if (folder / n).is_file() else LEGACY_FIGURES.get(n, n) for n in FIGURES]
+        figures = [folder / n for n in names if (folder / n).is_file()]
     md = report_markdown(run.path, figures)
     html_md = report_markdown(run.path, figures, image=_data_uri)
     md_path = run.file(REPORT_MD)

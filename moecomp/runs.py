@@ -2,7 +2,10 @@
 
 Layout of ``RUN/``::
 
-    problem.json     the resolved ProblemConfig (with command-line overrides applied)
+    problem.json     the resolved ProblemConfig (with command-line overrides applied); it
+                     names the factories later commands import to rebuild the same target
+    target.json      what the target turned out to be: inputs, output, divergence, metric
+                     (name, direction, units, the teacher's values), compressed layers
     search.json      status, algorithm, seed, budget, evaluations, elapsed seconds
     evaluated.csv    every evaluated solution: id, gen, metrics, s:<tensor>, b:<tensor>
     front.csv        the non-dominated subset of evaluated.csv (same columns)
@@ -20,7 +23,7 @@ import json
 import os
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import pandas as pd
@@ -29,7 +32,15 @@ from moecomp.config import ProblemConfig, problem_from_dict
 from moecomp.errors import RunError
 from moecomp.plan import CompressionPlan, LayerPlan
 
-METRICS = ("density", "bits", "divergence", "size_bytes", "ratio", "accuracy", "acc_drop")
+METRICS = ("density", "bits", "divergence", "size_bytes", "ratio", "metric", "metric_drop")
+"""Columns of evaluated.csv after id and gen: ``metric`` is the target's task metric (e.g.
+accuracy in %) on the calibration samples and ``metric_drop`` the teacher's minus it (for a
+metric to maximise), NaN without a metric; target.json names the metric and its units."""
+
+LEGACY_COLUMNS = {"accuracy": "metric", "acc_drop": "metric_drop", "val_acc": "val_metric",
+                  "test_acc": "test_metric", "teacher_val_acc": "teacher_val_metric",
+                  "teacher_test_acc": "teacher_test_metric", "calib_acc": "calib_metric"}
+"""Column names of run folders written before metrics were generic."""
 
 
 def sparsity_col(name: str) -> str:
@@ -109,11 +120,24 @@ class RunFolder:
         return json.loads(p.read_text()) if p.is_file() else {}
 
     # --- tables -------------------------------------------------------------------------
+    def write_target_info(self, info: dict[str, Any]) -> None:
+        self.path.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(self.path / "target.json", json.dumps(info, indent=2))
+
+    def target_info(self) -> dict[str, Any]:
+        """target.json (``{}`` for a run that predates it)."""
+        p = self.path / "target.json"
+        return json.loads(p.read_text()) if p.is_file() else {}
+
+    def table(self, name: str) -> pd.DataFrame:
+        """A CSV of the run folder, legacy column names renamed."""
+        return read_table(self.require(name))
+
     def evaluated(self) -> pd.DataFrame:
-        return pd.read_csv(self.require("evaluated.csv"))
+        return self.table("evaluated.csv")
 
     def front(self) -> pd.DataFrame:
-        return pd.read_csv(self.require("front.csv"))
+        return self.table("front.csv")
 
     def hv_history(self) -> pd.DataFrame:
         return pd.read_csv(self.require("hv.csv"))
@@ -147,11 +171,75 @@ class RunFolder:
         return CompressionPlan(layers=plan.layers, shared_k=plan.shared_k, meta=meta)
 
 
+def read_table(path: Path) -> pd.DataFrame:
+    """A run folder's CSV with legacy column names (``accuracy``, ``acc_drop``, ...) renamed."""
+    df = pd.read_csv(path)
+    return df.rename(columns={k: v for k, v in LEGACY_COLUMNS.items() if k in df.columns})
+
+
+class MetricInfo(NamedTuple):
+    """How a run's task metric is shown: its name (``accuracy``), unit (``%``, or a user's,
+    may be empty) and direction (``maximize`` or ``minimize``)."""
+
+    name: str
+    unit: str
+    direction: str
+
+    @property
+    def percent(self) -> bool:
+        """A percentage: drops are in points and values lie in [0, 100]."""
+        return self.unit == "%"
+
+    @property
+    def label(self) -> str:
+        """The metric with its unit, e.g. ``accuracy (%)``."""
+        return f"{self.name} ({self.unit})" if self.unit else self.name
+
+    @property
+    def drop_unit(self) -> str:
+        """The unit of its drop: ``points`` for a percentage, else the metric's own."""
+        return "points" if self.percent else self.unit
+
+    @property
+    def drop_label(self) -> str:
+        """Its drop with units, e.g. ``accuracy drop (points)``."""
+        # moecomp.metric imports torch, which reading a run folder does not otherwise need.
+        from moecomp.metric import drop_label
+
+        return drop_label(self.name, self.unit)
+
+
+def metric_info(run: RunFolder, evaluated: pd.DataFrame | None = None) -> MetricInfo | None:
+    """The task metric a run's tables and figures show, from ``RUN/target.json``; None when
+    the target has none (it was searched on divergence alone, metric columns are NaN).
+
+    A run that predates target.json (or whose target.json does not say) measured accuracy in
+    % wherever its ``metric`` column (of ``evaluated``, default evaluated.csv) has values.
+    """
+    info = run.target_info()
+    if "metric" in info:
+        m = info["metric"]
+        if m is None:
+            return None
+        return MetricInfo(str(m.get("name") or m.get("ref") or "metric"),
+                          str(m.get("unit") or ""), str(m.get("direction") or "maximize"))
+    df = run.evaluated() if evaluated is None else evaluated
+    if "metric" in df.columns and df["metric"].notna().any():
+        return MetricInfo("accuracy", "%", "maximize")
+    return None
+
+
 def _lists_to_toml(raw: Any) -> Any:
     """JSON turns tuples into lists; the config builder accepts lists, so nothing to do but
-    drop nulls (TOML has no null: an absent key means the default)."""
+    drop nulls (TOML has no null: an absent key means the default) and rename the keys of
+    older run folders."""
     if isinstance(raw, dict):
-        return {k: _lists_to_toml(v) for k, v in raw.items() if v is not None}
+        out = {k: _lists_to_toml(v) for k, v in raw.items() if v is not None}
+        if "max_accuracy_drop" in out:
+            out["max_metric_drop"] = out.pop("max_accuracy_drop")
+        if out.get("shared_fidelity") == "acc_drop":
+            out["shared_fidelity"] = "metric_drop"
+        return out
     return raw
 
 

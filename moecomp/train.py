@@ -15,8 +15,9 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 
+from moecomp import inputs as inputs_mod
 from moecomp.config import ProblemConfig
-from moecomp.data import Split, Splits, load_dataset
+from moecomp.data import Split, Splits, load_splits
 from moecomp.errors import ConfigError
 from moecomp.zoo import build_model
 
@@ -30,8 +31,13 @@ def artifacts_dir() -> Path:
 
 def teacher_key(problem: ProblemConfig) -> str:
     """Hash of everything that determines the trained weights."""
-    blob = json.dumps({"model": asdict(problem.model), "data": [problem.data.dataset,
-                       problem.data.seed], "train": asdict(problem.train)}, sort_keys=True)
+    d = problem.data
+    data: list[object] = [d.source, d.seed]
+    if d.validation != "holdout" or d.holdout is not None:  # the default keeps old keys
+        data += [d.validation, d.holdout]
+    model = {k: v for k, v in asdict(problem.model).items() if k in ("zoo", "factory", "weights")}
+    blob = json.dumps({"model": model, "data": data, "train": asdict(problem.train)},
+                      sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -44,11 +50,14 @@ def teacher_paths(problem: ProblemConfig) -> tuple[Path, Path]:
 
 @torch.no_grad()
 def accuracy(model: nn.Module, split: Split, *, batch: int = 4096) -> float:
-    """Top-1 accuracy in percent."""
+    """Top-1 accuracy in percent of a classifier on a labelled split."""
+    if split.labels is None:
+        raise ConfigError("metric", "accuracy needs labels; this split has none")
     model.eval()
     correct = 0
-    for i in range(0, len(split), batch):
-        correct += int((model(split.x[i:i + batch]).argmax(-1) == split.y[i:i + batch]).sum())
+    for i, x in inputs_mod.batches(split.inputs, batch):
+        out = inputs_mod.call(model, x)
+        correct += int((out.argmax(-1) == split.labels[i:i + batch]).sum())
     return 100.0 * correct / max(len(split), 1)
 
 
@@ -59,7 +68,9 @@ def fit(model: nn.Module, data: Splits, problem: ProblemConfig, *,
     gen = torch.Generator().manual_seed(cfg.seed)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.epochs)
-    n = len(data.train)
+    train = data.calibration  # the zoo's calibration split is its training images
+    assert isinstance(train.inputs, torch.Tensor) and train.labels is not None
+    n = len(train)
     history = []
     bar = tqdm(range(cfg.epochs), desc=f"train {problem.name}", disable=not progress)
     for _ in bar:
@@ -67,13 +78,13 @@ def fit(model: nn.Module, data: Splits, problem: ProblemConfig, *,
         perm = torch.randperm(n, generator=gen)
         for i in range(0, n, cfg.batch_size):
             idx = perm[i:i + cfg.batch_size]
-            loss = nn.functional.cross_entropy(model(data.train.x[idx]), data.train.y[idx])
+            loss = nn.functional.cross_entropy(model(train.inputs[idx]), train.labels[idx])
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
         sched.step()
-        history.append(accuracy(model, data.val))
-        bar.set_postfix(val_acc=f"{history[-1]:.2f}%")
+        history.append(accuracy(model, data.validation))
+        bar.set_postfix(val_metric=f"{history[-1]:.2f}%")
     model.eval()
     return history
 
@@ -97,7 +108,7 @@ def train_teacher(problem: ProblemConfig, *, data: Splits | None = None, force: 
         model.eval()
         return model, json.loads(record_path.read_text())
     if data is None:
-        data = load_dataset(problem.data.dataset, path=problem.data.path, seed=problem.data.seed)
+        data = load_splits(problem.data, folder=problem.folder)
     t0 = time.perf_counter()
     with torch.random.fork_rng():
         torch.manual_seed(problem.train.seed)  # dropout-free models; kept for user ones

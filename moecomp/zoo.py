@@ -1,8 +1,8 @@
-"""The model zoo: small classifiers the papers compress, and user models by reference."""
+"""The model zoo: the small classifiers the papers compress (the test bed; user models come
+from their own factories, ``moecomp.factories``)."""
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import Callable
 
 import torch
@@ -79,16 +79,3 @@ def build_model(name: str) -> nn.Module:
     except KeyError:
         raise ConfigError("model.zoo", f"unknown model {name!r}; allowed: {', '.join(ZOO)}")\
             from None
-
-
-def resolve_factory(ref: str) -> Callable[[], nn.Module]:
-    """Import ``package.module:function`` (a user model's factory)."""
-    mod_name, _, attr = ref.partition(":")
-    try:
-        module = importlib.import_module(mod_name)
-    except ImportError as e:
-        raise ConfigError("model.factory", f"cannot import {mod_name!r}: {e}") from None
-    fn = getattr(module, attr, None)
-    if not callable(fn):
-        raise ConfigError("model.factory", f"{mod_name!r} has no callable {attr!r}")
-    return fn  # type: ignore[no-any-return]

@@ -36,8 +36,14 @@ def test_shipped_problem_files_load(name):
         (base(objectives={"ref_point": [1.0, 2.0]}), "objectives.ref_point", "needs 3"),
         (base(layers={"include": "fc1"}), "layers.include", "a list of a string"),
         (base(data={"calibration": True}), "data.calibration", "integer"),
-        ({"name": "t", "model": {}}, "model", "exactly one of zoo"),
+        ({"name": "t", "model": {"zoo": "lenet5", "factory": "m:f"}}, "model",
+         "exactly one of zoo"),
         ({"name": "t", "model": {"factory": "x"}}, "model.factory", "module:function"),
+        ({"name": "t", "model": {"factory": "a b:c"}}, "model.factory", "module:function"),
+        (base(data={"factory": "m:f", "dataset": "digits"}), "data.factory", "not several"),
+        (base(objectives={"divergence": "js"}), "objectives.divergence", "'kl'"),
+        (base(objectives={"metric": "f1"}), "objectives.metric", "'auto'"),
+        (base(data={"validation": "half"}), "data.validation", "'holdout', 'test-half'"),
         ({"model": {"zoo": "lenet5"}}, "name", "missing"),
     ],
 )
@@ -66,3 +72,33 @@ def test_replace_revalidates():
     assert p.replace("search", pop_size=12).search.pop_size == 12
     with pytest.raises(ConfigError, match="search.pop_size"):
         p.replace("search", pop_size=1)
+
+
+def test_problem_file_must_name_a_model_and_records_its_folder(tmp_path):
+    f = tmp_path / "sub" / "p.toml"
+    f.parent.mkdir()
+    f.write_text('name = "t"\n[model]\n')
+    with pytest.raises(ConfigError, match="model: give exactly one of zoo"):
+        load_problem(f)
+    f.write_text('name = "t"\n[model]\nzoo = "lenet300"\n')
+    assert load_problem(f).folder == str(f.parent.resolve())
+    f.write_text('name = "t"\nfolder = ".."\n[model]\nzoo = "lenet300"\n')
+    assert load_problem(f).folder == str(tmp_path.resolve())
+
+
+def test_relative_paths_resolve_against_the_problem_file(tmp_path):
+    from moecomp.config import resolve_path
+
+    f = tmp_path / "p.toml"
+    f.write_text('name = "t"\n[model]\nfactory = "net:build"\nweights = "w/t.safetensors"\n')
+    p = load_problem(f)
+    assert resolve_path(p, p.model.weights or "") == tmp_path.resolve() / "w" / "t.safetensors"
+    assert resolve_path(p, "/abs/x") == Path("/abs/x")
+
+
+def test_data_source_is_the_one_given():
+    assert problem_from_dict(base()).data.source == "digits"
+    assert problem_from_dict(base(data={"dataset": "fashion-mnist"})).data.source == \
+        "fashion-mnist"
+    assert problem_from_dict(base(data={"factory": "d:splits"})).data.source == "factory"
+    assert problem_from_dict(base(data={"path": "splits.pt"})).data.source == "file"

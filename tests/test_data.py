@@ -6,33 +6,34 @@ import numpy as np
 import pytest
 import torch
 
+from moecomp.config import DataConfig
 from moecomp.data import (
     FASHION_DEBIAN,
     FASHION_FILES,
-    load_dataset,
     load_digits,
     load_fashion_mnist,
+    load_splits,
     read_idx,
 )
-from moecomp.errors import DataError
+from moecomp.errors import ConfigError, DataError
 
 
 def test_digits_shapes_dtypes_labels():
     s = load_digits(seed=0)
-    assert s.input_shape == (64,)
-    assert len(s.train) + len(s.val) + len(s.test) == 1797
-    for part in (s.train, s.val, s.test):
-        assert part.x.dtype == torch.float32 and part.y.dtype == torch.int64
-        assert 0.0 <= float(part.x.min()) and float(part.x.max()) <= 1.0
-        assert set(part.y.unique().tolist()) <= set(range(10))
+    assert s.calibration.inputs.shape[1:] == (64,)
+    assert len(s.calibration) + len(s.validation) + len(s.test) == 1797
+    for part in (s.calibration, s.validation, s.test):
+        assert part.inputs.dtype == torch.float32 and part.labels.dtype == torch.int64
+        assert 0.0 <= float(part.inputs.min()) and float(part.inputs.max()) <= 1.0
+        assert set(part.labels.unique().tolist()) <= set(range(10))
 
 
 def test_digits_split_is_deterministic_and_disjoint():
     a, b, c = load_digits(seed=3), load_digits(seed=3), load_digits(seed=4)
-    assert torch.equal(a.train.x, b.train.x) and torch.equal(a.test.y, b.test.y)
-    assert not torch.equal(a.train.x, c.train.x)
-    rows = {tuple(r.tolist()) + (int(y),) for part in (a.train, a.val, a.test)
-            for r, y in zip(part.x, part.y, strict=True)}
+    assert torch.equal(a.calibration.inputs, b.calibration.inputs) and torch.equal(a.test.labels, b.test.labels)
+    assert not torch.equal(a.calibration.inputs, c.calibration.inputs)
+    rows = {tuple(r.tolist()) + (int(y),) for part in (a.calibration, a.validation, a.test)
+            for r, y in zip(part.inputs, part.labels, strict=True)}
     # the digits set has a handful of duplicate images; splits still cover ~all rows
     assert len(rows) > 1780
 
@@ -53,17 +54,17 @@ def _fake_fashion(folder, n_train=12, n_test=6):
 
 def test_fashion_loader_on_small_idx_files(tmp_path):
     _fake_fashion(tmp_path)
-    s = load_fashion_mnist(tmp_path, seed=0, n_val=4)
-    assert s.train.x.shape == (8, 1, 28, 28) and s.val.x.shape == (4, 1, 28, 28)
-    assert s.test.x.shape == (6, 1, 28, 28)
+    s = load_fashion_mnist(tmp_path, seed=0, holdout=4)
+    assert s.calibration.inputs.shape == (8, 1, 28, 28) and s.validation.inputs.shape == (4, 1, 28, 28)
+    assert s.test.inputs.shape == (6, 1, 28, 28)
     raw = read_idx(tmp_path / FASHION_FILES["test_x"])
-    assert torch.allclose(s.test.x[:, 0], torch.from_numpy(raw.astype(np.float32) / 255))
+    assert torch.allclose(s.test.inputs[:, 0], torch.from_numpy(raw.astype(np.float32) / 255))
 
 
 def test_fashion_path_from_environment(tmp_path, monkeypatch):
     _fake_fashion(tmp_path)
     monkeypatch.setenv("MOECOMP_FASHION_MNIST", str(tmp_path))
-    assert len(load_dataset("fashion-mnist").test) == 6
+    assert len(load_splits(DataConfig(dataset="fashion-mnist", holdout=4)).test) == 6
 
 
 def test_missing_folder_says_how_to_install(tmp_path):
@@ -97,8 +98,11 @@ def test_corrupt_file_is_refused(tmp_path, damage):
 
 
 def test_unknown_dataset():
-    with pytest.raises(DataError, match="allowed: digits, fashion-mnist"):
-        load_dataset("cifar")
+    from moecomp.config import problem_from_dict
+
+    with pytest.raises(ConfigError, match="data.dataset.*'digits', 'fashion-mnist'"):
+        problem_from_dict({"name": "x", "model": {"zoo": "lenet300"},
+                           "data": {"dataset": "cifar"}})
 
 
 _REAL = FASHION_DEBIAN / FASHION_FILES["train_x"]
@@ -108,13 +112,13 @@ _REAL = FASHION_DEBIAN / FASHION_FILES["train_x"]
                     reason="Debian package dataset-fashion-mnist not installed (CI installs it)")
 def test_real_fashion_mnist_files():
     s = load_fashion_mnist(seed=0)
-    assert s.train.x.shape == (55000, 1, 28, 28) and s.val.x.shape == (5000, 1, 28, 28)
-    assert s.test.x.shape == (10000, 1, 28, 28)
-    assert s.train.x.dtype == torch.float32 and s.test.y.dtype == torch.int64
-    assert float(s.train.x.min()) == 0.0 and float(s.train.x.max()) == 1.0
-    for part in (s.train, s.val, s.test):
-        assert set(part.y.unique().tolist()) == set(range(10))
+    assert s.calibration.inputs.shape == (55000, 1, 28, 28) and s.validation.inputs.shape == (5000, 1, 28, 28)
+    assert s.test.inputs.shape == (10000, 1, 28, 28)
+    assert s.calibration.inputs.dtype == torch.float32 and s.test.labels.dtype == torch.int64
+    assert float(s.calibration.inputs.min()) == 0.0 and float(s.calibration.inputs.max()) == 1.0
+    for part in (s.calibration, s.validation, s.test):
+        assert set(part.labels.unique().tolist()) == set(range(10))
     # the official test set is balanced: 1,000 per class
-    assert torch.bincount(s.test.y).tolist() == [1000] * 10
+    assert torch.bincount(s.test.labels).tolist() == [1000] * 10
     again = load_fashion_mnist(seed=0)
-    assert torch.equal(s.val.y, again.val.y)
+    assert torch.equal(s.validation.labels, again.validation.labels)

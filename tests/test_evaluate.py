@@ -13,7 +13,8 @@ from torch import nn
 
 from moecomp.apply import QuantizedLayer, apply_plan, student_state_dict
 from moecomp.codec.masks import grid_of
-from moecomp.divergence import divergence
+from moecomp.data import Split
+from moecomp.divergence import Divergence
 from moecomp.evaluate import (
     EvalOptions,
     Evaluator,
@@ -24,10 +25,17 @@ from moecomp.evaluate import (
     order0_bits,
     stream_bytes,
 )
+from moecomp.metric import builtin_accuracy
 from moecomp.plan import CompressionPlan, LayerPlan
 from moecomp.relevance.base import scores_to_ranks
 from moecomp.runs import plans_from_genes
-from moecomp.target import Target, select_layers
+from moecomp.target import Target, load_state, select_layers
+
+
+def divergence(t, s, kind):
+    """Mean divergence over the samples (per student when ``s`` has a leading axis)."""
+    d = kind if isinstance(kind, Divergence) else Divergence(kind)
+    return d.batched(t, s).mean(-1) if s.dim() > t.dim() else d(t, s).mean()
 
 RTOL, ATOL = 1e-4, 1e-6
 
@@ -49,17 +57,18 @@ def oracle(
         [v.numel() * dense_size for k, v in state.items() if k not in weights], len(weights)
     )
     t_acc = None
-    if target.calib_y is not None:
-        t_acc = 100.0 * float((target.teacher_out.argmax(-1) == target.calib_y).double().mean())
+    if target.calib.labels is not None:
+        labels = target.calib.labels
+        t_acc = 100.0 * float((target.teacher_out.argmax(-1) == labels).double().mean())
     cols: dict[str, list[float]] = {
-        k: [] for k in ("density", "bits", "divergence", "size_bytes", "accuracy", "acc_drop")
+        k: [] for k in ("density", "bits", "divergence", "size_bytes", "metric", "metric_drop")
     }
     for plan in plans:
         layers: dict[str, QuantizedLayer] = apply_plan(plan, weights, ranks)
         student = copy.deepcopy(target.teacher)
-        student.load_state_dict(student_state_dict(state, layers))
+        load_state(student, student_state_dict(state, layers))
         with torch.no_grad():
-            out = student(target.calib_x)
+            out = student(target.calib.inputs)
         kept = {n: int(q.mask.sum()) for n, q in layers.items()}
         total_kept = sum(kept.values())
         cols["density"].append(total_kept / sum(q.numel for q in layers.values()))
@@ -73,9 +82,9 @@ def oracle(
             size += layer_coded_bytes(q.numel, counts, q.n_levels, mask_bytes=mask_bytes)
         cols["size_bytes"].append(size)
         if t_acc is not None:
-            acc = 100.0 * float((out.argmax(-1) == target.calib_y).double().mean())
-            cols["accuracy"].append(acc)
-            cols["acc_drop"].append(t_acc - acc)
+            acc = 100.0 * float((out.argmax(-1) == target.calib.labels).double().mean())
+            cols["metric"].append(acc)
+            cols["metric_drop"].append(t_acc - acc)
     res = {k: np.array(v) for k, v in cols.items()}
     res["ratio"] = 4.0 * n_fp32 / res["size_bytes"]
     return res
@@ -137,7 +146,8 @@ def small_target(cls: type[nn.Module] = SkipNet) -> Target:
     g = torch.Generator().manual_seed(1)
     x = torch.randn(96, 1, 6, 6, generator=g)
     y = torch.randint(0, 5, (96,), generator=g)
-    return Target(teacher=model, layers=select_layers(model), calib_x=x, calib_y=y)
+    return Target(teacher=model, layers=select_layers(model), calib=Split(x, y),
+                  metric=builtin_accuracy())
 
 
 @pytest.fixture(scope="module")
@@ -234,7 +244,7 @@ def test_dense_8bit_student_is_close_to_teacher(digits):
     m = Evaluator(target, ranks).evaluate(np.zeros((1, L)), np.full((1, L), 8))
     assert m.divergence[0] < 1e-3
     assert m.density[0] == 1.0 and m.bits[0] == 8.0
-    assert abs(m.acc_drop[0]) <= 1.0
+    assert abs(m.metric_drop[0]) <= 1.0
 
 
 def test_metric_bounds_and_consistency(digits):
@@ -249,8 +259,8 @@ def test_metric_bounds_and_consistency(digits):
     assert (m.divergence >= -1e-7).all()
     assert (m.ratio > 1).all() and (m.size_bytes > 0).all()
     np.testing.assert_allclose(m.ratio * m.size_bytes, 4.0 * target.n_params)
-    np.testing.assert_allclose(m.acc_drop, ev.teacher_accuracy - m.accuracy)
-    assert ((m.accuracy >= 0) & (m.accuracy <= 100)).all()
+    np.testing.assert_allclose(m.metric_drop, ev.teacher_metric - m.metric)
+    assert ((m.metric >= 0) & (m.metric <= 100)).all()
     f3, f2 = m.objectives("3obj"), m.objectives("2obj")
     assert f3.shape == (16, 3) and f2.shape == (16, 2)
     np.testing.assert_array_equal(f3, np.stack([m.density, m.bits, m.divergence], 1))
@@ -261,8 +271,8 @@ def test_metric_bounds_and_consistency(digits):
         "divergence",
         "size_bytes",
         "ratio",
-        "accuracy",
-        "acc_drop",
+        "metric",
+        "metric_drop",
     ]
     # more pruning and fewer bits: a smaller file
     small = ev.evaluate(np.full((1, L), 0.9), np.full((1, L), 2))

@@ -20,7 +20,7 @@ def test_export_decodes_to_the_in_memory_solution(run_ctx, tmp_path):
     for k, v in sol.state.items():
         assert torch.equal(decoded.state_dict[k], v), k
     memory = student_model(run_ctx.target.teacher, sol.state)
-    assert r.test_acc == accuracy(memory, run_ctx.target.test)
+    assert r.test_metric == accuracy(memory, run_ctx.target.test)
     assert r.file_bytes == r.mcz.stat().st_size
     assert r.ratio == pytest.approx(r.fp32_bytes / r.file_bytes)
     assert r.ratio > 5

@@ -9,12 +9,13 @@ import pytest
 import torch
 
 from moecomp.errors import ConfigError, RunError
+from moecomp.metric import builtin_accuracy
 from moecomp.pick import (
     NoFeasibleSolution,
     by_constraints,
     by_weights,
     choose,
-    holdout_accuracy,
+    holdout_fidelity,
     knee,
     normalise,
     pick,
@@ -38,8 +39,8 @@ def metric_frame() -> pd.DataFrame:
             "bits": [8.0, 4.0, 3.0, 2.0, 1.0],
             "divergence": [0.001, 0.01, 0.05, 0.2, 1.0],
             "ratio": [4.4, 15.0, 30.0, 60.0, 200.0],
-            "accuracy": [97.0, 96.9, 96.0, 93.0, 40.0],
-            "acc_drop": [0.0, 0.1, 1.0, 4.0, 57.0],
+            "metric": [97.0, 96.9, 96.0, 93.0, 40.0],
+            "metric_drop": [0.0, 0.1, 1.0, 4.0, 57.0],
         }
     )
 
@@ -120,7 +121,7 @@ def test_constraints_filter_exactly_and_sort_by_ratio():
 
 def test_infeasible_bound_names_the_rule_and_best_value():
     df = metric_frame()
-    with pytest.raises(NoFeasibleSolution, match=r"max_drop.*acc_drop = 0.1 \(solution 11\)"):
+    with pytest.raises(NoFeasibleSolution, match=r"max_drop.*metric_drop = 0.1 \(solution 11\)"):
         by_constraints(df.iloc[1:], max_drop=0.05)
     with pytest.raises(NoFeasibleSolution, match=r"min_ratio.*best available is ratio = 200"):
         by_constraints(df, min_ratio=500)
@@ -132,13 +133,13 @@ def test_infeasible_bound_names_the_rule_and_best_value():
 def test_choose_rules_and_default():
     df = metric_frame()
     out = choose(df, max_drop=1.0)
-    assert out[["id", "rule"]].values.tolist() == [[12, "best ratio within acc_drop <= 1"]]
+    assert out[["id", "rule"]].values.tolist() == [[12, "best ratio within metric_drop <= 1"]]
     out = choose(df, weights=(0, 0, 1))
     assert out["id"].tolist() == [10] and out["rule"].iloc[0] == "weights 0,0,1 (asf)"
     # Bounds restrict where weights look.
     out = choose(df, max_drop=1.0, weights=(1, 1, 0), method="pseudo")
     assert out["id"].tolist() == [12, 12]
-    assert out["rule"].tolist()[1] == "weights 1,1,0 (pseudo) within acc_drop <= 1"
+    assert out["rule"].tolist()[1] == "weights 1,1,0 (pseudo) within metric_drop <= 1"
     # No rule: knee points (if any) and equal ASF weights.
     default = choose(df)
     assert default["rule"].iloc[-1] == "weights 1,1,1 (asf)"
@@ -154,7 +155,7 @@ def test_choose_knee_uses_given_objectives_and_caps_count():
             "f2": F[:, 1],
             "ratio": 1 / (F[:, 0] + 0.01),
             "divergence": F[:, 1],
-            "acc_drop": 0.0,
+            "metric_drop": 0.0,
         }
     )
     out = choose(df, objectives=lambda d: d[["f1", "f2"]].to_numpy(), knee_point=True)
@@ -199,7 +200,7 @@ def tiny_run(tmp_path_factory, digits_problem, digits_target):
     m = Evaluator(digits_target, ranks).evaluate(s, b)
     metrics = {
         k: getattr(m, k)
-        for k in ("density", "bits", "divergence", "size_bytes", "ratio", "accuracy", "acc_drop")
+        for k in ("density", "bits", "divergence", "size_bytes", "ratio", "metric", "metric_drop")
     }
     df = solutions_frame(np.arange(len(s)), 0, names, s, b, metrics)
     run = RunFolder(tmp_path_factory.mktemp("run") / "tiny")
@@ -233,11 +234,13 @@ def test_pick_reevaluates_on_val_and_test(tiny_run, digits_target):
         "divergence",
         "size_bytes",
         "ratio",
-        "accuracy",
-        "acc_drop",
-        "val_acc",
+        "metric",
+        "metric_drop",
+        "val_divergence",
+        "val_metric",
         "val_drop",
-        "test_acc",
+        "test_divergence",
+        "test_metric",
         "test_drop",
     ]
     assert list(saved.columns[: len(head)]) == head
@@ -245,21 +248,23 @@ def test_pick_reevaluates_on_val_and_test(tiny_run, digits_target):
     front = run.front()
     assert by_constraints(front, max_drop=5.0)["id"].iloc[0] == picks["id"].iloc[0]
 
-    # Oracle: the Evaluator's accuracy with the test split as its "calibration" data.
+    # Oracle: the Evaluator's metrics with the test split as its "calibration" data.
     t = digits_target
     assert t.test is not None and t.val is not None
     for split, col in ((t.test, "test"), (t.val, "val")):
-        on_split = Target(teacher=t.teacher, layers=t.layers, calib_x=split.x, calib_y=split.y)
+        on_split = Target(teacher=t.teacher, layers=t.layers, calib=split,
+                          metric=builtin_accuracy())
         plans = [run.plan(int(i)) for i in picks["id"]]
         m = Evaluator(on_split, ranks).evaluate_plans(plans)
-        assert np.allclose(picks[f"{col}_acc"], m.accuracy)
-        assert np.allclose(picks[f"{col}_drop"], m.acc_drop)
+        assert np.allclose(picks[f"{col}_metric"], m.metric)
+        assert np.allclose(picks[f"{col}_drop"], m.metric_drop)
+        assert np.allclose(picks[f"{col}_divergence"], m.divergence, rtol=1e-4)
 
 
 def test_pick_without_reevaluation_has_no_holdout_columns(tiny_run):
     run, _ = tiny_run
     picks = pick(run.path, weights=(0, 0, 1), reevaluate=False)
-    assert "val_acc" not in picks.columns and "test_acc" not in picks.columns
+    assert "val_metric" not in picks.columns and "test_metric" not in picks.columns
     assert picks["divergence"].iloc[0] == run.front()["divergence"].min()
 
 
@@ -270,22 +275,24 @@ def test_pick_notices_a_rebuild_that_differs_from_the_search(tiny_run, tmp_path)
     copy = tmp_path / "tampered"
     shutil.copytree(run.path, copy)
     front = pd.read_csv(copy / "front.csv")
-    front["accuracy"] = front["accuracy"] - 20.0  # not what the plan gives
+    front["divergence"] = front["divergence"] * 1.5 + 0.01  # not what the plan gives
     front.to_csv(copy / "front.csv", index=False)
-    with pytest.raises(RunError, match="calibration accuracy"):
+    with pytest.raises(RunError, match="calibration divergence"):
         pick(copy, weights=(1, 1, 1))
 
 
-def test_holdout_accuracy_of_the_dense_8bit_plan_is_near_the_teacher(tiny_run, digits_target):
+def test_holdout_fidelity_of_the_dense_8bit_plan_is_near_the_teacher(tiny_run, digits_target):
     from moecomp.plan import CompressionPlan
     from moecomp.train import accuracy
 
     _, ranks = tiny_run
     plan = CompressionPlan.uniform(digits_target.layer_names, sparsity=0.0, bits=8)
-    out = holdout_accuracy(digits_target, ranks, [plan])
+    out = holdout_fidelity(digits_target, ranks, [plan])
     assert digits_target.test is not None
-    assert out["teacher_test_acc"].iloc[0] == accuracy(digits_target.teacher, digits_target.test)
+    assert out["teacher_test_metric"].iloc[0] == pytest.approx(
+        accuracy(digits_target.teacher, digits_target.test))
     assert abs(out["test_drop"].iloc[0]) <= 1.0
+    assert 0 <= out["test_divergence"].iloc[0] < 0.01
     # The teacher itself was not modified.
     w = dict(digits_target.teacher.named_parameters())[digits_target.layer_names[0]]
     assert torch.unique(w).numel() > 256

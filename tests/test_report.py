@@ -35,7 +35,7 @@ def run(tmp_path, digits_problem) -> RunFolder:
         "size_bytes": size,
         "ratio": 68000 / size,
         "accuracy": acc,
-        "acc_drop": 97.0 - acc,
+        "metric_drop": 97.0 - acc,
     }
     df = solutions_frame(np.arange(n), 1, NAMES, s, b, m)
     r = RunFolder(tmp_path / "run")
@@ -77,9 +77,9 @@ def test_report_with_picks_refined_exports_and_comparison(run):
     front = run.front()
     picks = front.iloc[[0, 3]].copy()
     picks.insert(1, "rule", ["knee", "weights 1,1,4 (asf)"])
-    picks["val_acc"], picks["val_drop"] = 95.0, 1.5
-    picks["test_acc"], picks["test_drop"] = 94.0, 2.0
-    picks["teacher_val_acc"], picks["teacher_test_acc"] = 96.5, 96.0
+    picks["val_metric"], picks["val_drop"] = 95.0, 1.5
+    picks["test_metric"], picks["test_drop"] = 94.0, 2.0
+    picks["teacher_val_metric"], picks["teacher_test_metric"] = 96.5, 96.0
     atomic_write_csv(run.file("picks.csv"), picks)
     atomic_write_csv(
         run.file("refined.csv"),
@@ -91,8 +91,8 @@ def test_report_with_picks_refined_exports_and_comparison(run):
                     "finetune_epochs": 2,
                     "levels_before": json.dumps({"a": 8}),
                     "levels_after": json.dumps({"a": 5}),
-                    "val_acc": 95.5,
-                    "test_acc": 95.1,
+                    "val_metric": 95.5,
+                    "test_metric": 95.1,
                     "file_bytes": 4321,
                     "ratio": 15.7,
                     "path": str(run.path / "refined" / "r1.mcz"),
@@ -110,9 +110,9 @@ def test_report_with_picks_refined_exports_and_comparison(run):
                 "mcz": str(exp / "r1.mcz"),
                 "file_bytes": 100,
                 "ratio": 15.7,
-                "val_acc": 95.5,
-                "test_acc": 95.1,
-                "teacher_test_acc": 96.0,
+                "val_metric": 95.5,
+                "test_metric": 95.1,
+                "teacher_test_metric": 96.0,
             }
         )
     )
@@ -152,10 +152,10 @@ def test_html_is_self_contained(run):
 
 def test_markdown_table_formats_and_escapes():
     df = pd.DataFrame(
-        {"id": [3], "rule": ["a|b"], "ratio": [12.345], "val_acc": [np.nan], "flag": [True]}
+        {"id": [3], "rule": ["a|b"], "ratio": [12.345], "val_metric": [np.nan], "flag": [True]}
     )
     lines = markdown_table(df).splitlines()
-    assert lines[0] == "| id | rule | ratio | val_acc | flag |"
+    assert lines[0] == "| id | rule | ratio | val_metric | flag |"
     assert lines[1] == "|---:|---|---:|---:|---|"
     assert lines[2] == "| 3 | a\\|b | 12.3 | - | yes |"
 
@@ -169,7 +169,7 @@ def test_tolerance_table_known_answer():
             "bits": [4.0, 3.0, 2.0],
             "divergence": [0.01, 0.1, 1.0],
             "accuracy": [97.0, 96.0, 80.0],
-            "acc_drop": [0.2, 1.5, 17.0],
+            "metric_drop": [0.2, 1.5, 17.0],
         }
     )
     t = tolerance_table(front, levels=(0.1, 0.5, 2.0, 20.0))

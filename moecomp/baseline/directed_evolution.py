@@ -73,10 +73,10 @@ from typing import Any
 import numpy as np
 import torch
 from deap import algorithms, base, creator, tools
-from torch.func import functional_call
 
+from moecomp import inputs as inputs_mod
+from moecomp import outputs
 from moecomp.apply import apply_layer, n_pruned
-from moecomp.divergence import divergence
 from moecomp.errors import ConfigError
 from moecomp.plan import CompressionPlan, LayerPlan
 from moecomp.target import Target
@@ -388,13 +388,12 @@ class _Student:
         self, target: Target, *, calibration: int | None, chunk_size: int, budget: int
     ) -> None:
         self.model = target.teacher
-        n = target.calib_x.shape[0] if calibration is None else calibration
-        self.x = target.calib_x[:n]
-        self.teacher_out = target.teacher_out[:n]
-        self.kind = target.divergence
-        self.tensors: dict[str, torch.Tensor] = {
-            k: v.detach() for k, v in self.model.state_dict(keep_vars=False).items()
-        }
+        n = len(target.calib) if calibration is None else calibration
+        self.x = inputs_mod.head(target.calib.inputs, n)
+        self.teacher_out = outputs.take(target.teacher_out, slice(0, n))
+        self.divergence = target.divergence
+        self.output = target.output
+        self.tensors: dict[str, torch.Tensor] = target.state_dict()
         self.chunk_size = chunk_size
         self.budget = budget
         self.n_evals = 0
@@ -411,14 +410,15 @@ class _Student:
         self.n_evals += p
         others = {k: v for k, v in self.tensors.items() if k != name}
 
-        def forward(w: torch.Tensor) -> torch.Tensor:
-            return functional_call(self.model, {**others, name: w}, (self.x,))
+        def forward(w: torch.Tensor) -> Any:
+            return outputs.select(
+                inputs_mod.functional(self.model, {**others, name: w}, self.x), self.output)
 
         out = []
         with torch.no_grad():
             for i in range(0, p, self.chunk_size):
                 student = torch.vmap(forward)(weights[i : i + self.chunk_size])
-                out.append(divergence(self.teacher_out, student, self.kind))
+                out.append(self.divergence.batched(self.teacher_out, student).mean(-1))
         return torch.cat(out).to(device="cpu", dtype=torch.float64).numpy()
 
 

@@ -59,6 +59,7 @@ def register(app: typer.Typer) -> None:
 
         from moecomp.baseline import DEConfig
         from moecomp.compare import BASELINES, DEFAULT_TARGETS, compare_with_de
+        from moecomp.runs import RunFolder, metric_info
 
         if baseline not in BASELINES:
             raise ConfigError(
@@ -103,6 +104,7 @@ def register(app: typer.Typer) -> None:
         )
 
         de = result.de
+        metric = metric_info(RunFolder(run))
         points = Table(title="DE points", box=box.SIMPLE_HEAD)
         # (header, column, format): compact enough for an 80-column terminal
         cols = [
@@ -112,9 +114,10 @@ def register(app: typer.Typer) -> None:
             ("bits", "bits", "{:.2f}"),
             ("divergence", "divergence", "{:.4g}"),
             ("ratio", "ratio", "{:.1f}x"),
-            ("acc %", "accuracy", "{:.2f}"),
-            ("drop", "acc_drop", "{:.2f}"),
         ]
+        if metric is not None:
+            fmt = "{:.2f}" if metric.percent else "{:.4g}"
+            cols += [(metric.label, "metric", fmt), ("drop", "metric_drop", fmt)]
         if not de["feasible"].all():
             cols.append(("feasible", "feasible", "{}"))
         for header, _, _ in cols:
@@ -127,5 +130,12 @@ def register(app: typer.Typer) -> None:
         console.print(
             "dominated: whether a point of the search front dominates the DE point", style="dim"
         )
+        if metric is None:
+            console.print("no task metric: the points are measured by divergence alone",
+                          style="dim")
+        else:
+            unit = f" in {metric.drop_unit}" if metric.drop_unit else ""
+            console.print(f"drop: from the teacher's {metric.name}{unit}, on the calibration "
+                          "set", style="dim")
         for name, path in result.files.items():
             console.print(f"{name}: {path}", soft_wrap=True)

@@ -10,6 +10,18 @@ from rich.console import Console
 from moecomp.export import export_solution
 
 
+def fidelity_line(name: str, unit: str, val: float, test: float, val_div: float,
+                  test_div: float, *, teacher_test: float | None = None) -> str:
+    """``accuracy val 95.1 %, test 94.8 % (teacher test 96.1 %); divergence val 0.012, test
+    0.013``; the divergence alone for a target without a metric."""
+    div = f"divergence val {val_div:.4g}, test {test_div:.4g}"
+    if name == "none":
+        return div + " (no metric)"
+    u = f" {unit}" if unit else ""
+    teacher = f" (teacher test {teacher_test:.2f}{u})" if teacher_test is not None else ""
+    return f"{name} val {val:.2f}{u}, test {test:.2f}{u}{teacher}; {div}"
+
+
 def register(app: typer.Typer) -> None:
     @app.command("export")
     def export(
@@ -37,6 +49,8 @@ def register(app: typer.Typer) -> None:
         if r.teacher_file_bytes:
             c.print(f"                {r.teacher_file_bytes / r.file_bytes:.1f}x vs the "
                     f"teacher's safetensors file ({r.teacher_file_bytes:,} bytes)")
-        c.print(f"  accuracy      val {r.val_acc:.2f} %, test {r.test_acc:.2f} % "
-                f"(teacher test {r.teacher_test_acc:.2f} %)")
+        c.print("  fidelity      " + fidelity_line(r.metric_name, r.metric_unit, r.val_metric,
+                                                  r.test_metric, r.val_divergence,
+                                                  r.test_divergence,
+                                                  teacher_test=r.teacher_test_metric))
         c.print("  verified      decoded file reproduces the solution's outputs exactly")

@@ -24,22 +24,30 @@ def parse_weights(text: str) -> list[float]:
         ) from None
 
 
-def picks_table(picks: pd.DataFrame) -> Table:
-    """The picks as a rich table (fits 100 columns): rule, ratio, objectives, and accuracy
-    (drop from the teacher) on the calibration, validation and test data."""
-    splits = [
-        ("calib", "accuracy", "acc_drop"),
-        ("val", "val_acc", "val_drop"),
-        ("test", "test_acc", "test_drop"),
-    ]
-    splits = [s for s in splits if s[1] in picks.columns]
+def picks_table(picks: pd.DataFrame, metric: str = "accuracy", unit: str = "%") -> Table:
+    """The picks as a rich table (fits 100 columns): rule, ratio, objectives, and the metric
+    (drop from the teacher) on the calibration, validation and test data; without a metric
+    (``metric = "none"``), the divergence on each split."""
+    cols: list[tuple[str, str, str | None]]
+    if metric == "none":
+        cols = [("calib", "divergence", None), ("val", "val_divergence", None),
+                ("test", "test_divergence", None)]
+    else:
+        cols = [("calib", "metric", "metric_drop"), ("val", "val_metric", "val_drop"),
+                ("test", "test_metric", "test_drop")]
+    splits = [c for c in cols if c[1] in picks.columns]
     table = Table(title="picks", box=box.SIMPLE_HEAD)
     table.add_column("id", justify="right")
     table.add_column("rule")
     for header in ("ratio", "density", "bits", "diverg."):
         table.add_column(header, justify="right")
-    for name, _, _ in splits:
-        table.add_column(f"{name} % (drop)", justify="right")
+    for name, _, d in splits:
+        what = "diverg." if d is None else (unit or metric[:8])
+        table.add_column(f"{name} {what}" + (" (drop)" if d else ""), justify="right")
+
+    def cell(row: pd.Series, a: str, d: str | None) -> str:
+        return f"{row[a]:.3g}" if d is None else f"{row[a]:.1f} ({row[d]:+.1f})"
+
     for _, row in picks.iterrows():
         table.add_row(
             str(int(row["id"])),
@@ -48,7 +56,7 @@ def picks_table(picks: pd.DataFrame) -> Table:
             f"{row['density']:.3f}",
             f"{row['bits']:.2f}",
             f"{row['divergence']:.3g}",
-            *[f"{row[a]:.1f} ({row[d]:+.1f})" for _, a, d in splits],
+            *[cell(row, a, d) for _, a, d in splits],
         )
     return table
 
@@ -58,7 +66,9 @@ def register(app: typer.Typer) -> None:
     def pick(
         run: Path = typer.Argument(..., help="Run folder written by `moecomp search`."),
         max_drop: float | None = typer.Option(
-            None, "--max-drop", help="Max accuracy drop (points, calibration set)."
+            None, "--max-drop",
+            help="Max drop of the metric from the teacher's (its units, points for accuracy; "
+            "calibration set).",
         ),
         max_divergence: float | None = typer.Option(
             None, "--max-divergence", help="Max divergence (e.g. KL nats)."
@@ -103,11 +113,17 @@ def register(app: typer.Typer) -> None:
         rule = str(picks["rule"].iloc[0])
         if " within " in rule:
             c.print("all picks are within " + rule.split(" within ", 1)[1])
-        c.print(picks_table(picks))
-        c.print(
-            "drops from the teacher on the same data, in points; calib = the search's "
-            "calibration set"
-        )
+        from moecomp.runs import RunFolder
+
+        info = RunFolder(run).target_info().get("metric") or {"name": "none", "unit": ""}
+        c.print(picks_table(picks, info["name"], info["unit"]))
+        if info["name"] == "none":
+            c.print("no metric: this target is measured by its divergence alone; calib = the "
+                    "search's calibration samples")
+        else:
+            unit = "points" if info["unit"] == "%" else info["unit"] or "its units"
+            c.print(f"{info['name']}; drops from the teacher on the same data, in {unit}; "
+                    "calib = the search's calibration samples")
         c.print(f"picks: {run / 'picks.csv'}")
         if plots:
             for p in plot_run(run, picks):

@@ -7,6 +7,7 @@ from pathlib import Path
 import typer
 from rich.console import Console
 
+from moecomp.cli.export import fidelity_line
 from moecomp.refine import refine as refine_solution
 
 
@@ -18,14 +19,18 @@ def register(app: typer.Typer) -> None:
         merge_bins: bool = typer.Option(True, "--merge-bins/--no-merge-bins",
                                         help="Iteratively merge neighbouring bins."),
         tolerance: float = typer.Option(0.5, "--tolerance",
-                                        help="Allowed loss: accuracy points or KL nats."),
-        metric: str = typer.Option("accuracy", "--metric", help="accuracy | divergence"),
+                                        help="Allowed loss of merging on validation: the "
+                                             "metric's drop (points for accuracy) or the "
+                                             "divergence."),
+        metric: str | None = typer.Option(None, "--metric",
+                                          help="What --tolerance is in: metric | divergence "
+                                               "(default: metric when the target has one)."),
         reconstruct: bool = typer.Option(False, "--reconstruct",
                                          help="Re-fit survivors and biases layer by layer "
-                                              "(least squares + GPTQ rounding on training "
-                                              "images; no gradient training)."),
+                                              "(least squares + GPTQ rounding on calibration "
+                                              "samples; no gradient training)."),
         calibration: int = typer.Option(8192, "--calibration",
-                                        help="Training images used by --reconstruct."),
+                                        help="Calibration samples used by --reconstruct."),
         finetune_epochs: int = typer.Option(0, "--finetune-epochs",
                                             help="Distillation epochs (masks kept, "
                                                  "quantisation in the loop)."),
@@ -42,5 +47,6 @@ def register(app: typer.Typer) -> None:
             c.print(f"  {n}: {r.levels_before[n]} -> {r.levels_after[n]} levels")
         c.print(f"  {r.fidelity_metric}: {r.fidelity_before:.4f} -> {r.fidelity_after:.4f} "
                 f"(tolerance {r.tolerance})")
-        c.print(f"  val {r.val_acc:.2f} %, test {r.test_acc:.2f} %, {r.file_bytes:,} bytes, "
-                f"{r.ratio:.1f}x")
+        c.print("  " + fidelity_line(r.metric_name, r.metric_unit, r.val_metric,
+                                     r.test_metric, r.val_divergence, r.test_divergence))
+        c.print(f"  file {r.file_bytes:,} bytes, {r.ratio:.1f}x vs fp32")

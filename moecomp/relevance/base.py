@@ -8,10 +8,13 @@ Ranks (the contract of ``docs/architecture.md``) are an ``int64`` permutation of
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 
+from moecomp import outputs
+from moecomp.errors import ConfigError
+from moecomp.inputs import Inputs
 from moecomp.target import LayerRef, Target
 
 
@@ -61,13 +64,11 @@ def order_to_scores(order: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor
     return scores.reshape(shape)
 
 
-def calibration_slice(
-    target: Target, n: int
-) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+def calibration_slice(target: Target, n: int) -> tuple[Inputs, torch.Tensor | None, Any]:
     """The first ``n`` calibration inputs, their labels (or None) and teacher outputs."""
-    n = min(n, int(target.calib_x.shape[0]))
-    y = None if target.calib_y is None else target.calib_y[:n]
-    return target.calib_x[:n], y, target.teacher_out[:n]
+    n = min(n, len(target.calib))
+    part = target.calib.take(slice(0, n))
+    return part.inputs, part.labels, outputs.take(target.teacher_out, slice(0, n))
 
 
 def layer_weight(target: Target, layer: LayerRef) -> torch.Tensor:
@@ -75,17 +76,20 @@ def layer_weight(target: Target, layer: LayerRef) -> torch.Tensor:
     return dict(target.teacher.named_parameters())[layer.name].detach()
 
 
-def task_loss(target: Target, out: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
-    """The task loss of outputs ``out: (n, ...)`` (mean over samples): cross-entropy on the
-    labels ``y`` for classifiers (the teacher's own top-1 when there are no labels), mean
-    squared error to ``y`` for regressions (which need labels)."""
+def task_loss(target: Target, out: Any, y: torch.Tensor | None) -> torch.Tensor:
+    """The task loss of outputs ``out`` (mean over samples): cross-entropy on the labels
+    ``y`` for classifiers (the teacher's own top-1 when there are no labels), mean squared
+    error to floating labels ``y`` otherwise. A target with neither has no task loss: a
+    ConfigError says which scorer settings work without one."""
+    pred = outputs.default_part(out)
     if target.task == "classification":
         if y is None:
             with torch.no_grad():
-                y = out.argmax(-1)
-        return torch.nn.functional.cross_entropy(out, y)
-    if y is None:
-        raise ValueError(
-            "the task loss of a regression needs calibration labels (target.calib_y is None)"
-        )
-    return torch.nn.functional.mse_loss(out, y.to(out.dtype).reshape(out.shape))
+                y = pred.argmax(-1)
+        return torch.nn.functional.cross_entropy(pred.flatten(0, -2), y.reshape(-1))
+    if y is not None and y.is_floating_point() and y.numel() == pred.numel():
+        return torch.nn.functional.mse_loss(pred, y.to(pred.dtype).reshape(pred.shape))
+    raise ConfigError("relevance", f"this target has no task loss (metric "
+                      f"{target.metric_name!r}, labels "
+                      f"{'none' if y is None else tuple(y.shape)}): use relevance.taylor_loss "
+                      "= 'noise' or 'prune', or the magnitude or directed scorer")

@@ -22,6 +22,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
+from moecomp import inputs as inputs_mod
 from moecomp.config import RelevanceConfig
 from moecomp.relevance.base import is_permutation, scores_to_ranks
 from moecomp.relevance.registry import SCORERS
@@ -45,15 +46,19 @@ def cache_key(target: Target, cfg: RelevanceConfig) -> str:
         # unit structuring is applied to the cached ranks, not part of them
         "relevance": {k: v for k, v in asdict(cfg).items() if k != "units"},
         "layers": [[r.name, list(r.shape)] for r in target.layers],
-        "divergence": target.divergence,
+        "divergence": target.divergence.name,
+        "output": target.output,
         "task": target.task,
     }
     h.update(json.dumps(meta, sort_keys=True).encode())
     for name, t in sorted(target.state_dict().items()):
         _tensor_bytes(h, f"param:{name}", t)
-    _tensor_bytes(h, "calib_x", target.calib_x[: cfg.calibration])
-    if target.calib_y is not None:
-        _tensor_bytes(h, "calib_y", target.calib_y[: cfg.calibration])
+    part = target.calib.take(slice(0, cfg.calibration))
+    for name, t in inputs_mod.leaves(part.inputs):
+        # a single tensor keeps the key of caches written before inputs had structure
+        _tensor_bytes(h, f"calib_x{'.' + name if name else ''}", t)
+    if part.labels is not None:
+        _tensor_bytes(h, "calib_y", part.labels)
     return h.hexdigest()
 
 

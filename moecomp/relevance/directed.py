@@ -44,16 +44,18 @@ import math
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Literal, get_args
+from typing import Any, Literal, get_args
 
 import torch
 from torch import nn
 from torch.func import functional_call
 from tqdm.auto import tqdm
 
+from moecomp import inputs as inputs_mod
+from moecomp import outputs
 from moecomp.config import RelevanceConfig
-from moecomp.divergence import divergence
 from moecomp.errors import ConfigError
+from moecomp.inputs import Inputs
 from moecomp.relevance.base import calibration_slice, layer_weight, order_to_scores
 from moecomp.target import LayerRef, Target
 
@@ -246,7 +248,7 @@ def _replace_output(module: nn.Module, out: torch.Tensor) -> Iterator[None]:
         )
 
 
-def _layer_input(model: nn.Module, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+def _layer_input(model: nn.Module, module: nn.Module, x: Inputs) -> torch.Tensor:
     seen: list[torch.Tensor] = []
 
     def hook(_m: nn.Module, inp: tuple[torch.Tensor, ...]) -> None:
@@ -255,7 +257,7 @@ def _layer_input(model: nn.Module, module: nn.Module, x: torch.Tensor) -> torch.
     handle = module.register_forward_pre_hook(hook)
     try:
         with torch.no_grad():
-            model(x)
+            inputs_mod.call(model, x)
     finally:
         handle.remove()
     if len(seen) != 1:
@@ -269,23 +271,25 @@ def _layer_input(model: nn.Module, module: nn.Module, x: torch.Tensor) -> torch.
 class LayerProbe:
     """Divergence of the network when sets of one layer's weights are zeroed, batched.
 
-    x: (n, *in) calibration inputs, teacher_out: (n, ...) the teacher's outputs on them.
+    x: calibration inputs for n samples (any structure), teacher_out: the teacher's outputs
+    on them (narrowed to ``target.output``).
     """
 
     def __init__(
         self,
         target: Target,
         layer: LayerRef,
-        x: torch.Tensor,
-        teacher_out: torch.Tensor,
+        x: Inputs,
+        teacher_out: Any,
         *,
         max_rows: int,
     ) -> None:
         self.model = target.teacher
         self.module = self.model.get_submodule(layer.module)
-        self.kind = target.divergence
+        self.divergence = target.divergence
+        self.output = target.output
         self.x, self.teacher_out = x, teacher_out
-        self.n = int(x.shape[0])
+        self.n = inputs_mod.n_samples(x)
         self.weight = layer_weight(target, layer)
         self.shape = tuple(self.weight.shape)
         self.inp = _layer_input(self.model, self.module, x)
@@ -293,7 +297,7 @@ class LayerProbe:
         self.local_prefix = True
         self.local_prefix = self._prefix_is_local()
 
-    def outputs(self, w: torch.Tensor) -> torch.Tensor:
+    def layer_outputs(self, w: torch.Tensor) -> torch.Tensor:
         """The layer's outputs (P, n, ...) for weights ``w: (P, *shape)``."""
         params = {k: v.detach() for k, v in self.module.named_parameters()}
 
@@ -310,14 +314,15 @@ class LayerProbe:
         w = self.weight.reshape(-1).masked_fill(zeroed, 0).expand(p, -1).clone()
         return w.scatter_(1, sets, 0.0).reshape(p, *self.shape)
 
-    def forward(self, outputs: torch.Tensor, *, local: bool) -> torch.Tensor:
-        """Network outputs (P, n, ...) with the layer's output replaced by ``outputs``."""
-        p = int(outputs.shape[0])
-        x = self.x if local else self.x.repeat(p, *([1] * (self.x.dim() - 1)))
-        flat = outputs.reshape(-1, *outputs.shape[2:])
+    def forward(self, layer_out: torch.Tensor, *, local: bool) -> Any:
+        """Network outputs (each tensor ``(P, n, ...)``) with the layer's output replaced by
+        ``layer_out``."""
+        p = int(layer_out.shape[0])
+        x = self.x if local else inputs_mod.repeat(self.x, p)
+        flat = layer_out.reshape(-1, *layer_out.shape[2:])
         with torch.no_grad(), _replace_output(self.module, flat):
-            y = self.model(x)
-        return y.reshape(p, self.n, *y.shape[1:])
+            y = outputs.select(inputs_mod.call(self.model, x), self.output)
+        return outputs.map_tensors(y, lambda t: t.reshape(p, self.n, *t.shape[1:]))
 
     def _prefix_is_local(self) -> bool:
         """Whether the rest of the network sees only the layer's output (a batch of P * n
@@ -325,13 +330,16 @@ class LayerProbe:
         gen = torch.Generator().manual_seed(0)
         m = self.weight.numel()
         sets = torch.stack([torch.randperm(m, generator=gen)[: max(1, m // 4)] for _ in range(2)])
-        outs = self.outputs(self.zeroed_weights(torch.zeros(m, dtype=torch.bool), sets))
+        outs = self.layer_outputs(self.zeroed_weights(torch.zeros(m, dtype=torch.bool), sets))
         safe = self.forward(outs, local=False)
         try:
             fast = self.forward(outs, local=True)
         except RuntimeError:  # e.g. a skip connection adds n rows to P * n rows
             return False
-        return fast.shape == safe.shape and torch.allclose(fast, safe, rtol=1e-4, atol=1e-5)
+        a, b = outputs.tensors(fast), outputs.tensors(safe)
+        return len(a) == len(b) and all(
+            u.shape == v.shape and torch.allclose(u, v, rtol=1e-4, atol=1e-5)
+            for u, v in zip(a, b, strict=True))
 
     def fitness_for(self, zeroed: torch.Tensor) -> Fitness:
         """fitness(sets: (P, k)) -> (P,) divergence with ``zeroed`` and each set at zero."""
@@ -340,8 +348,8 @@ class LayerProbe:
             out = []
             for i in range(0, int(sets.shape[0]), self.per_chunk):
                 w = self.zeroed_weights(zeroed, sets[i : i + self.per_chunk])
-                student = self.forward(self.outputs(w), local=self.local_prefix)
-                out.append(divergence(self.teacher_out, student, self.kind))
+                student = self.forward(self.layer_outputs(w), local=self.local_prefix)
+                out.append(self.divergence.batched(self.teacher_out, student).mean(-1))
             return torch.cat(out)
 
         return fitness
@@ -350,6 +358,11 @@ class LayerProbe:
         """Per weight (shape of the weight), the L2 norm over the calibration data of the
         input feature it multiplies: Linear, the input's last axis; Conv (groups=1), the
         input channel."""
+        if isinstance(self.module, nn.Embedding):
+            # a row's "input" is the one-hot of its token: its norm is sqrt(occurrences)
+            counts = torch.bincount(self.inp.reshape(-1).long(),
+                                    minlength=self.shape[0]).float()
+            return counts.sqrt().unsqueeze(1).expand(self.shape)
         inp = self.inp.float()
         if isinstance(self.module, nn.Linear):
             norm = inp.reshape(-1, inp.shape[-1]).norm(dim=0)
@@ -359,8 +372,8 @@ class LayerProbe:
             return norm.reshape(1, -1, *([1] * (len(self.shape) - 2))).expand(self.shape)
         raise ConfigError(
             "relevance.prior",
-            f"'activation' needs a Linear or a Conv with "
-            f"groups=1; {type(self.module).__name__} is neither",
+            f"'activation' needs a Linear, an Embedding or a Conv with "
+            f"groups=1; {type(self.module).__name__} is none of them",
         )
 
 

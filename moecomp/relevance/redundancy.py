@@ -21,8 +21,9 @@ calibration samples, so use at least ``in`` samples (all of ``target.calib_x`` b
 from __future__ import annotations
 
 import torch
-from torch.func import functional_call
 
+from moecomp import inputs as inputs_mod
+from moecomp import outputs
 from moecomp.relevance.base import task_loss
 from moecomp.target import Target
 
@@ -62,17 +63,19 @@ def layer_gradients(
 ) -> dict[str, torch.Tensor]:
     """Per-batch gradients of the task loss, ``(B, *shape)`` per layer of ``target.layers``,
     on the first ``calibration`` inputs (all by default) cut into ``batches`` batches."""
-    x = target.calib_x if calibration is None else target.calib_x[:calibration]
-    y = target.calib_y if target.calib_y is None else target.calib_y[: x.shape[0]]
-    n = int(x.shape[0])
+    part = target.calib if calibration is None else target.calib.take(slice(0, calibration))
+    x, y = part.inputs, part.labels
+    n = len(part)
     b = max(1, min(batches, n))
     bounds = torch.linspace(0, n, b + 1).round().long().tolist()
-    state = {k: v.detach() for k, v in target.teacher.state_dict().items()}
+    state = target.state_dict()
     names = target.layer_names
     out: dict[str, list[torch.Tensor]] = {name: [] for name in names}
     for lo, hi in zip(bounds, bounds[1:], strict=False):
         ws = {name: state[name].clone().requires_grad_(True) for name in names}
-        pred = functional_call(target.teacher, state | ws, (x[lo:hi],))
+        pred = outputs.select(inputs_mod.functional(target.teacher, state | ws,
+                                                    inputs_mod.take(x, slice(lo, hi))),
+                              target.output)
         loss = task_loss(target, pred, None if y is None else y[lo:hi])
         grads = torch.autograd.grad(loss, [ws[name] for name in names])
         for name, g in zip(names, grads, strict=True):

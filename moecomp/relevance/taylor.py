@@ -21,10 +21,10 @@ from dataclasses import dataclass
 from typing import Literal, get_args
 
 import torch
-from torch.func import functional_call
 
+from moecomp import inputs as inputs_mod
+from moecomp import outputs
 from moecomp.config import RelevanceConfig
-from moecomp.divergence import divergence
 from moecomp.errors import ConfigError
 from moecomp.relevance.base import calibration_slice, task_loss
 from moecomp.target import LayerRef, Target
@@ -96,7 +96,7 @@ class Taylor:
 
     def __call__(self, target: Target, layer: LayerRef, *, seed: int) -> torch.Tensor:
         x, y, t = calibration_slice(target, self.calibration)
-        state = {k: v.detach() for k, v in target.teacher.state_dict().items()}
+        state = target.state_dict()
         state |= perturbed_weights(
             target,
             self.loss,
@@ -107,15 +107,16 @@ class Taylor:
         w_teacher = target.weights()[layer.name].float()
         total = torch.zeros_like(w_teacher)
         n_batches = 0
-        for i in range(0, int(x.shape[0]), self.batch_size):
+        for i, xb in inputs_mod.batches(x, self.batch_size):
             w = state[layer.name].clone().requires_grad_(True)
-            out = functional_call(
-                target.teacher, state | {layer.name: w}, (x[i : i + self.batch_size],)
+            out = outputs.select(
+                inputs_mod.functional(target.teacher, state | {layer.name: w}, xb), target.output
             )
             if self.loss == "task":
                 loss = task_loss(target, out, None if y is None else y[i : i + self.batch_size])
             else:
-                loss = divergence(t[i : i + self.batch_size], out, target.divergence)
+                tb = outputs.take(t, slice(i, i + self.batch_size))
+                loss = target.divergence(tb, out).mean()
             (grad,) = torch.autograd.grad(loss, w)
             total += (w_teacher * grad.float()).abs()
             n_batches += 1

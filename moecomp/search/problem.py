@@ -10,11 +10,11 @@
 
 Objectives (minimised): ``3obj`` density, bits, divergence; ``2obj`` size, divergence (from
 ``Metrics.objectives(mode)``). Constraints ``G <= 0``: ``divergence - max_divergence`` and
-``acc_drop - max_accuracy_drop`` when those are set.
+``metric_drop - max_metric_drop`` when those are set.
 
 ``SharedCodebookProblem`` (seed 2, weight sharing): one gene, the number ``K`` of bins of the
 codebook pooled over all layers; every layer is pruned at the fixed ``genes.shared_sparsity``;
-objectives size vs divergence (or accuracy drop).
+objectives size vs divergence (or the metric's drop).
 
 Every evaluation is kept (``take_records``) so the run folder lists all evaluated points.
 """
@@ -51,9 +51,9 @@ class MetricsLike(Protocol):
     @property
     def ratio(self) -> Any: ...
     @property
-    def accuracy(self) -> Any: ...
+    def metric(self) -> Any: ...
     @property
-    def acc_drop(self) -> Any: ...
+    def metric_drop(self) -> Any: ...
 
     def objectives(self, mode: str) -> Any: ...
 
@@ -133,20 +133,20 @@ def _concat(
 
 
 def constraint_values(config: ProblemConfig, metrics: dict[str, np.ndarray]) -> np.ndarray:
-    """``G (n, n_ieq)``, feasible where ``<= 0``: divergence and accuracy-drop limits."""
+    """``G (n, n_ieq)``, feasible where ``<= 0``: divergence and metric-drop limits."""
     o = config.objectives
     cols = []
     if o.max_divergence is not None:
         cols.append(metrics["divergence"] - o.max_divergence)
-    if o.max_accuracy_drop is not None:
-        cols.append(metrics["acc_drop"] - o.max_accuracy_drop)
+    if o.max_metric_drop is not None:
+        cols.append(metrics["metric_drop"] - o.max_metric_drop)
     n = len(metrics["divergence"])
     return np.stack(cols, axis=1) if cols else np.zeros((n, 0))
 
 
 def n_constraints(config: ProblemConfig) -> int:
     o = config.objectives
-    return int(o.max_divergence is not None) + int(o.max_accuracy_drop is not None)
+    return int(o.max_divergence is not None) + int(o.max_metric_drop is not None)
 
 
 class SearchProblem(Problem):
@@ -210,14 +210,6 @@ class SearchProblem(Problem):
         """The evaluations made through pymoo's ``evaluate`` since the last call."""
         recs, self._records = self._records, []
         return recs
-
-
-def divergence_label(kind: str) -> str:
-    return {
-        "kl": "KL divergence (nats)",
-        "nmse": "normalised MSE (unitless)",
-        "cosine": "1 - cosine similarity",
-    }.get(kind, f"{kind} divergence")
 
 
 @dataclass(frozen=True)
@@ -324,7 +316,6 @@ class CompressionProblem(SearchProblem):
         genes: LayerGenes,
         *,
         runner: Runner | None = None,
-        divergence_kind: str = "kl",
     ) -> None:
         mode = config.objectives.mode
         super().__init__(
@@ -344,12 +335,9 @@ class CompressionProblem(SearchProblem):
         self.compress_dir = genes.compress_dir
         self.groups = genes.groups
         self.gene_share = np.concatenate([genes.weight_share, genes.weight_share])
-        div = divergence_label(divergence_kind)
-        self.objective_labels = (
-            ("density (kept share)", "mean bits per kept weight", div)
-            if mode == "3obj"
-            else ("size (share of fp32 bits)", div)
-        )
+        from moecomp.search.objectives import objective_space
+
+        self.objective_labels = objective_space(config).labels
 
     def gene_matrices(self, X: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         return self.genes.decode(X)
@@ -375,10 +363,9 @@ class SharedCodebookProblem(SearchProblem):
     Each individual is a plan where every layer is pruned at ``genes.shared_sparsity`` and
     quantised with the ``shared`` quantizer (one equal-width bin-mean codebook of ``K``
     levels pooled over all layers, ``plan.shared_k = K``). Objectives: size (the ``2obj``
-    size of ``Metrics.objectives``) and divergence, or accuracy drop when
-    ``genes.shared_fidelity = "acc_drop"``. HV reference: ``objectives.ref_point`` in
-    ``2obj`` mode; otherwise ``(1.0, ref_point[2])`` for divergence, ``(1.0, 100.0)`` for
-    accuracy drop (points).
+    size of ``Metrics.objectives``) and divergence, or the metric's drop when
+    ``genes.shared_fidelity = "metric_drop"``. Labels and HV reference:
+    ``moecomp.search.objectives.objective_space``.
     """
 
     def __init__(
@@ -388,7 +375,6 @@ class SharedCodebookProblem(SearchProblem):
         layer_names: Sequence[str],
         *,
         runner: Runner | None = None,
-        divergence_kind: str = "kl",
     ) -> None:
         g = config.genes
         super().__init__(
@@ -403,22 +389,14 @@ class SharedCodebookProblem(SearchProblem):
         self.evaluator = evaluator
         self.runner = runner if runner is not None else LocalRunner()
         self.layer_names = list(layer_names)
-        o = config.objectives
-        ref: tuple[float, ...]
-        if g.shared_fidelity == "acc_drop":
-            if o.mode == "2obj":
-                ref = (o.ref_point[0], 100.0)
-            else:
-                ref = (1.0, 100.0)
-            fid = "accuracy drop (points)"
-        else:
-            ref = tuple(o.ref_point) if o.mode == "2obj" else (1.0, o.ref_point[2])
-            fid = divergence_label(divergence_kind)
-        self.ref_point = np.asarray(ref, dtype=np.float64)
+        from moecomp.search.objectives import objective_space
+
+        space = objective_space(config)
+        self.ref_point = space.ref_point
         self.compress_dir = np.array([-1])  # fewer bins: a smaller code
         self.groups = np.array([0])
         self.gene_share = np.array([1.0])
-        self.objective_labels = ("size (share of fp32 bits)", fid)
+        self.objective_labels = space.labels
 
     def plans(self, X: np.ndarray) -> list[CompressionPlan]:
         s = round(self.config.genes.shared_sparsity, 6)
@@ -448,8 +426,8 @@ class SharedCodebookProblem(SearchProblem):
             self.runner.map_chunks(fn, [plans[s] for s in _chunks(len(plans), size)])
         )
         fid = (
-            metrics["acc_drop"]
-            if self.config.genes.shared_fidelity == "acc_drop"
+            metrics["metric_drop"]
+            if self.config.genes.shared_fidelity == "metric_drop"
             else metrics["divergence"]
         )
         F = np.stack([F2[:, 0], fid], axis=1)
@@ -481,6 +459,13 @@ def build_problem(
         from moecomp.target import build_target
 
         target = build_target(config, progress=progress)
+    o = config.objectives
+    if target.metric is None and (o.max_metric_drop is not None or (
+            config.search.problem == "shared" and config.genes.shared_fidelity == "metric_drop")):
+        field = "objectives.max_metric_drop" if o.max_metric_drop is not None else \
+            "genes.shared_fidelity"
+        raise ConfigError(field, "this target has no metric (no labels and none named in "
+                          "objectives.metric): bound or trade the divergence instead")
     ev: EvaluatorLike
     if evaluator is None:
         from moecomp.evaluate import Evaluator
@@ -495,9 +480,7 @@ def build_problem(
     else:
         ev = evaluator
     if config.search.problem == "shared":
-        return SharedCodebookProblem(
-            config, ev, target.layer_names, runner=runner, divergence_kind=target.divergence
-        )
+        return SharedCodebookProblem(config, ev, target.layer_names, runner=runner)
     bounds = None
     if config.genes.redundancy_bound:
         from moecomp.relevance import redundancy_bounds
@@ -508,5 +491,4 @@ def build_problem(
         ev,
         layer_genes(config, target, bounds),
         runner=runner,
-        divergence_kind=target.divergence,
     )

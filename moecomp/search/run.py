@@ -47,6 +47,8 @@ from moecomp.search.problem import CompressionProblem, EvalRecord, SearchProblem
 from moecomp.search.progress import SearchProgress
 from moecomp.search.runner import Runner
 from moecomp.search.sensitivity import probe_genes, refresh_sensitivity, sensitivity_from_probes
+from moecomp.solution import target_info
+from moecomp.target import Target, build_target
 
 CHECKPOINT = "checkpoint.pkl"
 # Plots are redrawn after a generation only when this many seconds passed since the last
@@ -473,6 +475,7 @@ def run_search(
     on_generation: OnGeneration | None = None,
     runner: Runner | None = None,
     plots: bool = True,
+    target: Target | None = None,
 ) -> SearchResult:
     """Search a problem's Pareto front and write the run folder ``out_dir``.
 
@@ -488,6 +491,9 @@ def run_search(
     runner: where population chunks are evaluated (default in-process).
     plots: draw plots/front.png and plots/hv.png (after the first generation, then at most
         every ``PLOT_INTERVAL_S`` seconds, and at the end).
+    target: the Target to search, when built in Python (``moecomp.target.make_target``);
+        otherwise it is built from the problem's factories. Either way, what it is (inputs,
+        output, divergence, metric, the teacher's fingerprint) is written to target.json.
     """
     built: SearchProblem | None = None
     if isinstance(problem, SearchProblem):
@@ -523,9 +529,15 @@ def run_search(
     else:
         _refuse_existing(out)
     if built is None:
-        built = build_problem(cfg, runner=runner, progress=progress)
+        if target is None:
+            target = build_target(cfg, progress=progress)
+        built = build_problem(cfg, target=target, runner=runner, progress=progress)
     elif runner is not None:
         built.runner = runner
+    if target is None:
+        target = getattr(getattr(built, "evaluator", None), "target", None)
+    if isinstance(target, Target) and not (resume and folder.file("target.json").is_file()):
+        folder.write_target_info(target_info(target))
 
     search = _Search(
         built, cfg, folder, progress=progress, on_generation=on_generation, plots=plots

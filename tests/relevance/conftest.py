@@ -6,6 +6,8 @@ import pytest
 import torch
 from torch import nn
 
+from moecomp.data import Split
+from moecomp.metric import builtin_accuracy
 from moecomp.target import Target, select_layers
 
 
@@ -28,7 +30,8 @@ def tiny_target(
     if x is None:
         x = torch.randn(n, n_in, generator=gen)
     y = torch.randint(n_out, (x.shape[0],), generator=gen)
-    return Target(teacher=model, layers=select_layers(model), calib_x=x, calib_y=y)
+    return Target(teacher=model, layers=select_layers(model), calib=Split(x, y),
+                  metric=builtin_accuracy())
 
 
 @pytest.fixture

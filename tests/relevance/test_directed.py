@@ -6,10 +6,17 @@ from __future__ import annotations
 import pytest
 import torch
 
-from moecomp.divergence import divergence
+from moecomp.data import Split
+from moecomp.divergence import Divergence
 from moecomp.relevance import DirectedEvolution, Magnitude, evolve_set, scores_to_ranks
 from moecomp.relevance.directed import LayerProbe
 from moecomp.target import Target
+
+
+def divergence(t, s, kind):
+    """Mean divergence over the samples (per student when ``s`` has a leading axis)."""
+    d = kind if isinstance(kind, Divergence) else Divergence(kind)
+    return d.batched(t, s).mean(-1) if s.dim() > t.dim() else d(t, s).mean()
 
 
 def _dead_column_target(make_tiny) -> Target:  # noqa: ANN001
@@ -24,7 +31,7 @@ def _dead_column_target(make_tiny) -> Target:  # noqa: ANN001
         w.copy_(w.sign() * (0.5 + w.abs()))
         w[:, :3] = 10.0 * w[:, :3].sign()  # larger than any: magnitude ranks them last
         tg.teacher.get_parameter("0.bias").fill_(20.0)
-        tg.teacher_out = tg.teacher(tg.calib_x)
+        tg.teacher_out = tg.teacher(tg.calib.inputs)
     return tg
 
 
@@ -96,7 +103,7 @@ def test_evolve_set_beats_its_prior_choice() -> None:
 def test_probe_matches_a_plain_forward(make_tiny) -> None:  # noqa: ANN001
     tg = make_tiny()
     ref = tg.layers[0]
-    probe = LayerProbe(tg, ref, tg.calib_x, tg.teacher_out, max_rows=100)  # chunks of 1
+    probe = LayerProbe(tg, ref, tg.calib.inputs, tg.teacher_out, max_rows=100)  # chunks of 1
     assert probe.local_prefix
     zeroed = torch.zeros(ref.numel, dtype=torch.bool)
     zeroed[:7] = True
@@ -107,7 +114,7 @@ def test_probe_matches_a_plain_forward(make_tiny) -> None:  # noqa: ANN001
         w[:7] = 0
         w[want_set] = 0
         sd = tg.state_dict() | {ref.name: w.reshape(ref.shape)}
-        out = torch.func.functional_call(tg.teacher, sd, (tg.calib_x,))
+        out = torch.func.functional_call(tg.teacher, sd, (tg.calib.inputs,))
         assert float(row) == pytest.approx(
             float(divergence(tg.teacher_out, out, "kl")), rel=1e-4, abs=1e-7
         )
@@ -118,7 +125,7 @@ def _kl_pruned(tg: Target, ranks: dict[str, torch.Tensor], share: float, n: int)
     for ref in tg.layers:
         if ref.name in ranks:
             sd[ref.name] = sd[ref.name] * (ranks[ref.name] >= round(share * ref.numel))
-    out = torch.func.functional_call(tg.teacher, sd, (tg.calib_x[:n],))
+    out = torch.func.functional_call(tg.teacher, sd, (tg.calib.inputs[:n],))
     return float(divergence(tg.teacher_out[:n], out, tg.divergence))
 
 
@@ -184,7 +191,7 @@ def test_probe_on_skip_connections_and_convs(model, shape, local) -> None:  # no
     torch.manual_seed(0)
     net = model()
     x = torch.randn(*shape)
-    tg = Target(teacher=net, layers=select_layers(net), calib_x=x, calib_y=None)
+    tg = Target(teacher=net, layers=select_layers(net), calib=Split(x))
     for ref, want_local in zip(tg.layers, local, strict=True):
         probe = LayerProbe(tg, ref, x, tg.teacher_out, max_rows=1 << 16)
         assert probe.local_prefix is want_local

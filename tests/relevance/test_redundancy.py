@@ -61,8 +61,8 @@ def test_bound_matches_direct_gradients(tiny: Target) -> None:
     w = model.get_parameter("0.weight")
     w.requires_grad_(True)
     try:
-        assert tiny.calib_y is not None
-        loss = torch.nn.functional.cross_entropy(model(tiny.calib_x), tiny.calib_y)
+        assert tiny.calib.labels is not None
+        loss = torch.nn.functional.cross_entropy(model(tiny.calib.inputs), tiny.calib.labels)
         (g,) = torch.autograd.grad(loss, w)
     finally:
         w.requires_grad_(False)

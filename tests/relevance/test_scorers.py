@@ -102,10 +102,10 @@ def _taylor_oracle(
         p = params[layer_name]
         p.requires_grad_(True)
         p.grad = None
-        out = model(tg.calib_x[i:j])
+        out = model(tg.calib.inputs[i:j])
         if loss_kind == "task":
-            assert tg.calib_y is not None
-            loss = torch.nn.functional.cross_entropy(out, tg.calib_y[i:j])
+            assert tg.calib.labels is not None
+            loss = torch.nn.functional.cross_entropy(out, tg.calib.labels[i:j])
         else:
             lt = torch.log_softmax(tg.teacher_out[i:j], -1)
             ls = torch.log_softmax(out, -1)

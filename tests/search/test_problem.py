@@ -61,7 +61,7 @@ def test_objectives_equal_direct_evaluator(make_problem, digits_target, digits_r
     m = direct(digits_target, digits_ranks, s, b)
     np.testing.assert_allclose(rec.F, m.objectives("3obj"), rtol=1e-6, atol=1e-9)
     np.testing.assert_allclose(rec.metrics["size_bytes"], m.size_bytes)
-    np.testing.assert_allclose(rec.metrics["acc_drop"], m.acc_drop)
+    np.testing.assert_allclose(rec.metrics["metric_drop"], m.metric_drop)
     # the intact model is the teacher up to 8-bit rounding; the most compressed is far off
     assert rec.F[0, 0] == 1.0 and rec.F[0, 1] == 8.0 and rec.F[0, 2] < 1e-3
     assert rec.F[2, 2] > rec.F[1, 2]
@@ -73,7 +73,7 @@ def test_two_objectives_and_constraints(make_problem, digits_target, digits_rank
             "mode": "2obj",
             "ref_point": [0.25, 1.0],
             "max_divergence": 0.05,
-            "max_accuracy_drop": 1.0,
+            "max_metric_drop": 1.0,
         }
     )
     assert p.n_obj == 2 and p.n_ieq_constr == 2
@@ -81,7 +81,7 @@ def test_two_objectives_and_constraints(make_problem, digits_target, digits_rank
     m = direct(digits_target, digits_ranks, GENES[:, :3] * 0.01, GENES[:, 3:])
     np.testing.assert_allclose(rec.F, m.objectives("2obj"), rtol=1e-6, atol=1e-9)
     np.testing.assert_allclose(rec.G[:, 0], m.divergence - 0.05, rtol=1e-6, atol=1e-9)
-    np.testing.assert_allclose(rec.G[:, 1], m.acc_drop - 1.0, rtol=1e-6, atol=1e-9)
+    np.testing.assert_allclose(rec.G[:, 1], m.metric_drop - 1.0, rtol=1e-6, atol=1e-9)
 
 
 def test_pymoo_path_keeps_every_evaluation(make_problem):
@@ -143,7 +143,7 @@ def test_shared_codebook_problem(make_problem, digits_target, digits_ranks):
     assert p.extra_columns(X)["shared_k"].tolist() == [2, 5, 64]
     s, b = p.gene_matrices(X)
     assert np.all(s == 0.3) and b[:, 0].tolist() == [1, 3, 6]
-    q = make_problem(search={"problem": "shared"}, genes={"shared_fidelity": "acc_drop"})
+    q = make_problem(search={"problem": "shared"}, genes={"shared_fidelity": "metric_drop"})
     rq = q.evaluate_genes(X)
-    np.testing.assert_allclose(rq.F[:, 1], rq.metrics["acc_drop"])
+    np.testing.assert_allclose(rq.F[:, 1], rq.metrics["metric_drop"])
     assert q.ref_point.tolist() == [1.0, 100.0]
