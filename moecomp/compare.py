@@ -428,7 +428,7 @@ def summary_markdown(
         fmt = ".2f" if metric.percent else ".4g"
         formats |= {headers["metric"]: fmt, headers["metric_drop"]: fmt}
     measured = (
-        f"Task metric: {metric.label}, drops from the teacher on the calibration set."
+        f"Task metric: {metric.label} on the calibration set, and its drop from the teacher."
         if metric is not None
         else "No task metric: points are measured by their divergence alone."
     )

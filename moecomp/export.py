@@ -63,8 +63,8 @@ def export_solution(run: RunContext | str | os.PathLike[str], solution: str | in
     sol = ctx.solution(solution)
     target = ctx.target
     mcz = Path(out) if out is not None else ctx.run.path / "exports" / sol.key / f"{sol.key}.mcz"
-    if not mcz.parent.is_dir() and out is not None:
-        raise ConfigError("out", f"the folder {mcz.parent} does not exist")
+    if mcz.is_dir():
+        raise ConfigError("out", f"{mcz} is a folder; give the path of the .mcz file")
     mcz.parent.mkdir(parents=True, exist_ok=True)
     plan_json = mcz.with_name(mcz.stem + ".plan.json")
     plan_json.write_text(sol.plan.to_json())
@@ -99,7 +99,8 @@ def export_solution(run: RunContext | str | os.PathLike[str], solution: str | in
     onnx_path = None
     if onnx:
         onnx_path = mcz.with_suffix(".onnx")
-        export_onnx(model, inputs_mod.head(target.calib.inputs, 1), onnx_path)
+        export_onnx(model, inputs_mod.head(target.calib.inputs, 1), onnx_path,
+                    output=target.output)
 
     fp32 = 4 * sum(int(v.numel()) for v in sol.state.values() if v.is_floating_point())
     teacher_file = None
@@ -118,15 +119,38 @@ def export_solution(run: RunContext | str | os.PathLike[str], solution: str | in
     return result
 
 
-def export_onnx(model: torch.nn.Module, example: Inputs, path: Path) -> None:
-    """ONNX of the decoded dense model with its inputs by name, batch dimension dynamic;
-    checked by onnx.checker."""
+class _Graph(torch.nn.Module):
+    """The model as ONNX sees it: inputs by position (keyword inputs in their order), the
+    measured output part flattened to a tuple of tensors."""
+
+    def __init__(self, model: torch.nn.Module, keys: list[str] | None, output: str | None
+                 ) -> None:
+        super().__init__()
+        self.model, self.keys, self.output = model, keys, output
+
+    def forward(self, *args: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        out = self.model(**dict(zip(self.keys, args, strict=True))) if self.keys is not None \
+            else self.model(*args)
+        part = outputs.select(out, self.output)
+        return tuple(t for _, t in outputs.named_tensors(part, self.output or ""))
+
+
+def export_onnx(model: torch.nn.Module, example: Inputs, path: Path, *,
+                output: str | None = None) -> None:
+    """ONNX of the decoded dense model: its inputs by name (the keyword names, or
+    ``input_0``, ...), its outputs (the part ``output`` names, or all) by their paths in the
+    output (``output`` for a single tensor, ``pooled``, ``hidden.0``, ...), batch dimension
+    dynamic; checked by onnx.checker."""
     import onnx
 
-    names = inputs_mod.names(example)
+    in_names = inputs_mod.names(example)
     args, kwargs = inputs_mod.args_kwargs(example)
-    axes: dict[str, dict[int, str]] = {n: {0: "batch"} for n in names}
-    torch.onnx.export(model, args + ((kwargs,) if kwargs else ()), str(path),
-                      input_names=names, dynamo=False,
-                      dynamic_axes=axes)
+    flat = args if not kwargs else tuple(kwargs.values())
+    graph = _Graph(model, list(kwargs) if kwargs else None, output).eval()
+    with torch.no_grad():
+        out_names = [n for n, _ in outputs.named_tensors(
+            outputs.select(inputs_mod.call(model, example), output), output or "")]
+    axes = {n: {0: "batch"} for n in in_names + out_names}
+    torch.onnx.export(graph, flat, str(path), input_names=in_names, output_names=out_names,
+                      dynamo=False, dynamic_axes=axes)
     onnx.checker.check_model(onnx.load(str(path)))

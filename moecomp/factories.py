@@ -5,7 +5,8 @@ A problem file may name a model factory, a data factory, a divergence and a metr
 reference is resolved from the problem file's folder first (a ``module.py`` or ``module/``
 package there), then from ``sys.path`` (``PYTHONPATH``, installed packages). Modules of
 different problem folders may share a name (two examples each with a ``data.py``): each
-folder's module is imported once and kept apart.
+problem gets its own folder's module (the other is forgotten by ``sys.modules``; a library
+module of that name is never replaced: that is an error asking for a rename).
 
 Every failure is a :class:`~moecomp.errors.ConfigError` naming the field, the reference, where
 it was looked for and the module's own error, with what to do about it.
@@ -16,6 +17,7 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import sys
+import sysconfig
 import types
 from collections.abc import Callable
 from pathlib import Path
@@ -23,8 +25,13 @@ from typing import Any
 
 from moecomp.errors import ConfigError
 
-_FROM_FOLDER: dict[tuple[str, str], types.ModuleType] = {}
-"""Modules imported from a problem folder: (folder, top-level name) -> module."""
+_FOLDERS: list[str] = []
+"""Problem folders modules were imported from, in order (for worker processes)."""
+
+
+def user_folders() -> list[str]:
+    """The problem folders user factories were imported from so far in this process."""
+    return list(_FOLDERS)
 
 
 def _in_folder(folder: Path, top: str) -> bool:
@@ -32,7 +39,7 @@ def _in_folder(folder: Path, top: str) -> bool:
 
 
 class _Clash(Exception):
-    """A module of the same name is already imported from elsewhere."""
+    """A library module has the name of a module in the problem folder."""
 
 
 def _inside(module: types.ModuleType, folder: Path) -> bool:
@@ -40,31 +47,49 @@ def _inside(module: types.ModuleType, folder: Path) -> bool:
     return origin is not None and Path(origin).resolve().is_relative_to(folder)
 
 
+def _is_library(module: types.ModuleType) -> bool:
+    """Built-in, standard library or installed: never replaced by a problem folder's."""
+    origin = getattr(module, "__file__", None)
+    if origin is None:
+        return True
+    paths = sysconfig.get_paths()
+    roots = {Path(paths[k]).resolve() for k in ("stdlib", "platstdlib", "purelib", "platlib")}
+    where = Path(origin).resolve()
+    return any(where.is_relative_to(r) for r in roots)
+
+
 def _import_from_folder(folder: Path, mod_name: str) -> types.ModuleType:
-    """Import ``mod_name``, whose top-level module lives in ``folder``, kept apart from
-    same-named modules of other problem folders."""
-    top = mod_name.split(".")[0]
-    current = sys.modules.get(top)
-    if current is not None and not _inside(current, folder):
-        if not any(current is m for m in _FROM_FOLDER.values()):
-            raise _Clash(f"a module named {top!r} is already imported from "
-                         f"{getattr(current, '__file__', None) or 'a built-in'}; rename the "
-                         f"module in {folder}")
-        for name in [n for n in sys.modules if n == top or n.startswith(top + ".")]:
-            del sys.modules[name]
-    # First on the path while importing (so this folder's module wins), then last, so that
-    # the module's own later imports of its siblings work without shadowing anything else.
+    """Import ``mod_name``, whose top-level module lives in ``folder``. A module of the same
+    name imported from elsewhere (another problem folder's ``data.py``) is forgotten first, so
+    each folder gets its own modules; the module's imports of its siblings too."""
+    here = {p.stem for p in folder.glob("*.py")} | {
+        p.name for p in folder.iterdir() if (p / "__init__.py").is_file()}
+    for name, mod in list(sys.modules.items()):
+        if name.split(".")[0] not in here or mod is None or _inside(mod, folder):
+            continue
+        if _is_library(mod):
+            raise _Clash(f"{folder} has a module {name.split('.')[0]!r}, the name of "
+                         f"{getattr(mod, '__file__', None) or 'a built-in module'}; rename it")
+        del sys.modules[name]
+    # On the path only while importing (first, so this folder's module wins): a module left
+    # on sys.path would shadow same-named modules of every later problem.
     entry = str(folder)
-    while entry in sys.path:
-        sys.path.remove(entry)
+    if entry not in _FOLDERS:
+        _FOLDERS.append(entry)
     sys.path.insert(0, entry)
     try:
-        module = importlib.import_module(mod_name)
+        return importlib.import_module(mod_name)
     finally:
         sys.path.remove(entry)
-        sys.path.append(entry)
-    _FROM_FOLDER[(entry, top)] = sys.modules[top]
-    return module
+
+
+def _forget_other_folders(top: str) -> None:
+    """Forget a module ``top`` imported from a problem folder: a problem whose own folder
+    lacks it must not silently get another problem's."""
+    for name, mod in list(sys.modules.items()):
+        if (name == top or name.startswith(top + ".")) and mod is not None and any(
+                _inside(mod, Path(f)) for f in _FOLDERS):
+            del sys.modules[name]
 
 
 def resolve(ref: str, field: str, *, folder: str | Path | None = None) -> Callable[..., Any]:
@@ -78,6 +103,7 @@ def resolve(ref: str, field: str, *, folder: str | Path | None = None) -> Callab
         if where is not None and _in_folder(where, top):
             module = _import_from_folder(where, mod_name)
         else:
+            _forget_other_folders(top)
             module = importlib.import_module(mod_name)
     except _Clash as e:
         raise ConfigError(field, f"cannot import {mod_name!r} for {ref!r}: {e}") from None

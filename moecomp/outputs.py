@@ -117,6 +117,19 @@ def _rebuild(out: Any, kids: list[tuple[str, Any]], values: list[Any]) -> Any:
     return type(out)(values)
 
 
+def named_tensors(out: Any, prefix: str = "") -> list[tuple[str, torch.Tensor]]:
+    """Every tensor inside ``out`` with its dotted path (``"output"`` for a bare tensor)."""
+    if isinstance(out, torch.Tensor):
+        return [(prefix or "output", out)]
+    kids = _children(out)
+    if kids is None:
+        return []
+    found = []
+    for k, v in kids:
+        found += named_tensors(v, f"{prefix}.{k}" if prefix else k)
+    return found
+
+
 def tensors(out: Any) -> list[torch.Tensor]:
     """Every tensor inside ``out``, depth first."""
     found: list[torch.Tensor] = []

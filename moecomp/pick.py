@@ -3,7 +3,7 @@
 The stage *Pick* of DESIGN.md. The rules are pure functions on a front (objective matrix
 ``F: (n, n_obj)``, every objective minimised, or the front's metric frame):
 
-- :func:`by_constraints` keeps the solutions within bounds on accuracy drop, divergence and
+- :func:`by_constraints` keeps the solutions within bounds on the metric's drop, divergence and
   compression ratio, best ratio first;
 - :func:`knee` finds the knee points (pymoo's ``HighTradeoffPoints``);
 - :func:`by_weights` picks one solution for a preference vector (pymoo's ``ASF``
@@ -40,6 +40,10 @@ HOLDOUT_COLUMNS = ("val_divergence", "val_metric", "val_drop", "test_divergence"
 # built it: other ranks, teacher or data. Batched and one-by-one forwards differ in rounding.
 CALIBRATION_RTOL = 0.02
 CALIBRATION_ATOL = 1e-4
+
+
+_SHOWN = {"metric_drop": "drop"}
+"""How a bound's column reads in a rule ("best ratio within drop <= 1")."""
 
 
 class NoFeasibleSolution(MoecompError):
@@ -272,7 +276,8 @@ def choose(
     pool = by_constraints(
         front, max_drop=max_drop, max_divergence=max_divergence, min_ratio=min_ratio
     )
-    within = " within " + ", ".join(f"{c} {op} {v:g}" for c, op, v, _ in bounds) if bounds else ""
+    within = " within " + ", ".join(f"{_SHOWN.get(c, c)} {op} {v:g}" for c, op, v, _ in bounds) \
+        if bounds else ""
     rows: list[pd.DataFrame] = []
 
     def add(sel: pd.DataFrame, rule: str) -> None:

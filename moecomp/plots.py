@@ -107,6 +107,7 @@ def held_out_info(picks: pd.DataFrame | None, column: str = "metric") -> pd.Data
     df = df.rename(columns={column: "calibration", test: "test"})
     return None if df["test"].isna().all() else df
 
+
 @dataclass(frozen=True)
 class RatioInfo:
     """What the ratio figure shows on its y axis against the compression ratio.
@@ -115,7 +116,8 @@ class RatioInfo:
         run has no task metric;
     name: what the y axis is called in titles (``accuracy``, ``KL divergence``);
     label: the y axis label with units;
-    unit: the unit of values written in legends (``%``, a user's, or the divergence's);
+    unit: the unit of values written in legends (``%`` or the user's; empty for a
+        divergence);
     teacher, teacher_test: the teacher's value on the calibration and test sets (None for a
         divergence, the teacher's own being 0);
     held_out: :func:`held_out_info` of the picks (None without a test re-evaluation);
@@ -153,7 +155,7 @@ def ratio_info(
         label = divergence_label(divergence)
         return RatioInfo(
             column="divergence",
-            name=label.split(" (")[0],
+            name=label.split(" (")[0],  # "KL divergence (nats)" -> "KL divergence"
             label=f"{label} on the calibration set (teacher = 0)",
             unit="",
             teacher=None,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import re
 
 import numpy as np
 import pandas as pd
@@ -20,14 +21,16 @@ from moecomp.compare import (
     SUMMARY_MD,
     compare_with_de,
     comparison_info,
+    de_table,
     dominance_counts,
     dominated_by,
     load_comparison,
     objective_space,
     summary_frame,
+    summary_markdown,
 )
 from moecomp.errors import ConfigError, RunError
-from moecomp.runs import RunFolder, atomic_write_csv, solutions_frame
+from moecomp.runs import MetricInfo, RunFolder, atomic_write_csv, solutions_frame
 
 
 @pytest.fixture(autouse=True)
@@ -115,6 +118,58 @@ def test_objective_space_follows_the_problem(digits_problem):
     assert objective_space(shared).ref_point.tolist() == [1.0, 1.0]
 
 
+# --- tables -----------------------------------------------------------------------------------
+
+
+DE_POINTS = pd.DataFrame(
+    {
+        "target_sparsity": [0.5, 0.9],
+        "sparsity": [0.5, 0.9],
+        "evals": [30, 30],
+        "density": [0.5, 0.1],
+        "bits": [4.0, 2.0],
+        "divergence": [0.01, 0.5],
+        "ratio": [12.0, 60.0],
+        "metric": [96.5, 80.25],
+        "metric_drop": [0.5, 16.75],
+        "feasible": [True, True],
+        "dominated_by_front": [True, False],
+    }
+)
+
+
+def test_de_table_names_the_metric_or_leaves_it_out():
+    acc = de_table(DE_POINTS, metric=MetricInfo("accuracy", "%", "maximize"))
+    assert list(acc.columns[-4:]) == ["accuracy (%)", "accuracy drop (points)", "feasible",
+                                      "dominated_by_front"]
+    assert acc["accuracy (%)"].tolist() == [96.5, 80.25]
+    user = de_table(DE_POINTS, metric=MetricInfo("agreement", "", "maximize"))
+    assert "agreement" in user.columns and "agreement drop" in user.columns
+    bare = de_table(DE_POINTS.assign(metric=np.nan, metric_drop=np.nan), metric=None)
+    assert not {"metric", "metric_drop"} & set(bare.columns)
+    assert "divergence" in bare.columns
+
+
+def test_summary_markdown_says_what_the_points_are_measured_by(digits_problem):
+    space = objective_space(digits_problem)
+    summary = summary_frame(np.array([[0.5, 4.0, 0.01]]), np.array([[0.5, 4.0, 0.02]]),
+                            space.ref_point, front_evals=60, de_evals=60, front_budget=60,
+                            de_budget=60)
+    acc = summary_markdown(summary, DE_POINTS, space,
+                           metric=MetricInfo("accuracy", "%", "maximize"))
+    assert "Task metric: accuracy (%)" in acc
+    assert "| 0.50 | 0.5000 | 30 | 0.5000 | 4.00 | 0.01 | 12.0 | 96.50 | 0.50 | True | True |" \
+        in acc
+    user = summary_markdown(summary, DE_POINTS, space,
+                            metric=MetricInfo("agreement", "", "maximize"))
+    assert "| 80.25 | 16.75 |" in user  # no scale known: significant digits, not decimals
+    bare = summary_markdown(summary, DE_POINTS.assign(metric=np.nan, metric_drop=np.nan), space,
+                            metric=None)
+    assert "No task metric" in bare and "| nan |" not in bare
+    assert "| target_sparsity | sparsity | evals | density | bits | divergence | ratio | " \
+        "feasible | dominated_by_front |" in bare
+
+
 # --- a small run folder -----------------------------------------------------------------------
 
 
@@ -124,6 +179,7 @@ def _fake_run(tmp_path, problem, target, *, n_evals: int = 60) -> RunFolder:
     from moecomp.evaluate import Evaluator
     from moecomp.relevance.base import scores_to_ranks
     from moecomp.search.front import nondominated
+    from moecomp.solution import target_info
 
     ranks = {n: scores_to_ranks(w.abs()) for n, w in target.weights().items()}
     names = target.layer_names
@@ -134,6 +190,7 @@ def _fake_run(tmp_path, problem, target, *, n_evals: int = 60) -> RunFolder:
     df = solutions_frame(np.arange(len(grid)), 0, names, S, B, m.to_dict())
     run = RunFolder(tmp_path / "run")
     run.write_problem(problem)
+    run.write_target_info(target_info(target))
     atomic_write_csv(run.file("evaluated.csv"), df)
     atomic_write_csv(run.file("front.csv"), df.iloc[nondominated(m.objectives("3obj"))])
     run.write_status({"status": "done", "budget": n_evals, "n_evals": n_evals})
@@ -174,7 +231,9 @@ def test_compare_writes_a_consistent_comparison(small_run, digits_target):
 
     assert res.hv_front == pytest.approx(summary.loc[0, "hv"])
     assert res.front_dominates_de == front_dom and res.de_dominates_front == de_dom
-    assert "| DE baseline |" in small_run.file(SUMMARY_MD).read_text()
+    md = small_run.file(SUMMARY_MD).read_text()
+    assert "| DE baseline |" in md
+    assert "Task metric: accuracy (%)" in md and "| accuracy (%) | accuracy drop (points) |" in md
     png = small_run.path / "plots" / "compare_de.png"
     assert png.is_file() and png.stat().st_size > 10_000
 
@@ -216,6 +275,10 @@ def test_cli_prints_the_table(small_run):
     assert out.exit_code == 0, out.output
     assert "DE baseline" in out.output and "search front" in out.output
     assert "hypervolume" in out.output and "60%" in out.output
+    # every header whole in an 80-column terminal; the metric named below the table
+    headers = r"target\s+evals\s+density\s+bits\s+divergence\s+ratio\s+metric\s+drop\s+dominated\s"
+    assert re.search(headers, out.output)
+    assert "metric: accuracy (%); drop: from the teacher's in points" in out.output
     assert pd.read_csv(small_run.file(DE_FILE))["target_sparsity"].tolist() == [0.6]
     bad = CliRunner().invoke(app, ["compare", str(small_run.path), "--baseline", "magnitude"])
     assert bad.exit_code != 0 and isinstance(bad.exception, ConfigError)

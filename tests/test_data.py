@@ -30,7 +30,8 @@ def test_digits_shapes_dtypes_labels():
 
 def test_digits_split_is_deterministic_and_disjoint():
     a, b, c = load_digits(seed=3), load_digits(seed=3), load_digits(seed=4)
-    assert torch.equal(a.calibration.inputs, b.calibration.inputs) and torch.equal(a.test.labels, b.test.labels)
+    assert torch.equal(a.calibration.inputs, b.calibration.inputs)
+    assert torch.equal(a.test.labels, b.test.labels)
     assert not torch.equal(a.calibration.inputs, c.calibration.inputs)
     rows = {tuple(r.tolist()) + (int(y),) for part in (a.calibration, a.validation, a.test)
             for r, y in zip(part.inputs, part.labels, strict=True)}
@@ -55,7 +56,8 @@ def _fake_fashion(folder, n_train=12, n_test=6):
 def test_fashion_loader_on_small_idx_files(tmp_path):
     _fake_fashion(tmp_path)
     s = load_fashion_mnist(tmp_path, seed=0, holdout=4)
-    assert s.calibration.inputs.shape == (8, 1, 28, 28) and s.validation.inputs.shape == (4, 1, 28, 28)
+    assert s.calibration.inputs.shape == (8, 1, 28, 28)
+    assert s.validation.inputs.shape == (4, 1, 28, 28)
     assert s.test.inputs.shape == (6, 1, 28, 28)
     raw = read_idx(tmp_path / FASHION_FILES["test_x"])
     assert torch.allclose(s.test.inputs[:, 0], torch.from_numpy(raw.astype(np.float32) / 255))
@@ -112,7 +114,8 @@ _REAL = FASHION_DEBIAN / FASHION_FILES["train_x"]
                     reason="Debian package dataset-fashion-mnist not installed (CI installs it)")
 def test_real_fashion_mnist_files():
     s = load_fashion_mnist(seed=0)
-    assert s.calibration.inputs.shape == (55000, 1, 28, 28) and s.validation.inputs.shape == (5000, 1, 28, 28)
+    assert s.calibration.inputs.shape == (55000, 1, 28, 28)
+    assert s.validation.inputs.shape == (5000, 1, 28, 28)
     assert s.test.inputs.shape == (10000, 1, 28, 28)
     assert s.calibration.inputs.dtype == torch.float32 and s.test.labels.dtype == torch.int64
     assert float(s.calibration.inputs.min()) == 0.0 and float(s.calibration.inputs.max()) == 1.0
@@ -122,3 +125,28 @@ def test_real_fashion_mnist_files():
     assert torch.bincount(s.test.labels).tolist() == [1000] * 10
     again = load_fashion_mnist(seed=0)
     assert torch.equal(s.validation.labels, again.validation.labels)
+
+
+@pytest.mark.parametrize("seed", [0, 5])
+def test_digits_validation_modes(seed):
+    hold = load_digits(seed=seed)
+    half = load_digits(seed=seed, validation="test-half")
+    # test-half: calibration holds every non-test image, validation and test split the test
+    assert len(half.calibration) == len(hold.calibration) + len(hold.validation)
+    assert len(half.validation) + len(half.test) == len(hold.test)
+    rows = {tuple(r.tolist()) for r in hold.test.inputs}
+    assert all(tuple(r.tolist()) in rows for r in half.validation.inputs)
+    assert all(tuple(r.tolist()) in rows for r in half.test.inputs)
+    v = {tuple(r.tolist()) for r in half.validation.inputs}
+    assert not v & {tuple(r.tolist()) for r in half.test.inputs}
+    assert len(load_digits(seed=seed, holdout=100).validation) == 100
+
+
+def test_fashion_validation_modes_on_small_files(tmp_path):
+    _fake_fashion(tmp_path, n_train=12, n_test=6)
+    half = load_fashion_mnist(tmp_path, validation="test-half")
+    assert len(half.calibration) == 12 and len(half.validation) == 3 and len(half.test) == 3
+    both = torch.cat([half.validation.inputs, half.test.inputs])
+    assert torch.equal(both.sum(), load_fashion_mnist(tmp_path, holdout=4).test.inputs.sum())
+    with pytest.raises(DataError, match=r"data.holdout: must be in \[1, 11\]"):
+        load_fashion_mnist(tmp_path, holdout=12)

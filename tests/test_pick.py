@@ -133,13 +133,13 @@ def test_infeasible_bound_names_the_rule_and_best_value():
 def test_choose_rules_and_default():
     df = metric_frame()
     out = choose(df, max_drop=1.0)
-    assert out[["id", "rule"]].values.tolist() == [[12, "best ratio within metric_drop <= 1"]]
+    assert out[["id", "rule"]].values.tolist() == [[12, "best ratio within drop <= 1"]]
     out = choose(df, weights=(0, 0, 1))
     assert out["id"].tolist() == [10] and out["rule"].iloc[0] == "weights 0,0,1 (asf)"
     # Bounds restrict where weights look.
     out = choose(df, max_drop=1.0, weights=(1, 1, 0), method="pseudo")
     assert out["id"].tolist() == [12, 12]
-    assert out["rule"].tolist()[1] == "weights 1,1,0 (pseudo) within metric_drop <= 1"
+    assert out["rule"].tolist()[1] == "weights 1,1,0 (pseudo) within drop <= 1"
     # No rule: knee points (if any) and equal ASF weights.
     default = choose(df)
     assert default["rule"].iloc[-1] == "weights 1,1,1 (asf)"

@@ -94,7 +94,7 @@ def fake_picks(run: RunFolder, *, held_out: bool = True) -> pd.DataFrame:
     front = run.front().sort_values("ratio", ascending=False)
     ids = front["id"].iloc[[0, 1, 1]].tolist()  # the second is chosen by two rules
     picks = run.evaluated().set_index("id").loc[ids].reset_index()
-    picks.insert(1, "rule", ["best ratio within metric_drop <= 5", "knee", "weights 1,1,4 (asf)"])
+    picks.insert(1, "rule", ["best ratio within drop <= 5", "knee", "weights 1,1,4 (asf)"])
     if held_out:
         spec = run.target_info()["metric"]
         picks["test_divergence"] = picks["divergence"] * 1.2
@@ -126,7 +126,7 @@ def test_pick_labels_merge_rules_of_one_solution_and_drop_bounds():
     picks = pd.DataFrame(
         {
             "id": [3, 7, 7],
-            "rule": ["best ratio within metric_drop <= 1", "knee", "weights 1,1,1 (asf)"],
+            "rule": ["best ratio within drop <= 1", "knee", "weights 1,1,1 (asf)"],
         }
     )
     assert pick_labels(picks) == {3: "#3: best ratio", 7: "#7: knee; weights 1,1,1 (asf)"}

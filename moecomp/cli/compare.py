@@ -105,8 +105,11 @@ def register(app: typer.Typer) -> None:
 
         de = result.de
         metric = metric_info(RunFolder(run))
-        points = Table(title="DE points", box=box.SIMPLE_HEAD)
-        # (header, column, format): compact enough for an 80-column terminal
+        # one space between columns, so the table fits an 80-column terminal
+        points = Table(
+            title="DE points", box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True
+        )
+        # (header, column, format)
         cols = [
             ("target", "target_sparsity", "{:.0%}"),
             ("evals", "evals", "{}"),
@@ -117,7 +120,8 @@ def register(app: typer.Typer) -> None:
         ]
         if metric is not None:
             fmt = "{:.2f}" if metric.percent else "{:.4g}"
-            cols += [(metric.label, "metric", fmt), ("drop", "metric_drop", fmt)]
+            # named below the table: a metric's name does not fit an 80-column header
+            cols += [("metric", "metric", fmt), ("drop", "metric_drop", fmt)]
         if not de["feasible"].all():
             cols.append(("feasible", "feasible", "{}"))
         for header, _, _ in cols:
@@ -135,7 +139,7 @@ def register(app: typer.Typer) -> None:
                           style="dim")
         else:
             unit = f" in {metric.drop_unit}" if metric.drop_unit else ""
-            console.print(f"drop: from the teacher's {metric.name}{unit}, on the calibration "
-                          "set", style="dim")
+            console.print(f"metric: {metric.label}; drop: from the teacher's{unit}; both on the "
+                          "calibration set", style="dim")
         for name, path in result.files.items():
             console.print(f"{name}: {path}", soft_wrap=True)

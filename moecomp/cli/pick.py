@@ -113,17 +113,17 @@ def register(app: typer.Typer) -> None:
         rule = str(picks["rule"].iloc[0])
         if " within " in rule:
             c.print("all picks are within " + rule.split(" within ", 1)[1])
-        from moecomp.runs import RunFolder
+        from moecomp.runs import RunFolder, metric_info
 
-        info = RunFolder(run).target_info().get("metric") or {"name": "none", "unit": ""}
-        c.print(picks_table(picks, info["name"], info["unit"]))
-        if info["name"] == "none":
+        info = metric_info(RunFolder(run))
+        if info is None:
+            c.print(picks_table(picks, "none", ""))
             c.print("no metric: this target is measured by its divergence alone; calib = the "
                     "search's calibration samples")
         else:
-            unit = "points" if info["unit"] == "%" else info["unit"] or "its units"
-            c.print(f"{info['name']}; drops from the teacher on the same data, in {unit}; "
-                    "calib = the search's calibration samples")
+            c.print(picks_table(picks, info.name, info.unit))
+            c.print(f"{info.name}; drops from the teacher on the same data, in "
+                    f"{info.drop_unit or 'its units'}; calib = the search's calibration samples")
         c.print(f"picks: {run / 'picks.csv'}")
         if plots:
             for p in plot_run(run, picks):

@@ -10,11 +10,14 @@ machines. Results come back in chunk order, as :class:`moecomp.search.runner.Run
 from __future__ import annotations
 
 import logging
+import sys
 from collections.abc import Callable, Sequence
 from types import TracebackType
 from typing import Any, TypeVar
 
-from distributed import Client, Future, LocalCluster
+from distributed import Client, Future, LocalCluster, WorkerPlugin
+
+from moecomp.factories import user_folders
 
 C = TypeVar("C")
 R = TypeVar("R")
@@ -41,6 +44,20 @@ def same_function(a: Callable[[Any], Any], b: Callable[[Any], Any] | None) -> bo
         x is y or (isinstance(x, str | int | float | bool) and type(x) is type(y) and x == y)
         for x, y in ((va[k], vb[k]) for k in va)
     )
+
+
+class _ImportPaths(WorkerPlugin):
+    """Puts the problem folders user factories were imported from on a worker's
+    ``sys.path``, so that it can unpickle the teacher and the user's measures. Workers on
+    other machines need those folders at the same paths (or the modules on PYTHONPATH)."""
+
+    def __init__(self, folders: Sequence[str]) -> None:
+        self.folders = list(folders)
+
+    def setup(self, worker: Any) -> None:
+        for f in self.folders:
+            if f not in sys.path:
+                sys.path.append(f)
 
 
 def _call(chunk: Any, *, fn: Callable[[Any], Any]) -> Any:
@@ -77,12 +94,17 @@ class DaskRunner:
         # cross the network once, not per chunk or generation.
         self._fn: Callable[[Any], Any] | None = None
         self._fn_future: Future | None = None
+        self._folders: list[str] = []
 
     @property
     def client(self) -> Client:
         return self._client
 
     def _remote(self, fn: Callable[[Any], Any]) -> Future:
+        folders = user_folders()
+        if folders != self._folders:
+            self._client.register_plugin(_ImportPaths(folders), name="moecomp-import-paths")
+            self._folders = folders
         if self._fn_future is None or not same_function(fn, self._fn):
             if self._fn_future is not None:
                 self._fn_future.release()
