@@ -38,11 +38,10 @@ import torch
 
 from moecomp.apply import apply_plan, student_state_dict
 from moecomp.config import load_problem
-from moecomp.divergence import divergence
 from moecomp.evaluate import EvalOptions, Evaluator
 from moecomp.relevance.base import scores_to_ranks
 from moecomp.runs import plans_from_genes
-from moecomp.target import Target, build_target
+from moecomp.target import Target, build_target, load_state
 
 VARIANTS: dict[str, EvalOptions] = {
     "evaluator (all ideas)": EvalOptions(),
@@ -76,17 +75,17 @@ def mutants(
 def naive(
     target: Target, ranks: dict[str, torch.Tensor], s: np.ndarray, b: np.ndarray
 ) -> np.ndarray:
-    """Divergence per plan, one plan at a time (accuracy computed too, as the evaluator does)."""
+    """Divergence per plan, one plan at a time (the metric computed too, as the evaluator
+    does)."""
     weights, state = target.weights(), target.state_dict()
     out = []
     for plan in plans_from_genes(target.layer_names, s, b):
         student = copy.deepcopy(target.teacher)
-        student.load_state_dict(student_state_dict(state, apply_plan(plan, weights, ranks)))
-        with torch.no_grad():
-            y = student(target.calib_x)
-            out.append(float(divergence(target.teacher_out, y, target.divergence)))
-            if target.calib_y is not None:
-                float((y.argmax(-1) == target.calib_y).double().mean())
+        load_state(student, student_state_dict(state, apply_plan(plan, weights, ranks)))
+        y = target.run(student, target.calib.inputs)
+        out.append(float(target.divergence(target.teacher_out, y).double().mean()))
+        if target.metric is not None:
+            target.metric(target.teacher_out, y, target.calib.labels)
     return np.array(out)
 
 
@@ -168,7 +167,7 @@ def main() -> None:
 
     cmd = " ".join([".venv/bin/python", *sys.argv])
     lines = [
-        f"### Evaluate throughput: {problem.name}, {target.calib_x.shape[0]} calibration inputs",
+        f"### Evaluate throughput: {problem.name}, {len(target.calib)} calibration inputs",
         "",
         f"- command: `{cmd}`",
         f"- machine: {machine()}; {load_before} at start, {load()} at end",

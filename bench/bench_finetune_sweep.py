@@ -24,7 +24,6 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from moecomp.data import load_dataset
 from moecomp.refine import finetune, refine
 from moecomp.solution import RunContext, student_model
 from moecomp.train import accuracy
@@ -35,8 +34,6 @@ def masks_only(ctx: RunContext, ids: list[str], seeds: list[int], epochs: int,
     """Drops of the solutions' masks fine-tuned at 8 bits in every layer (near float)."""
     target = ctx.target
     assert target.val is not None and target.test is not None
-    data = load_dataset(ctx.problem.data.dataset, path=ctx.problem.data.path,
-                        seed=ctx.problem.data.seed)
     print("| solution | plan (sparsity/bits) | seed | val drop (pt) | test drop (pt) |")
     print("| --- | --- | ---: | ---: | ---: |")
     for sid in ids:
@@ -44,8 +41,9 @@ def masks_only(ctx: RunContext, ids: list[str], seeds: list[int], epochs: int,
         plan = ", ".join(f"{n} {lp.sparsity:.2f}/{lp.bits}" for n, lp in sol.plan.layers.items())
         for seed in seeds:
             model = student_model(target.teacher, sol.state)
-            trained = finetune(model, target.teacher, sol.layers, dict.fromkeys(sol.layers, 8),
-                               data.train, epochs=epochs, seed=seed, progress=False)
+            trained = finetune(model, target, sol.layers, dict.fromkeys(sol.layers, 8),
+                               target.pool or target.calib, epochs=epochs, seed=seed,
+                               progress=False)
             state = target.round_dense({k: trained.get(k, v) for k, v in sol.state.items()})
             m = student_model(target.teacher, state)
             print(f"| {sid} | {plan} | {seed} | {t_val - accuracy(m, target.val):.2f} | "

@@ -28,7 +28,7 @@ import torch
 from torch.func import functional_call
 
 from moecomp.config import load_problem
-from moecomp.divergence import divergence
+from moecomp.divergence import Divergence
 from moecomp.relevance import (
     DirectedEvolution,
     Magnitude,
@@ -72,13 +72,13 @@ def pruned_state(
 def measure(target: Target, sd: dict[str, torch.Tensor]) -> tuple[float, float, float]:
     """(KL on calibration, KL on test, test accuracy %) of the student ``sd``."""
     assert target.test is not None
-    kl_calib = float(
-        divergence(target.teacher_out, functional_call(target.teacher, sd, (target.calib_x,)), "kl")
-    )
-    t_test = target.teacher(target.test.x)
-    s_test = functional_call(target.teacher, sd, (target.test.x,))
-    kl_test = float(divergence(t_test, s_test, "kl"))
-    acc = 100.0 * float((s_test.argmax(-1) == target.test.y).float().mean())
+    kl = Divergence("kl")
+    s_calib = functional_call(target.teacher, sd, (target.calib.inputs,))
+    kl_calib = float(kl(target.teacher_out, s_calib).mean())
+    t_test = target.teacher(target.test.inputs)
+    s_test = functional_call(target.teacher, sd, (target.test.inputs,))
+    kl_test = float(kl(t_test, s_test).mean())
+    acc = 100.0 * float((s_test.argmax(-1) == target.test.labels).float().mean())
     return kl_calib, kl_test, acc
 
 
@@ -103,7 +103,7 @@ def main() -> None:
     de = DirectedEvolution.from_config(cfg)
     print(
         f"- problem: {problem.name} ({', '.join(f'{r.name} {r.shape}' for r in target.layers)}); "
-        f"scorers read the first {cfg.calibration} of {target.calib_x.shape[0]} calibration "
+        f"scorers read the first {cfg.calibration} of {len(target.calib)} calibration "
         f"images; DE: {cfg.generations} generations x {cfg.population} sets of "
         f"{cfg.set_fraction:.0%} of the layer per round, "
         f"{de.evolved_fraction * 100:.0f} % of each layer evolved; "
@@ -169,7 +169,7 @@ def main() -> None:
     t0 = time.perf_counter()
     bounds = redundancy_bounds(target)
     print(
-        f"\nRedundancy bounds (energy 0.99, 32 batches over all {target.calib_x.shape[0]} "
+        f"\nRedundancy bounds (energy 0.99, 32 batches over all {len(target.calib)} "
         f"calibration images, {time.perf_counter() - t0:.1f} s): "
         + ", ".join(f"{k} {v:.3f}" for k, v in bounds.items())
         + "."
