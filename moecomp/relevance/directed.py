@@ -248,24 +248,29 @@ def _replace_output(module: nn.Module, out: torch.Tensor) -> Iterator[None]:
         )
 
 
-def _layer_input(model: nn.Module, module: nn.Module, x: Inputs) -> torch.Tensor:
-    seen: list[torch.Tensor] = []
+def _layer_input(model: nn.Module, module: nn.Module, x: Inputs, *,
+                 batch_size: int = 1 << 30) -> torch.Tensor:
+    """The input of ``module`` when ``model`` runs on ``x`` (in batches of ``batch_size``)."""
+    parts = []
+    for _, xb in inputs_mod.batches(x, batch_size):
+        seen: list[torch.Tensor] = []
 
-    def hook(_m: nn.Module, inp: tuple[torch.Tensor, ...]) -> None:
-        seen.append(inp[0].detach())
+        def hook(_m: nn.Module, inp: tuple[torch.Tensor, ...], seen: list = seen) -> None:
+            seen.append(inp[0].detach())
 
-    handle = module.register_forward_pre_hook(hook)
-    try:
-        with torch.no_grad():
-            inputs_mod.call(model, x)
-    finally:
-        handle.remove()
-    if len(seen) != 1:
-        raise RuntimeError(
-            f"Directed Evolution needs the layer's module to run once per "
-            f"forward; it ran {len(seen)} times"
-        )
-    return seen[0]
+        handle = module.register_forward_pre_hook(hook)
+        try:
+            with torch.no_grad():
+                inputs_mod.call(model, xb)
+        finally:
+            handle.remove()
+        if len(seen) != 1:
+            raise RuntimeError(
+                f"Directed Evolution needs the layer's module to run once per "
+                f"forward; it ran {len(seen)} times"
+            )
+        parts.append(seen[0])
+    return torch.cat(parts)
 
 
 class LayerProbe:
@@ -292,7 +297,7 @@ class LayerProbe:
         self.n = inputs_mod.n_samples(x)
         self.weight = layer_weight(target, layer)
         self.shape = tuple(self.weight.shape)
-        self.inp = _layer_input(self.model, self.module, x)
+        self.inp = _layer_input(self.model, self.module, x, batch_size=target.batch_size)
         self.per_chunk = max(1, max_rows // self.n)
         self.local_prefix = True
         self.local_prefix = self._prefix_is_local()
