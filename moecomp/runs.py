@@ -7,7 +7,8 @@ Layout of ``RUN/``::
     evaluated.csv    every evaluated solution: id, gen, metrics, s:<tensor>, b:<tensor>
     front.csv        the non-dominated subset of evaluated.csv (same columns)
     hv.csv           gen, n_evals, hv, elapsed_s
-    checkpoint.pkl   the algorithm's state after the last finished generation
+    checkpoint.safetensors   the search state after the last finished generation (data
+                     only: arrays and JSON, moecomp.search.checkpoint)
     plots/           PNG figures
     picks.csv, refined/, exports/   written by pick, refine and export
 
