@@ -88,8 +88,10 @@ class RunFolder:
     def require(self, name: str) -> Path:
         p = self.path / name
         if not p.is_file():
-            if not self.path.is_dir():
+            if not self.path.exists():
                 raise RunError(f"{self.path} is not a run folder (it does not exist)")
+            if not self.path.is_dir():
+                raise RunError(f"{self.path} is not a run folder (it is a file)")
             raise RunError(f"{self.path} has no {name}: did the search finish a generation?")
         return p
 

@@ -41,6 +41,10 @@ PROB_BITS = 16
 """Probabilities are multiples of ``2**-PROB_BITS`` in ``[2**-PROB_BITS, 1 - 2**-PROB_BITS]``."""
 MAX_COLS = 2**16 - 1
 """Widest row this coder takes (its counts stream's alphabet is ``cols + 1``)."""
+MAX_ROWS = 2**16 - 1
+"""Most rows this coder takes: the decoder steps through coded rows one at a time (a row
+depends on the ones above), so their number is bounded; taller masks use the generic
+coders (none of the zoo's layers comes near)."""
 MAX_EXACT = 2**53
 """The model's integers must stay exact in float64; larger matrices use the generic coders."""
 DISPERSION = 2.0
@@ -51,12 +55,13 @@ gain is a fraction of a percent and the attempt would halve the encoder's speed.
 
 def grid_of(shape: tuple[int, ...]) -> tuple[int, int] | None:
     """``(rows, cols)`` of a tensor's mask, or None when this coder does not apply (fewer
-    than 2 rows or columns, rows wider than ``MAX_COLS``, or a model beyond exact float64)."""
+    than 2 rows or columns, more than ``MAX_ROWS`` rows or ``MAX_COLS`` columns, or a model
+    beyond exact float64)."""
     if len(shape) < 2:
         return None
     rows = int(shape[0])
     cols = math.prod(shape[1:])
-    if rows < 2 or not 2 <= cols <= MAX_COLS:
+    if not 2 <= rows <= MAX_ROWS or not 2 <= cols <= MAX_COLS:
         return None
     # largest term R * w: cols * (rows * (rows * cols + 2) + 2 * (rows * cols + 1))
     if cols * (rows * (rows * cols + 2) + 2 * (rows * cols + 1)) >= MAX_EXACT:
@@ -135,6 +140,24 @@ def _block_probs(mask: np.ndarray, counts: np.ndarray, ones_before: np.ndarray, 
     w /= total[:, None]
     np.floor(w, out=w)
     np.clip(w, 1.0, scale - 1.0, out=w)
+    w /= scale
+    return w
+
+
+def _row_probs(col: np.ndarray, col_add: float, a: float, b: float, r_scaled: float,
+               total: float, scale: float) -> np.ndarray:
+    """``_block_probs`` of one row, given ``col + col_add`` ones per column in the rows above
+    (``col`` float64 holding integers) and the row's terms: the same float64 operations in
+    the same order, so the same bits. Called once per coded row by the decoder, so it is
+    written as a few in-place ufunc calls (``np.clip`` alone cost more than all of them)."""
+    w = col + col_add
+    w *= a
+    w += b
+    w *= r_scaled
+    w /= total
+    np.floor(w, out=w)
+    np.maximum(w, 1.0, out=w)
+    np.minimum(w, scale - 1.0, out=w)
     w /= scale
     return w
 
@@ -255,23 +278,31 @@ def decode_mask(payload: bytes | memoryview, n: int, params: dict[str, Any]) -> 
         raise CodecError(f"{MASK_CODER} stream: bit payload of {len(rest)} bytes is not a "
                          "multiple of 4")
     mask = np.zeros((rows, cols), dtype=bool)
-    mask[counts == cols] = True
-    c = np.zeros(cols, dtype=np.int64)
-    ones_before = _ones_before(counts)
+    full = counts == cols
+    mask[full] = True
+    coded = np.flatnonzero(_coded_rows(counts, cols))
+    # Only coded rows cost a step: empty and full rows are set above, and the ones a full
+    # row adds to every column enter through ``full_above`` instead of a pass per row.
+    full_above = (np.cumsum(full, dtype=np.int64) - full)[coded].astype(np.float64).tolist()
+    a, b, total = (x[coded].tolist() for x in _row_terms(counts, _ones_before(counts), 0, rows,
+                                                          cols))
+    scale = float(2**PROB_BITS)
+    r_scaled = (counts[coded].astype(np.float64) * scale).tolist()
+    want = counts[coded].tolist()
+    c = np.zeros(cols, dtype=np.float64)  # ones per column in the coded rows decoded so far
     family = constriction.stream.model.Bernoulli(perfect=False)
     try:
         coder = constriction.stream.stack.AnsCoder(np.frombuffer(rest, dtype="<u4")
                                                    .astype(np.uint32))
-        for i in range(rows):
-            r = int(counts[i])
-            if 0 < r < cols:
-                probs = _block_probs(mask, counts, ones_before, i, i + 1, c)[0]
-                bits = np.asarray(coder.decode(family, probs))
-                if bits.shape != (cols,) or int(bits.sum()) != r:
-                    raise CodecError(f"{MASK_CODER} stream: row {i} decodes to "
-                                     f"{int(bits.sum())} survivors, its count says {r}")
-                mask[i] = bits.astype(bool)
-            c += mask[i]
+        for k, i in enumerate(coded.tolist()):
+            probs = _row_probs(c, full_above[k], a[k], b[k], r_scaled[k], total[k], scale)
+            bits = coder.decode(family, probs)
+            kept = int(np.count_nonzero(bits))
+            if kept != want[k] or bits.shape != (cols,):
+                raise CodecError(f"{MASK_CODER} stream: row {i} decodes to {kept} survivors, "
+                                 f"its count says {want[k]}")
+            mask[i] = bits
+            c += bits
         leftover = not coder.is_empty()
     except CodecError:
         raise
