@@ -84,8 +84,11 @@ def register(app: typer.Typer) -> None:
             if header_only
             else f"CRC32 of all {sum(len(r.coders) for r in rows)} streams verified"
         )
+        size = src.stat().st_size
+        cost = max(size, sum(r.decode_cost for r in rows))  # both are checked against it
         t.caption = (
             f"payload + models + codebooks: {total:,} bytes (header parts uncompressed); "
-            f"{checked}; not decoded (moecomp decode checks the contents)"
+            f"{checked}; not decoded (moecomp decode checks the contents, and needs "
+            f"--max-bytes >= {cost:,})"
         )
         Console().print(t)

@@ -137,7 +137,8 @@ class LayerRow:
     sparsity: share of zeroed weights (0.0 for dense tensors); bits: ``ceil(log2 n_levels)``
     for quantized tensors, the dtype's bit width for dense ones; coded_bytes: payload bytes of
     its streams plus their models' JSON bytes plus the codebook (4 bytes a level), parts of the
-    header counted before it is compressed; coders: the coder of each stream, in stream order.
+    header counted before it is compressed; coders: the coder of each stream, in stream order;
+    decode_cost: what decoding it is charged against ``max_bytes`` (``decode_cost``).
     """
 
     name: str
@@ -151,6 +152,7 @@ class LayerRow:
     n_levels: int | None
     coded_bytes: int
     coders: tuple[str, ...]
+    decode_cost: int
 
 
 @dataclass(frozen=True)
@@ -719,11 +721,12 @@ def _dequantize(layer: QuantizedLayer) -> torch.Tensor:
     at the mask and exact zero elsewhere.
 
     Done in numpy because torch's boolean-mask assignment is ~30x slower on CPU (bench_codec);
-    both only copy codebook entries, so the bits are identical (tests compare them).
+    both only copy codebook entries, so the bits are identical (tests compare them). A boolean
+    assignment, not ``flatnonzero``: no 8-byte position per survivor (peak memory).
     """
     mask = layer.mask.reshape(-1).numpy()
     out = np.zeros(mask.size, dtype=np.float32)
-    out[np.flatnonzero(mask)] = layer.codebook.numpy()[layer.indices.numpy()]
+    out[mask] = layer.codebook.numpy()[layer.indices.numpy()]
     return _to_torch(out).reshape(layer.shape)
 
 
@@ -782,6 +785,7 @@ def _row(t: _Tensor) -> LayerRow:
         n_levels=t.n_levels if quantized else None,
         coded_bytes=sum(s.length + s.model_bytes() for s in t.streams.values()) + len(t.codebook),
         coders=tuple(s.coder for s in t.streams.values()),
+        decode_cost=decode_cost(t),
     )
 
 

@@ -87,6 +87,8 @@ def worth_trying(mask: np.ndarray) -> bool:
 
 BLOCK_ELEMENTS = 2**20
 """The encoder works on blocks of whole rows of about this many bits (bounded memory)."""
+DECODE_CHUNK = 4096
+"""The decoder prepares the per-row terms of this many rows at a time (bounded memory)."""
 
 
 def _blocks(mask: np.ndarray) -> list[tuple[int, int, np.ndarray]]:
@@ -272,37 +274,52 @@ def decode_mask(payload: bytes | memoryview, n: int, params: dict[str, Any]) -> 
     coder_name, length, sub = _counts_param(params, len(payload))
     view = memoryview(payload)
     counts = decode_stream(view[:length], coder=coder_name, n=rows, alphabet=cols + 1,
-                           params=sub).astype(np.int64)
+                           params=sub)  # uint8/uint16: 1-2 bytes a row whatever the grid
     rest = view[length:]
     if len(rest) % 4:
         raise CodecError(f"{MASK_CODER} stream: bit payload of {len(rest)} bytes is not a "
                          "multiple of 4")
     mask = np.zeros((rows, cols), dtype=bool)
-    full = counts == cols
-    mask[full] = True
-    coded = np.flatnonzero(_coded_rows(counts, cols))
-    # Only coded rows cost a step: empty and full rows are set above, and the ones a full
-    # row adds to every column enter through ``full_above`` instead of a pass per row.
-    full_above = (np.cumsum(full, dtype=np.int64) - full)[coded].astype(np.float64).tolist()
-    a, b, total = (x[coded].tolist() for x in _row_terms(counts, _ones_before(counts), 0, rows,
-                                                          cols))
-    scale = float(2**PROB_BITS)
-    r_scaled = (counts[coded].astype(np.float64) * scale).tolist()
-    want = counts[coded].tolist()
+    mask[counts == cols] = True  # full rows; empty rows stay zero: neither is coded
     c = np.zeros(cols, dtype=np.float64)  # ones per column in the coded rows decoded so far
     family = constriction.stream.model.Bernoulli(perfect=False)
+    scale = float(2**PROB_BITS)
+    ones_above = full_above = 0  # survivors, and full rows, in the rows before the chunk
     try:
         coder = constriction.stream.stack.AnsCoder(np.frombuffer(rest, dtype="<u4")
                                                    .astype(np.uint32))
-        for k, i in enumerate(coded.tolist()):
-            probs = _row_probs(c, full_above[k], a[k], b[k], r_scaled[k], total[k], scale)
-            bits = coder.decode(family, probs)
-            kept = int(np.count_nonzero(bits))
-            if kept != want[k] or bits.shape != (cols,):
-                raise CodecError(f"{MASK_CODER} stream: row {i} decodes to {kept} survivors, "
-                                 f"its count says {want[k]}")
-            mask[i] = bits
-            c += bits
+        # Chunks of rows keep the per-row terms small (a few arrays of DECODE_CHUNK); only
+        # coded rows cost a step, and the ones a full row adds to every column enter through
+        # ``full_above`` instead of a pass per row.
+        for r0 in range(0, rows, DECODE_CHUNK):
+            r1 = min(rows, r0 + DECODE_CHUNK)
+            cnt = counts[r0:r1].astype(np.int64)
+            full = cnt == cols
+            coded = np.flatnonzero((cnt > 0) & ~full)
+            before = np.cumsum(cnt) - cnt + ones_above
+            fulls = np.cumsum(full) - full + full_above
+            ones_above += int(cnt.sum())
+            full_above += int(full.sum())
+            if not coded.size:
+                continue
+            # _row_terms of rows r0..r1-1 (the same operations, so the same floats)
+            t = before.astype(np.float64)
+            a = np.arange(r0, r1, dtype=np.float64) * cols + 2
+            b = 2 * (t + 1)
+            total = a * t + b * cols
+            rows_k = (coded + r0).tolist()
+            terms = zip(rows_k, fulls[coded].astype(np.float64).tolist(), a[coded].tolist(),
+                        b[coded].tolist(), (cnt[coded] * scale).tolist(),
+                        total[coded].tolist(), cnt[coded].tolist(), strict=True)
+            for i, f_above, ai, bi, ri, ti, want in terms:
+                probs = _row_probs(c, f_above, ai, bi, ri, ti, scale)
+                bits = coder.decode(family, probs)
+                kept = int(np.count_nonzero(bits))
+                if kept != want or bits.shape != (cols,):
+                    raise CodecError(f"{MASK_CODER} stream: row {i} decodes to {kept} "
+                                     f"survivors, its count says {want}")
+                mask[i] = bits
+                c += bits
         leftover = not coder.is_empty()
     except CodecError:
         raise
