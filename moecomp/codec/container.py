@@ -81,13 +81,13 @@ MAX_DIMS = 64
 """Most dimensions a tensor may have."""
 DEFAULT_MAX_BYTES = 4 * 2**30
 """Default cap on the file size and on the cost of decoding it (``decode_cost``)."""
-TENSOR_COST = 16 * 2**10
-"""Cost charged per tensor: its header entry, streams and objects take about as much time
-as decoding this many bytes of ordinary output (~40 us; measured 2026-12-03, see
-BENCHMARKS.md "Hostile files")."""
-GRID_ROW_COST = 4 * 2**10
-"""Cost charged per row of an ``ans_mask`` grid: the decoder takes one step per coded row
-(~12 us of CPU, the time of ~4 KiB of ordinary output)."""
+TENSOR_COST = 32 * 2**10
+"""Cost charged per tensor: its header entry, streams and objects (~40 us of CPU) take about
+as long as decoding this many bytes of ordinary output (1-2.6 ns a cost byte; measured
+2026-12-03, BENCHMARKS.md "Hostile files")."""
+GRID_ROW_COST = 12 * 2**10
+"""Cost charged per row of an ``ans_mask`` grid: the decoder takes one Python step per coded
+row (~12 us of CPU, the time of ~12 KiB of ordinary output)."""
 GRID_ELEMENT_COST = 8
 """Cost charged per element of an ``ans_mask`` grid on top of the memory: its ANS step per
 bit (~40 ns) is slower than the generic coders' per byte."""
