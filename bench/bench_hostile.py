@@ -34,7 +34,12 @@ sys.path.insert(0, str(ROOT / "tests" / "codec"))
 import hostile as H  # noqa: E402
 
 from moecomp.cli.codec import parse_size  # noqa: E402
-from moecomp.codec import DEFAULT_MAX_BYTES, decode_model, inspect_model  # noqa: E402
+from moecomp.codec import (  # noqa: E402
+    DEFAULT_MAX_BYTES,
+    MAX_HEADER_BYTES,
+    decode_model,
+    inspect_model,
+)
 from moecomp.codec.container import GRID_ROW_COST, TENSOR_COST  # noqa: E402
 from moecomp.errors import CodecError  # noqa: E402
 
@@ -59,7 +64,8 @@ try:
     outcome = "decoded"
 except CodecError as e:
     n = 0
-    outcome = "refused (max_bytes)" if "max_bytes" in str(e) else "refused: " + str(e)[:50]
+    outcome = ("refused (max_bytes)" if "would exceed max_bytes" in str(e)
+               else "refused: " + str(e)[:60])
 wall, cpu = time.perf_counter() - t0, time.process_time() - c0
 traced_peak = tracemalloc.get_traced_memory()[1] if traced else 0
 print(json.dumps({"outcome": outcome, "output": n, "wall": wall, "cpu": cpu,
@@ -86,7 +92,8 @@ def worst_cases(limit: int) -> dict[str, bytes]:
     empty_n = min(2**31, (budget - TENSOR_COST) // 6)
     ans_n = (budget - TENSOR_COST) // 30
     dense_n = (budget - TENSOR_COST) // 8
-    tiny = min(110_000, budget // TENSOR_COST)
+    entry = len(json.dumps(H.dense_tiny("t99999")[0], separators=(",", ":"))) + 60
+    tiny = min((MAX_HEADER_BYTES - 200) // entry, budget // TENSOR_COST)  # fills the header
     cols = 2**15
     return {
         "coded grids of 2 columns (every row coded), filling the cap": H.build(grids(2)),
@@ -111,14 +118,50 @@ def run_child(path: Path, limit: int, traced: bool) -> dict[str, float | str]:
     return json.loads(out.stdout)
 
 
+SLACK, FIXED_S, PER_TENSOR_BYTES = 10.0, 0.3, 8 * 2**10  # as in tests/codec/test_hostile.py
+
+
+def benign_rate() -> float:
+    """CPU seconds per byte of decode_cost of benign files (the fuzz test's work unit)."""
+    import torch
+
+    from moecomp.apply import QuantizedLayer
+    from moecomp.codec import encode_model
+
+    rng = np.random.default_rng(0)
+    rates = []
+    for density in (0.1, 0.5, 0.9):
+        mask = rng.random((500, 1000)) < density
+        layer = QuantizedLayer((500, 1000), torch.from_numpy(mask),
+                               torch.from_numpy(rng.integers(0, 16, int(mask.sum()))),
+                               torch.from_numpy(rng.standard_normal(16).astype(np.float32)))
+        data = encode_model({"w": layer}, {"b": torch.randn(500_000)})
+        cost = sum(r.decode_cost for r in inspect_model(data))
+        best = min(_cpu(data, 2**31) for _ in range(3))
+        rates.append(best / cost)
+    return max(rates)
+
+
+def _cpu(data: bytes, limit: int) -> float:
+    c0 = time.process_time()
+    try:
+        decode_model(data, max_bytes=limit)
+    except CodecError:
+        pass
+    return time.process_time() - c0
+
+
 def fuzz(n: int, limit: int, seed: int) -> dict[str, float]:
-    """``n`` random hostile files at cap ``limit``: counts, and the worst CPU time per byte
-    of the cap and peak memory per byte of output (tracemalloc) among those that decoded."""
+    """``n`` random hostile files at cap ``limit``, each checked against the fuzz test's
+    bounds (CPU time within SLACK work units per byte of the cap; tracemalloc peak within
+    twice the output plus the file plus a per-tensor constant): counts, the worst of each."""
+    rate = benign_rate()
     rng = np.random.default_rng(seed)
     kinds = ["coded_grid", "empty_grid", "crafted_grid", "empty", "full", "full_ans", "dense",
              "tiny"]
     stats = {"files": 0, "decoded": 0, "refused": 0, "max_cpu_ns_per_cap_byte": 0.0,
-             "max_peak_over_output": 0.0, "max_cpu_s": 0.0}
+             "max_peak_over_bound": 0.0, "max_cpu_over_bound": 0.0, "max_cpu_s": 0.0,
+             "beyond_bounds": 0, "rate_ns": rate * 1e9}
     for _ in range(n):
         parts: list = []
         for i in range(int(rng.integers(1, 6))):
@@ -152,8 +195,11 @@ def fuzz(n: int, limit: int, seed: int) -> dict[str, float]:
             stats["refused"] += 1
             d = None
         cpu = time.process_time() - c0
+        cpu_bound = SLACK * rate * limit + FIXED_S
         stats["max_cpu_s"] = max(stats["max_cpu_s"], cpu)
         stats["max_cpu_ns_per_cap_byte"] = max(stats["max_cpu_ns_per_cap_byte"], cpu / limit * 1e9)
+        stats["max_cpu_over_bound"] = max(stats["max_cpu_over_bound"], cpu / cpu_bound)
+        stats["beyond_bounds"] += cpu > cpu_bound
         if d is None:
             continue
         stats["decoded"] += 1
@@ -165,8 +211,9 @@ def fuzz(n: int, limit: int, seed: int) -> dict[str, float]:
         decode_model(data, max_bytes=limit)
         peak = tracemalloc.get_traced_memory()[1]
         tracemalloc.stop()
-        if produced > 2**20:  # below that the per-tensor constant dominates the ratio
-            stats["max_peak_over_output"] = max(stats["max_peak_over_output"], peak / produced)
+        bound = 2 * produced + len(data) + PER_TENSOR_BYTES * len(parts) + 2**20
+        stats["max_peak_over_bound"] = max(stats["max_peak_over_bound"], peak / bound)
+        stats["beyond_bounds"] += peak > bound
     return stats
 
 
@@ -208,11 +255,13 @@ def main() -> None:
         s = fuzz(args.fuzz, flimit, args.seed)
         print(f"\nFuzz: {s['files']:,} random hostile files at `--max-bytes "
               f"{args.fuzz_max_bytes}` (seed {args.seed}, {time.perf_counter() - t0:.0f} s): "
-              f"{s['decoded']:,} decoded, {s['refused']:,} refused, none beyond its bounds; "
-              f"slowest {s['max_cpu_s']:.3f} s CPU "
-              f"({s['max_cpu_ns_per_cap_byte']:.2f} ns per byte of the cap); "
-              f"highest tracemalloc peak / output {s['max_peak_over_output']:.2f} "
-              "(outputs over 1 MB).")
+              f"{s['decoded']:,} decoded, {s['refused']:,} refused; "
+              f"{s['beyond_bounds']:,} beyond the fuzz test's bounds. Work unit (benign "
+              f"files): {s['rate_ns']:.2f} ns CPU per byte of decode_cost. Slowest file "
+              f"{s['max_cpu_s']:.3f} s CPU ({s['max_cpu_ns_per_cap_byte']:.2f} ns per byte of "
+              f"the cap; {100 * s['max_cpu_over_bound']:.0f} % of its bound); highest "
+              f"tracemalloc peak {100 * s['max_peak_over_bound']:.0f} % of its bound (2 x "
+              "output + file + 8 KiB a tensor + 1 MiB).")
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024
     print(f"\nmax RSS of this process (building the files, the fuzz): {rss} MB")
 

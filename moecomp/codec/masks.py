@@ -20,6 +20,10 @@ multiples of ``2**-16``, so encoder and decoder build bit-identical probabilitie
 IEEE-754 machine. The decoded stream is the same packed bytes (LSB first) as the generic
 coders', so the container rebuilds the mask the same way whichever coder it finds.
 
+Decoding is sequential in rows (a row's model depends on the rows above): one ANS call per
+coded row, nothing for empty and full rows, at most ``MAX_ROWS`` rows; the container charges
+each grid row against its ``max_bytes`` (``container.GRID_ROW_COST``).
+
 On the masks of searched LeNet-300-100 solutions this is 5-10 % smaller than the generic
 coders (whole files 3.5-6.5 %; ``bench/bench_masks.py``, 2026-11-22). The container keeps
 whichever coder is cheaper, so i.i.d.-looking masks stay with ``ans_bits``.
