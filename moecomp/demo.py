@@ -44,6 +44,7 @@ def run_demo(out: Path, *, budget: int | None = None, fresh: bool = False,
     from moecomp.refine import refine
     from moecomp.report import write_report
     from moecomp.search import run_search
+    from moecomp.search.run import CHECKPOINT
     from moecomp.solution import RunContext
     from moecomp.train import teacher_paths, train_teacher
 
@@ -63,7 +64,7 @@ def run_demo(out: Path, *, budget: int | None = None, fresh: bool = False,
     c.rule("2. relevance (Directed Evolution) and search (NSGA-II, DE-style operators)")
     if fresh and out.exists():
         shutil.rmtree(out)
-    resume = out.exists() and (out / "checkpoint.pkl").exists()
+    resume = out.exists() and (out / CHECKPOINT).exists()
     result = run_search(problem, out, budget=budget, resume=resume, progress=True)
     c.print(f"{result.n_evals} evaluations, final hypervolume {result.hv:.4f}, "
             f"{len(result.front)} solutions on the front")

@@ -21,6 +21,11 @@ class DataError(MoecompError):
     """A data set is missing or corrupt; the message says how to get it."""
 
 
+class PathError(MoecompError):
+    """A path given by the user is missing, a folder where a file is expected (or the other
+    way round), or cannot be read or written; the message names the option and the path."""
+
+
 class CodecError(MoecompError, ValueError):
     """A .mcz file is malformed, truncated, corrupt or exceeds a size limit."""
 

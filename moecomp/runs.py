@@ -10,7 +10,8 @@ Layout of ``RUN/``::
     evaluated.csv    every evaluated solution: id, gen, metrics, s:<tensor>, b:<tensor>
     front.csv        the non-dominated subset of evaluated.csv (same columns)
     hv.csv           gen, n_evals, hv, elapsed_s
-    checkpoint.pkl   the algorithm's state after the last finished generation
+    checkpoint.safetensors   the search state after the last finished generation (data
+                     only: arrays and JSON, moecomp.search.checkpoint)
     plots/           PNG figures
     picks.csv, refined/, exports/   written by pick, refine and export
 
@@ -98,8 +99,10 @@ class RunFolder:
     def require(self, name: str) -> Path:
         p = self.path / name
         if not p.is_file():
-            if not self.path.is_dir():
+            if not self.path.exists():
                 raise RunError(f"{self.path} is not a run folder (it does not exist)")
+            if not self.path.is_dir():
+                raise RunError(f"{self.path} is not a run folder (it is a file)")
             raise RunError(f"{self.path} has no {name}: did the search finish a generation?")
         return p
 

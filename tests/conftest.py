@@ -62,3 +62,36 @@ def run_ctx(tmp_path_factory, digits_problem, digits_target):
     ctx = RunContext(run)
     ctx.target = digits_target  # reuse the session's teacher (cached_property slot)
     return ctx
+
+
+@pytest.fixture
+def cli(monkeypatch, capsys):
+    """``cli(*args) -> (exit code, stdout, stderr)``: ``moecomp ARGS`` run in-process as the
+    console script runs it (``moecomp.cli.main``, which turns errors into one line)."""
+    import sys
+
+    from moecomp.cli import main
+
+    def run(*args: str) -> tuple[int, str, str]:
+        monkeypatch.setattr(sys, "argv", ["moecomp", *args])
+        with pytest.raises(SystemExit) as e:
+            main()
+        captured = capsys.readouterr()
+        code = e.value.code if isinstance(e.value.code, int) else 1
+        return code, captured.out, captured.err
+
+    return run
+
+
+def assert_one_line_error(code: int, err: str, *needles: str) -> None:
+    """Exit code 2 and one ``error: ...`` line holding every needle, no traceback."""
+    assert code == 2, err
+    assert err.startswith("error: ") and err.strip().count("\n") == 0, err
+    assert "Traceback" not in err
+    for n in needles:
+        assert n in err, err
+
+
+@pytest.fixture
+def one_line_error():
+    return assert_one_line_error

@@ -1,6 +1,7 @@
 """The ``moecomp`` command line (typer). One module per command group, each registering its
-commands on :data:`app`; this file only assembles them and turns moecomp's own errors into a
-one-line message and exit code 2 instead of a traceback."""
+commands on :data:`app`; this file only assembles them and turns moecomp's own errors, and any
+missing, unreadable or wrong-kind path, into a one-line message and exit code 2 instead of a
+traceback."""
 
 from __future__ import annotations
 
@@ -32,4 +33,9 @@ def main() -> None:
         app()
     except MoecompError as e:
         typer.secho(f"error: {e}", fg=typer.colors.RED, err=True)
+        sys.exit(2)
+    except (FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError) as e:
+        # A path-shaped mistake no command checked up front: still one line, not a traceback.
+        where = f"{e.filename}: " if e.filename else ""
+        typer.secho(f"error: {where}{e.strerror or e}", fg=typer.colors.RED, err=True)
         sys.exit(2)

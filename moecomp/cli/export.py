@@ -7,6 +7,7 @@ from pathlib import Path
 import typer
 from rich.console import Console
 
+from moecomp.errors import PathError
 from moecomp.export import export_solution
 
 
@@ -35,6 +36,8 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Write a solution's configuration and compressed file; check the file decodes to the
         same model; print size and ratio vs the fp32 teacher."""
+        if out is not None and out.is_dir():
+            raise PathError(f"--out {out}: is a folder, expected the .mcz file's name")
         r = export_solution(run, solution, out=out, safetensors=safetensors, onnx=onnx)
         c = Console()
         c.print(f"[bold]solution {r.key}[/]")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 from pathlib import Path
 from typing import Any
 
@@ -85,6 +86,7 @@ def register(app: typer.Typer) -> None:
 
         from moecomp.config import load_problem
         from moecomp.search import run_search
+        from moecomp.search.run import Terminated, sigterm_raises
 
         cfg = load_problem(problem)
         params: dict[str, Any] = read_params(params_from) if params_from is not None else {}
@@ -100,15 +102,28 @@ def register(app: typer.Typer) -> None:
             if value is not None:
                 params[key] = value
         out_dir = out if out is not None else Path("runs") / cfg.name
-        result = run_search(
-            cfg,
-            out_dir,
-            budget=budget,
-            algorithm=algorithm,
-            resume=resume,
-            progress=not no_progress,
-            params=params,
-        )
+        try:
+            with sigterm_raises():
+                result = run_search(
+                    cfg,
+                    out_dir,
+                    budget=budget,
+                    algorithm=algorithm,
+                    resume=resume,
+                    progress=not no_progress,
+                    params=params,
+                )
+        except (KeyboardInterrupt, Terminated) as e:
+            name = "SIGTERM" if isinstance(e, Terminated) else "SIGINT"
+            typer.secho(
+                f"error: search interrupted ({name}); {out_dir}/search.json says "
+                f"'interrupted', continue with: moecomp search {problem} --out {out_dir} "
+                "--resume",
+                fg=typer.colors.RED,
+                err=True,
+            )
+            code = 128 + (signal.SIGTERM if name == "SIGTERM" else signal.SIGINT)
+            raise typer.Exit(code) from None
         Console().print(
             f"[bold]{cfg.name}[/]: {result.status}, {result.n_evals:,} evaluations in "
             f"{result.n_gen} generations, {result.elapsed_s:.1f} s\n"

@@ -60,7 +60,8 @@ from moecomp.codec.streams import (
     zstd_compress,
     zstd_decompress,
 )
-from moecomp.errors import CodecError
+from moecomp.errors import CodecError, ConfigError
+from moecomp.plan import CompressionPlan
 
 MAGIC = b"MCZ\x00"
 FORMAT_VERSION = 1
@@ -79,7 +80,20 @@ MAX_ELEMENTS = 2**31
 MAX_DIMS = 64
 """Most dimensions a tensor may have."""
 DEFAULT_MAX_BYTES = 4 * 2**30
-"""Default cap on the file size and on the memory the decoded tensors may take."""
+"""Default cap on the file size and on the cost of decoding it (``decode_cost``)."""
+TENSOR_COST = 32 * 2**10
+"""Cost charged per tensor: its header entry, streams and objects (~40 us of CPU) take about
+as long as decoding this many bytes of ordinary output (1-2.6 ns a cost byte; measured
+2026-12-03, BENCHMARKS.md "Hostile files")."""
+GRID_ROW_COST = 12 * 2**10
+"""Cost charged per row of an ``ans_mask`` grid: the decoder takes one Python step per coded
+row (~12 us of CPU, the time of ~12 KiB of ordinary output)."""
+GRID_ELEMENT_COST = 8
+"""Cost charged per element of an ``ans_mask`` grid on top of the memory: its ANS step per
+bit (~40 ns) is slower than the generic coders' per byte."""
+DENSE_CODERS = ("const", "raw", "zstd")
+"""Coders a dense tensor's data may use (what ``encode_model`` tries): byte-wise ANS of raw
+tensor bytes never wins and would cost ~30 ns a byte to decode."""
 
 _DTYPE_NAMES = (
     "float64 float32 float16 bfloat16 complex128 complex64 complex32 "
@@ -123,7 +137,8 @@ class LayerRow:
     sparsity: share of zeroed weights (0.0 for dense tensors); bits: ``ceil(log2 n_levels)``
     for quantized tensors, the dtype's bit width for dense ones; coded_bytes: payload bytes of
     its streams plus their models' JSON bytes plus the codebook (4 bytes a level), parts of the
-    header counted before it is compressed; coders: the coder of each stream, in stream order.
+    header counted before it is compressed; coders: the coder of each stream, in stream order;
+    decode_cost: what decoding it is charged against ``max_bytes`` (``decode_cost``).
     """
 
     name: str
@@ -137,6 +152,7 @@ class LayerRow:
     n_levels: int | None
     coded_bytes: int
     coders: tuple[str, ...]
+    decode_cost: int
 
 
 @dataclass(frozen=True)
@@ -187,6 +203,7 @@ def encode_model(
             raise CodecError("order must name every layer and dense tensor exactly once")
     if plan is not None and not isinstance(plan, dict):
         raise CodecError(f"plan must be a dict or None, got {type(plan).__name__}")
+    _check_plan(plan, list(layers), "plan")
     if meta is not None and not isinstance(meta, dict):
         raise CodecError(f"meta must be a dict or None, got {type(meta).__name__}")
 
@@ -428,9 +445,12 @@ def _parse_header(
         if t.name in seen:
             raise CodecError(f"header names tensor {t.name!r} twice")
         seen.add(t.name)
-        budget -= _decoded_bytes(t)
+        budget -= decode_cost(t)
         if budget < 0:
-            raise CodecError(f"decoded tensors would exceed max_bytes={max_bytes} at {t.name!r}")
+            raise CodecError(
+                f"decoding would exceed max_bytes={max_bytes} at tensor {t.name!r} (memory "
+                "and work are charged per tensor, element and grid row; see decode_cost)"
+            )
         for s in t.streams.values():
             if s.offset != offset:
                 raise CodecError(
@@ -446,12 +466,22 @@ def _parse_header(
         tensors.append(t)
     if offset != payload_bytes:
         raise CodecError(f"streams cover {offset} of {payload_bytes} payload bytes")
-    planned = plan.get("layers") if plan is not None else None
-    quantized = {t.name for t in tensors if t.kind == "quantized"}
-    if isinstance(planned, dict) and set(planned) != quantized:
-        raise CodecError(f"the header's plan compresses {sorted(planned)}, the file holds "
-                         f"compressed tensors {sorted(quantized)}")
+    _check_plan(plan, [t.name for t in tensors if t.kind == "quantized"], "the header's plan")
     return _Header(plan=plan, meta=meta, tensors=tensors)
+
+
+def _check_plan(plan: dict[str, Any] | None, quantized: Sequence[str], where: str) -> None:
+    """A plan is None or a valid ``CompressionPlan`` (moecomp.plan's validation: sparsity in
+    [0, 1), bits 1..8, known quantizers, shared_k 2..256) of exactly the quantized tensors."""
+    if plan is None:
+        return
+    try:
+        layers = CompressionPlan.from_dict(plan).layers
+    except ConfigError as e:
+        raise CodecError(f"{where}: {e}") from None
+    if set(layers) != set(quantized):
+        raise CodecError(f"{where} compresses {sorted(layers)}, the file holds compressed "
+                         f"tensors {sorted(quantized)}")
 
 
 def _reject_constant(name: str) -> Any:
@@ -510,6 +540,11 @@ def _parse_tensor(rt: Any, where: str) -> _Tensor:
             )
         n_kept, codebook = numel, b""
         streams = _parse_streams(rt, where, _DENSE_STREAMS)
+        if streams["data"].coder not in DENSE_CODERS:
+            raise CodecError(
+                f"header field {where}.streams.data.coder: {streams['data'].coder!r}; dense "
+                f"data uses one of {', '.join(DENSE_CODERS)}"
+            )
         _expect(streams["data"], where, n=numel * DTYPES[dtype].itemsize, alphabet=256)
     else:
         raise CodecError(f"header field {where}.kind: {kind!r}, expected quantized or dense")
@@ -546,12 +581,20 @@ def _expect(s: _Stream, where: str, *, n: int, alphabet: int) -> None:
         )
 
 
-def _decoded_bytes(t: _Tensor) -> int:
-    """Peak bytes decoding ``t`` allocates (output plus transient symbol arrays), an upper
-    bound used to refuse files before decoding them."""
+def decode_cost(t: _Tensor) -> int:
+    """What decoding tensor ``t`` costs, in bytes, charged against ``max_bytes`` before
+    anything is decoded: the peak memory it allocates (output plus transient arrays, an upper
+    bound: at most twice the decoded tensors) plus, where the time of a step is not paid for
+    by the memory it fills, bytes of the same time (``TENSOR_COST``, ``GRID_ROW_COST``,
+    ``GRID_ELEMENT_COST``). So decoding time and memory both stay proportional to
+    ``max_bytes`` whatever the header claims."""
     if t.kind == "dense":
-        return 2 * t.numel * DTYPES[t.dtype].itemsize
-    return 6 * t.numel + 24 * t.n_kept + 4 * t.n_levels
+        return TENSOR_COST + 2 * t.numel * DTYPES[t.dtype].itemsize
+    cost = TENSOR_COST + 6 * t.numel + 24 * t.n_kept + 4 * t.n_levels
+    if t.streams["positions"].coder == MASK_CODER:
+        rows = t.shape[0] if t.shape else 0
+        cost += GRID_ROW_COST * rows + GRID_ELEMENT_COST * t.numel
+    return cost
 
 
 def _field(d: dict[str, Any], key: str, typ: type, where: str) -> Any:
@@ -644,8 +687,7 @@ def _stream_info(t: _Tensor, s: _Stream) -> StreamInfo:
 
 def _decode_checked(payload: memoryview, t: _Tensor, s: _Stream) -> np.ndarray:
     chunk = payload[s.offset : s.offset + s.length]
-    if zlib.crc32(chunk) != s.crc:
-        raise CodecError(f"stream {t.name}/{s.name}: CRC mismatch, the payload is corrupt")
+    _check_crc(zlib.crc32(chunk), t, s)
     try:
         if s.coder == MASK_CODER:
             if s.name != "positions" or s.params.get("grid") != list(grid_of(t.shape) or []):
@@ -679,11 +721,12 @@ def _dequantize(layer: QuantizedLayer) -> torch.Tensor:
     at the mask and exact zero elsewhere.
 
     Done in numpy because torch's boolean-mask assignment is ~30x slower on CPU (bench_codec);
-    both only copy codebook entries, so the bits are identical (tests compare them).
+    both only copy codebook entries, so the bits are identical (tests compare them). A boolean
+    assignment, not ``flatnonzero``: no 8-byte position per survivor (peak memory).
     """
     mask = layer.mask.reshape(-1).numpy()
     out = np.zeros(mask.size, dtype=np.float32)
-    out[np.flatnonzero(mask)] = layer.codebook.numpy()[layer.indices.numpy()]
+    out[mask] = layer.codebook.numpy()[layer.indices.numpy()]
     return _to_torch(out).reshape(layer.shape)
 
 
@@ -706,11 +749,26 @@ def _to_torch(a: np.ndarray) -> torch.Tensor:
 
 # --- inspecting --------------------------------------------------------------------------
 def inspect_model(
-    data: bytes | bytearray | memoryview, *, max_bytes: int = DEFAULT_MAX_BYTES
+    data: bytes | bytearray | memoryview,
+    *,
+    max_bytes: int = DEFAULT_MAX_BYTES,
+    verify: bool = True,
 ) -> list[LayerRow]:
-    """One row per tensor of a file, from its header alone (payload CRCs are not checked)."""
-    header, _ = _read_header(data, max_bytes)
+    """One row per tensor of a file, from its header; with ``verify`` (the default) every
+    stream's CRC32 is checked too (CodecError naming the stream on a mismatch), without
+    decoding anything. A CRC catches corruption, not forgery: only decoding checks that the
+    streams hold what the header says."""
+    header, payload = _read_header(data, max_bytes)
+    if verify:
+        for t in header.tensors:
+            for s in t.streams.values():
+                _check_crc(zlib.crc32(payload[s.offset : s.offset + s.length]), t, s)
     return [_row(t) for t in header.tensors]
+
+
+def _check_crc(crc: int, t: _Tensor, s: _Stream) -> None:
+    if crc != s.crc:
+        raise CodecError(f"stream {t.name}/{s.name}: CRC mismatch, the payload is corrupt")
 
 
 def _row(t: _Tensor) -> LayerRow:
@@ -727,6 +785,7 @@ def _row(t: _Tensor) -> LayerRow:
         n_levels=t.n_levels if quantized else None,
         coded_bytes=sum(s.length + s.model_bytes() for s in t.streams.values()) + len(t.codebook),
         coders=tuple(s.coder for s in t.streams.values()),
+        decode_cost=decode_cost(t),
     )
 
 
@@ -766,9 +825,10 @@ def read_mcz(path: str | os.PathLike[str], *, max_bytes: int = DEFAULT_MAX_BYTES
 
 
 def inspect_mcz(
-    path: str | os.PathLike[str], *, max_bytes: int = DEFAULT_MAX_BYTES
+    path: str | os.PathLike[str], *, max_bytes: int = DEFAULT_MAX_BYTES, verify: bool = True
 ) -> list[LayerRow]:
-    """``inspect_model`` of a file, reading only its prefix and header."""
+    """``inspect_model`` of a file: reads its prefix and header, then, with ``verify``, the
+    payload in 1 MiB pieces for the CRCs (memory stays bounded whatever the file's size)."""
     size = os.path.getsize(path)
     if size > max_bytes:
         raise CodecError(f"{os.fspath(path)}: {size} bytes exceed max_bytes={max_bytes}")
@@ -776,15 +836,26 @@ def inspect_mcz(
         prefix = f.read(PREFIX_BYTES)
         flags, hlen, hcrc = _parse_prefix(prefix, size)
         stored = f.read(hlen)
-    if len(stored) != hlen:
-        raise CodecError(f"{os.fspath(path)}: file shrank while reading its header")
-    header = _parse_header(
-        stored,
-        flags=flags,
-        crc=hcrc,
-        payload_bytes=size - PREFIX_BYTES - hlen,
-        max_bytes=max_bytes,
-    )
+        if len(stored) != hlen:
+            raise CodecError(f"{os.fspath(path)}: file shrank while reading its header")
+        header = _parse_header(
+            stored,
+            flags=flags,
+            crc=hcrc,
+            payload_bytes=size - PREFIX_BYTES - hlen,
+            max_bytes=max_bytes,
+        )
+        if verify:  # streams are contiguous and in order (checked by _parse_header)
+            for t in header.tensors:
+                for s in t.streams.values():
+                    crc, left = 0, s.length
+                    while left:
+                        piece = f.read(min(left, 2**20))
+                        if not piece:
+                            raise CodecError(f"{os.fspath(path)}: file shrank while reading")
+                        crc = zlib.crc32(piece, crc)
+                        left -= len(piece)
+                    _check_crc(crc, t, s)
     return [_row(t) for t in header.tensors]
 
 

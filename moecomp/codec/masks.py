@@ -20,6 +20,10 @@ multiples of ``2**-16``, so encoder and decoder build bit-identical probabilitie
 IEEE-754 machine. The decoded stream is the same packed bytes (LSB first) as the generic
 coders', so the container rebuilds the mask the same way whichever coder it finds.
 
+Decoding is sequential in rows (a row's model depends on the rows above): one ANS call per
+coded row, nothing for empty and full rows, at most ``MAX_ROWS`` rows; the container charges
+each grid row against its ``max_bytes`` (``container.GRID_ROW_COST``).
+
 On the masks of searched LeNet-300-100 solutions this is 5-10 % smaller than the generic
 coders (whole files 3.5-6.5 %; ``bench/bench_masks.py``, 2026-11-22). The container keeps
 whichever coder is cheaper, so i.i.d.-looking masks stay with ``ans_bits``.
@@ -41,6 +45,10 @@ PROB_BITS = 16
 """Probabilities are multiples of ``2**-PROB_BITS`` in ``[2**-PROB_BITS, 1 - 2**-PROB_BITS]``."""
 MAX_COLS = 2**16 - 1
 """Widest row this coder takes (its counts stream's alphabet is ``cols + 1``)."""
+MAX_ROWS = 2**16 - 1
+"""Most rows this coder takes: the decoder steps through coded rows one at a time (a row
+depends on the ones above), so their number is bounded; taller masks use the generic
+coders (none of the zoo's layers comes near)."""
 MAX_EXACT = 2**53
 """The model's integers must stay exact in float64; larger matrices use the generic coders."""
 DISPERSION = 2.0
@@ -51,12 +59,13 @@ gain is a fraction of a percent and the attempt would halve the encoder's speed.
 
 def grid_of(shape: tuple[int, ...]) -> tuple[int, int] | None:
     """``(rows, cols)`` of a tensor's mask, or None when this coder does not apply (fewer
-    than 2 rows or columns, rows wider than ``MAX_COLS``, or a model beyond exact float64)."""
+    than 2 rows or columns, more than ``MAX_ROWS`` rows or ``MAX_COLS`` columns, or a model
+    beyond exact float64)."""
     if len(shape) < 2:
         return None
     rows = int(shape[0])
     cols = math.prod(shape[1:])
-    if rows < 2 or not 2 <= cols <= MAX_COLS:
+    if not 2 <= rows <= MAX_ROWS or not 2 <= cols <= MAX_COLS:
         return None
     # largest term R * w: cols * (rows * (rows * cols + 2) + 2 * (rows * cols + 1))
     if cols * (rows * (rows * cols + 2) + 2 * (rows * cols + 1)) >= MAX_EXACT:
@@ -82,6 +91,8 @@ def worth_trying(mask: np.ndarray) -> bool:
 
 BLOCK_ELEMENTS = 2**20
 """The encoder works on blocks of whole rows of about this many bits (bounded memory)."""
+DECODE_CHUNK = 4096
+"""The decoder prepares the per-row terms of this many rows at a time (bounded memory)."""
 
 
 def _blocks(mask: np.ndarray) -> list[tuple[int, int, np.ndarray]]:
@@ -135,6 +146,24 @@ def _block_probs(mask: np.ndarray, counts: np.ndarray, ones_before: np.ndarray, 
     w /= total[:, None]
     np.floor(w, out=w)
     np.clip(w, 1.0, scale - 1.0, out=w)
+    w /= scale
+    return w
+
+
+def _row_probs(col: np.ndarray, col_add: float, a: float, b: float, r_scaled: float,
+               total: float, scale: float) -> np.ndarray:
+    """``_block_probs`` of one row, given ``col + col_add`` ones per column in the rows above
+    (``col`` float64 holding integers) and the row's terms: the same float64 operations in
+    the same order, so the same bits. Called once per coded row by the decoder, so it is
+    written as a few in-place ufunc calls (``np.clip`` alone cost more than all of them)."""
+    w = col + col_add
+    w *= a
+    w += b
+    w *= r_scaled
+    w /= total
+    np.floor(w, out=w)
+    np.maximum(w, 1.0, out=w)
+    np.minimum(w, scale - 1.0, out=w)
     w /= scale
     return w
 
@@ -249,29 +278,52 @@ def decode_mask(payload: bytes | memoryview, n: int, params: dict[str, Any]) -> 
     coder_name, length, sub = _counts_param(params, len(payload))
     view = memoryview(payload)
     counts = decode_stream(view[:length], coder=coder_name, n=rows, alphabet=cols + 1,
-                           params=sub).astype(np.int64)
+                           params=sub)  # uint8/uint16: 1-2 bytes a row whatever the grid
     rest = view[length:]
     if len(rest) % 4:
         raise CodecError(f"{MASK_CODER} stream: bit payload of {len(rest)} bytes is not a "
                          "multiple of 4")
     mask = np.zeros((rows, cols), dtype=bool)
-    mask[counts == cols] = True
-    c = np.zeros(cols, dtype=np.int64)
-    ones_before = _ones_before(counts)
+    mask[counts == cols] = True  # full rows; empty rows stay zero: neither is coded
+    c = np.zeros(cols, dtype=np.float64)  # ones per column in the coded rows decoded so far
     family = constriction.stream.model.Bernoulli(perfect=False)
+    scale = float(2**PROB_BITS)
+    ones_above = full_above = 0  # survivors, and full rows, in the rows before the chunk
     try:
         coder = constriction.stream.stack.AnsCoder(np.frombuffer(rest, dtype="<u4")
                                                    .astype(np.uint32))
-        for i in range(rows):
-            r = int(counts[i])
-            if 0 < r < cols:
-                probs = _block_probs(mask, counts, ones_before, i, i + 1, c)[0]
-                bits = np.asarray(coder.decode(family, probs))
-                if bits.shape != (cols,) or int(bits.sum()) != r:
-                    raise CodecError(f"{MASK_CODER} stream: row {i} decodes to "
-                                     f"{int(bits.sum())} survivors, its count says {r}")
-                mask[i] = bits.astype(bool)
-            c += mask[i]
+        # Chunks of rows keep the per-row terms small (a few arrays of DECODE_CHUNK); only
+        # coded rows cost a step, and the ones a full row adds to every column enter through
+        # ``full_above`` instead of a pass per row.
+        for r0 in range(0, rows, DECODE_CHUNK):
+            r1 = min(rows, r0 + DECODE_CHUNK)
+            cnt = counts[r0:r1].astype(np.int64)
+            full = cnt == cols
+            coded = np.flatnonzero((cnt > 0) & ~full)
+            before = np.cumsum(cnt) - cnt + ones_above
+            fulls = np.cumsum(full) - full + full_above
+            ones_above += int(cnt.sum())
+            full_above += int(full.sum())
+            if not coded.size:
+                continue
+            # _row_terms of rows r0..r1-1 (the same operations, so the same floats)
+            t = before.astype(np.float64)
+            a = np.arange(r0, r1, dtype=np.float64) * cols + 2
+            b = 2 * (t + 1)
+            total = a * t + b * cols
+            rows_k = (coded + r0).tolist()
+            terms = zip(rows_k, fulls[coded].astype(np.float64).tolist(), a[coded].tolist(),
+                        b[coded].tolist(), (cnt[coded] * scale).tolist(),
+                        total[coded].tolist(), cnt[coded].tolist(), strict=True)
+            for i, f_above, ai, bi, ri, ti, want in terms:
+                probs = _row_probs(c, f_above, ai, bi, ri, ti, scale)
+                bits = coder.decode(family, probs)
+                kept = int(np.count_nonzero(bits))
+                if kept != want or bits.shape != (cols,):
+                    raise CodecError(f"{MASK_CODER} stream: row {i} decodes to {kept} "
+                                     f"survivors, its count says {want}")
+                mask[i] = bits
+                c += bits
         leftover = not coder.is_empty()
     except CodecError:
         raise

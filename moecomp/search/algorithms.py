@@ -108,9 +108,16 @@ def make_algorithm(
             **common,
         )
     if name == "spea2":
-        from pymoo.algorithms.moo.spea2 import SPEA2
+        from pymoo.algorithms.moo.spea2 import SPEA2, SPEA2Survival
 
-        return SPEA2(pop_size=cfg.pop_size, eliminate_duplicates=True, **common)
+        # pymoo's default survival is one instance shared by every SPEA2 of the process, and
+        # it keeps normalisation points: two searches in one process would disturb each other
+        return SPEA2(
+            pop_size=cfg.pop_size,
+            eliminate_duplicates=True,
+            survival=SPEA2Survival(normalize=True),
+            **common,
+        )
     if name == "moead":
         if problem.n_ieq_constr:
             raise ConfigError(

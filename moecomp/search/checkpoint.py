@@ -1,37 +1,38 @@
-"""Checkpoints of a running search: the algorithm, its random state and the run's archive.
+"""Checkpoints of a running search, as data only: one safetensors file.
 
-Format: a magic line, then one JSON header line (format version, problem fingerprint, library
-versions), then a pickle of the state (the C pickler; dill where pymoo's state needs it).
+The file holds numeric arrays (safetensors tensors: the archive of evaluated points, the
+hypervolume history, the packed numbers of the algorithm's state) and one JSON document in
+the safetensors metadata (format version, problem fingerprint, library versions, counters,
+the random generator's state). Loading parses JSON and copies arrays; nothing in a checkpoint
+is code, so a run folder from someone else cannot run anything through it. The pymoo
+algorithm is rebuilt from the problem config and its state put back
+(``moecomp.search.pymoo_state``).
 
-Pickle runs code when loaded, so it is acceptable here ONLY because a checkpoint is written by
-this module, by this process, into the user's own run folder; the header is checked *before*
-anything is unpickled, so a foreign or stale file (another program's pickle, another problem,
-another pymoo) is refused with a clear error. Never resume from a run folder you did not
-create.
-
-The problem object (teacher, data, evaluator) is not pickled: it is replaced by a reference
-on save and by the live problem on load.
+A checkpoint is checked before it is used: the format, the problem fingerprint and the pymoo
+version (the state is pymoo's internals) must match, and every key and array shape is
+validated; anything else is a RunError naming what is wrong.
 """
 
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import os
-import pickle
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-import dill
+import numpy as np
 import pymoo
+from safetensors import SafetensorError, safe_open
+from safetensors.numpy import save
 
 import moecomp
 from moecomp.errors import RunError
 
-MAGIC = b"MOECOMP-SEARCH-CHECKPOINT\n"
-FORMAT = 1
-_PROBLEM_REF = "moecomp.search.problem"
+FORMAT = "moecomp-search-checkpoint"
+VERSION = 2
+_META_KEY = "moecomp"
 
 
 def fingerprint(config: dict[str, Any]) -> str:
@@ -40,104 +41,99 @@ def fingerprint(config: dict[str, Any]) -> str:
     return hashlib.sha256(blob).hexdigest()[:16]
 
 
-class _Pickler(pickle.Pickler):
-    """The C pickler (fast); the problem object becomes a persistent reference."""
-
-    def __init__(self, file: io.BytesIO, problem: object) -> None:
-        super().__init__(file, protocol=pickle.HIGHEST_PROTOCOL)
-        self._problem = problem
-
-    def persistent_id(self, obj: object) -> str | None:
-        return _PROBLEM_REF if obj is self._problem else None
-
-
-class _DillPickler(dill.Pickler):  # type: ignore[misc]
-    """dill, for states the C pickler cannot handle (pymoo keeps some decorated closures,
-    e.g. NSGA-III's tournament comparison); pure Python, so several times slower."""
-
-    def __init__(self, file: io.BytesIO, problem: object) -> None:
-        super().__init__(file, protocol=pickle.HIGHEST_PROTOCOL)
-        self._problem = problem
-
-    def persistent_id(self, obj: object) -> str | None:
-        return _PROBLEM_REF if obj is self._problem else None
-
-
-class _Unpickler(dill.Unpickler):  # type: ignore[misc]
-    """Reads both: dill's unpickler also loads what the C pickler wrote."""
-
-    def __init__(self, file: io.BytesIO, problem: object) -> None:
-        super().__init__(file)
-        self._problem = problem
-
-    def persistent_load(self, pid: str) -> object:
-        if pid != _PROBLEM_REF:
-            raise RunError(f"checkpoint refers to an unknown object {pid!r}")
-        return self._problem
-
-
-def _dumps(state: dict[str, Any], problem: object) -> bytes:
-    buf = io.BytesIO()
-    try:
-        _Pickler(buf, problem).dump(state)
-    except (pickle.PicklingError, AttributeError, TypeError):
-        buf = io.BytesIO()
-        _DillPickler(buf, problem).dump(state)
-    return buf.getvalue()
-
-
 def header(fp: str) -> dict[str, Any]:
     return {
         "format": FORMAT,
+        "version": VERSION,
         "problem": fp,
         "moecomp": moecomp.__version__,
         "pymoo": pymoo.__version__,
-        "dill": dill.__version__,
     }
 
 
-def save_checkpoint(path: Path, state: dict[str, Any], *, problem: object, fp: str) -> None:
-    """Write ``state`` atomically (temporary file, fsync, rename); ``problem`` is left out."""
-    payload = _dumps(state, problem)
+def save_checkpoint(
+    path: Path, doc: Mapping[str, Any], arrays: Mapping[str, np.ndarray], *, fp: str
+) -> None:
+    """Write ``doc`` (JSON-able) and ``arrays`` (numeric) atomically: temporary file, fsync,
+    rename. ``doc`` must not use the header's keys."""
+    meta = {**header(fp), "state": dict(doc)}
+    blob = save(
+        {k: np.ascontiguousarray(v) for k, v in arrays.items()},
+        metadata={_META_KEY: json.dumps(meta, allow_nan=True)},
+    )
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "wb") as f:
-        f.write(MAGIC)
-        f.write(json.dumps(header(fp)).encode() + b"\n")
-        f.write(payload)
+        f.write(blob)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
 
 
 def read_header(path: Path) -> dict[str, Any]:
-    """The JSON header of a checkpoint, or a RunError if the file is not one of ours."""
-    with open(path, "rb") as f:
-        magic = f.read(len(MAGIC))
-        if magic != MAGIC:
-            raise RunError(
-                f"{path} is not a moecomp search checkpoint (bad magic); refusing to load it"
-            )
-        line = f.readline(65536)
+    """The JSON document of a checkpoint (header keys and ``state``), or a RunError if the
+    file is not one of ours."""
     try:
-        head = json.loads(line)
+        with safe_open(str(path), framework="numpy") as f:
+            meta = f.metadata() or {}
+    except (SafetensorError, OSError, ValueError) as e:
+        raise RunError(f"{path} is not a moecomp search checkpoint ({e}); refusing it") from None
+    raw = meta.get(_META_KEY)
+    try:
+        head = json.loads(raw) if isinstance(raw, str) else None
     except json.JSONDecodeError:
-        raise RunError(f"{path}: corrupt checkpoint header") from None
-    if not isinstance(head, dict):
-        raise RunError(f"{path}: corrupt checkpoint header")
+        head = None
+    if not isinstance(head, dict) or head.get("format") != FORMAT:
+        raise RunError(f"{path} is not a moecomp search checkpoint; refusing it")
     return head
 
 
-def load_checkpoint(path: Path, *, problem: object, fp: str) -> dict[str, Any]:
-    """The state saved by :func:`save_checkpoint`, with the live ``problem`` put back.
+class Checkpoint:
+    """A loaded checkpoint: ``state`` (the JSON document) and ``arrays``; the accessors
+    raise a RunError naming the key when it is missing or of the wrong kind."""
 
-    Refused (RunError) unless the header says: this format, the same problem fingerprint and
-    the same pymoo version (the pickled algorithm is pymoo's internals)."""
+    def __init__(self, path: Path, state: dict[str, Any], arrays: dict[str, np.ndarray]):
+        self.path = path
+        self.state = state
+        self.arrays = arrays
+
+    def value(self, key: str, kind: type | tuple[type, ...]) -> Any:
+        if key not in self.state:
+            raise RunError(f"{self.path}: checkpoint lacks {key!r}; start a new run")
+        v = self.state[key]
+        kinds = kind if isinstance(kind, tuple) else (kind,)
+        if not isinstance(v, kinds) or (isinstance(v, bool) and bool not in kinds):
+            raise RunError(f"{self.path}: checkpoint entry {key!r} is malformed")
+        return v
+
+    def array(
+        self, key: str, *, kinds: str, shape: tuple[int | None, ...]
+    ) -> np.ndarray:
+        """Array ``key`` of a dtype kind in ``kinds`` (numpy kind letters, e.g. ``"iu"``) and
+        ``shape`` (``None`` = any length on that axis)."""
+        if key not in self.arrays:
+            raise RunError(f"{self.path}: checkpoint lacks array {key!r}; start a new run")
+        a = self.arrays[key]
+        if (
+            a.dtype.kind not in kinds
+            or a.ndim != len(shape)
+            or any(w is not None and g != w for g, w in zip(a.shape, shape, strict=True))
+        ):
+            raise RunError(
+                f"{self.path}: checkpoint array {key!r} is {a.dtype}{list(a.shape)}, "
+                f"expected kind {kinds!r} and shape {list(shape)}"
+            )
+        return a
+
+
+def load_checkpoint(path: Path, *, fp: str) -> Checkpoint:
+    """The checkpoint at ``path``, refused (RunError) unless the header says: this format and
+    version, the same problem fingerprint and the same pymoo version."""
     head = read_header(path)
     want = header(fp)
-    if head.get("format") != FORMAT:
+    if head.get("version") != VERSION:
         raise RunError(
-            f"{path}: checkpoint format {head.get('format')!r}, this moecomp reads "
-            f"{FORMAT}; start a new run"
+            f"{path}: checkpoint version {head.get('version')!r}, this moecomp reads "
+            f"{VERSION}; start a new run"
         )
     if head.get("problem") != fp:
         raise RunError(
@@ -149,11 +145,12 @@ def load_checkpoint(path: Path, *, problem: object, fp: str) -> dict[str, Any]:
             f"{path}: written with pymoo {head.get('pymoo')}, this is "
             f"{want['pymoo']}; a checkpoint only resumes under the same pymoo"
         )
-    with open(path, "rb") as f:
-        f.read(len(MAGIC))
-        f.readline(65536)
-        payload = f.read()
-    state = _Unpickler(io.BytesIO(payload), problem).load()
+    state = head.get("state")
     if not isinstance(state, dict):
         raise RunError(f"{path}: checkpoint holds no search state")
-    return state
+    try:
+        with safe_open(str(path), framework="numpy") as f:
+            arrays = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (not a dict)
+    except (SafetensorError, OSError, ValueError) as e:
+        raise RunError(f"{path}: corrupt checkpoint ({e})") from None
+    return Checkpoint(path, state, arrays)

@@ -23,8 +23,11 @@ same seed (only times differ).
 from __future__ import annotations
 
 import os
+import signal
+import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -39,24 +42,53 @@ from moecomp.config import ProblemConfig, load_problem
 from moecomp.errors import ConfigError, RunError
 from moecomp.runs import METRICS, RunFolder, atomic_write_csv, solutions_frame
 from moecomp.search.algorithms import make_algorithm
-from moecomp.search.checkpoint import fingerprint, load_checkpoint, save_checkpoint
+from moecomp.search.checkpoint import Checkpoint, fingerprint, load_checkpoint, save_checkpoint
 from moecomp.search.front import feasible, hypervolume, nondominated
 from moecomp.search.operators.mutation import DirectedMutation
 from moecomp.search.plots import draw_front, draw_hv, front_info
 from moecomp.search.problem import CompressionProblem, EvalRecord, SearchProblem, build_problem
 from moecomp.search.progress import SearchProgress
+from moecomp.search.pymoo_state import capture_algorithm, restore_algorithm
 from moecomp.search.runner import Runner
 from moecomp.search.sensitivity import probe_genes, refresh_sensitivity, sensitivity_from_probes
 from moecomp.solution import target_info
 from moecomp.target import Target, build_target
 
-CHECKPOINT = "checkpoint.pkl"
+CHECKPOINT = "checkpoint.safetensors"
+# What moecomp < 0.2 wrote: a pickle, which can run code when loaded; never read any more.
+LEGACY_CHECKPOINT = "checkpoint.pkl"
 # Plots are redrawn after a generation only when this many seconds passed since the last
 # drawing (and always after the first generation and at the end): a figure costs 0.5-1 s,
 # which would dominate small, fast generations. Every other file is written every generation.
 PLOT_INTERVAL_S = 30.0
 
 OnGeneration = Callable[[int, int, float], None]
+
+
+class Terminated(BaseException):
+    """SIGTERM arrived while :func:`sigterm_raises` was active. A BaseException, like the
+    KeyboardInterrupt of SIGINT, so that no ``except Exception`` on the way swallows it and
+    the search marks its run folder "interrupted" before it ends."""
+
+
+@contextmanager
+def sigterm_raises() -> Iterator[None]:
+    """Within the block, SIGTERM raises :class:`Terminated` in the main thread instead of
+    ending the process on the spot (Python's default), so a search stopped by ``kill`` or a
+    job scheduler leaves a truthful search.json; the previous handler comes back after.
+    Does nothing outside the main thread (signals are only delivered there)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum: int, frame: object) -> None:
+        raise Terminated(signal.Signals(signum).name)
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 @dataclass
@@ -255,37 +287,91 @@ class _Search:
     def hv(self) -> float:
         return hypervolume(self.archive.F[self.archive.front], self.problem.ref_point)
 
-    def _state(self) -> dict[str, Any]:
-        return {
-            "algorithm": self.algorithm,
-            "archive": self.archive,
+    def _state(self) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+        """``(doc, arrays)`` of the checkpoint: JSON-able values and numeric arrays."""
+        a = self.archive
+        arrays = {
+            "archive.X": a.X,
+            "archive.F": a.F,
+            "archive.G": a.G,
+            "archive.gen": a.gen,
+            "archive.front": a.front,
+            **{f"archive.metrics.{m}": a.metrics[m] for m in METRICS},
+            "hv.gen": np.array([r[0] for r in self.hv_rows], np.int64),
+            "hv.n_evals": np.array([r[1] for r in self.hv_rows], np.int64),
+            "hv.hv": np.array([r[2] for r in self.hv_rows], np.float64),
+            "hv.elapsed_s": np.array([r[3] for r in self.hv_rows], np.float64),
+        }
+        if self.probe_sensitivity is not None:
+            arrays["probe_sensitivity"] = np.asarray(self.probe_sensitivity, np.float64)
+        algorithm = None
+        if self.algorithm is not None:
+            algorithm, arrays["algorithm.values"] = capture_algorithm(self.algorithm)
+        doc = {
+            "algorithm_name": self.scfg.algorithm,
+            "algorithm": algorithm,
             "gen": self.gen,
-            "hv_rows": self.hv_rows,
-            "probe_sensitivity": self.probe_sensitivity,
             "elapsed": self.elapsed,
             "status": self.status,
             "started": self.started,
         }
+        return doc, arrays
 
-    def _restore(self, state: dict[str, Any]) -> None:
-        self.algorithm = state["algorithm"]
-        self.archive = state["archive"]
-        self.gen = int(state["gen"])
-        self.hv_rows = list(state["hv_rows"])
-        self.probe_sensitivity = state["probe_sensitivity"]
-        self.elapsed_before = float(state["elapsed"])
-        self.started = str(state["started"])
+    def _restore(self, ck: Checkpoint) -> None:
+        """The state of checkpoint ``ck``; RunError naming a missing or malformed entry."""
+        p = self.problem
+        if ck.value("algorithm_name", str) != self.scfg.algorithm:
+            raise RunError(f"{ck.path}: checkpoint of another algorithm; refusing to resume")
+        gen = ck.value("gen", int)
+        X = ck.array("archive.X", kinds="iu", shape=(None, p.n_var))
+        n = len(X)
+        archive = Archive(
+            X=X.astype(np.int64),
+            F=ck.array("archive.F", kinds="f", shape=(n, p.n_obj)),
+            G=ck.array("archive.G", kinds="f", shape=(n, p.n_ieq_constr)),
+            gen=ck.array("archive.gen", kinds="i", shape=(n,)),
+            metrics={m: ck.array(f"archive.metrics.{m}", kinds="f", shape=(n,)) for m in METRICS},
+            front=ck.array("archive.front", kinds="i", shape=(None,)),
+        )
+        if archive.front.size and not (
+            (archive.front >= 0).all() and (archive.front < n).all()
+        ):
+            raise RunError(f"{ck.path}: checkpoint front refers to missing points")
+        hv_gen = ck.array("hv.gen", kinds="i", shape=(None,))
+        k = len(hv_gen)
+        hv_n = ck.array("hv.n_evals", kinds="i", shape=(k,))
+        hv = ck.array("hv.hv", kinds="f", shape=(k,))
+        hv_t = ck.array("hv.elapsed_s", kinds="f", shape=(k,))
+        probe = None
+        if "probe_sensitivity" in ck.arrays:
+            probe = ck.array("probe_sensitivity", kinds="f", shape=(p.n_var,))
+        algorithm_doc = ck.value("algorithm", (dict, type(None)))
+        elapsed = ck.value("elapsed", (int, float))
+        started = ck.value("started", str)
+        self.archive = archive
+        self.gen = gen
+        self.hv_rows = [
+            (int(g), int(m), float(h), float(t))
+            for g, m, h, t in zip(hv_gen, hv_n, hv, hv_t, strict=True)
+        ]
+        self.probe_sensitivity = probe
+        self.elapsed_before = float(elapsed)
+        self.started = started
         self.t0 = time.perf_counter()
+        self.algorithm = None
+        if algorithm_doc is not None:
+            # rebuilt from the config (code of this package), then given the saved state
+            self.setup()
+            assert self.algorithm is not None
+            buf = ck.array("algorithm.values", kinds="u", shape=(None,))
+            restore_algorithm(self.algorithm, algorithm_doc, buf)
 
     def checkpoint(self) -> None:
-        save_checkpoint(
-            self.folder.file(CHECKPOINT), self._state(), problem=self.problem, fp=self.fp
-        )
+        doc, arrays = self._state()
+        save_checkpoint(self.folder.file(CHECKPOINT), doc, arrays, fp=self.fp)
 
     def resume_from_checkpoint(self) -> None:
-        self._restore(
-            load_checkpoint(self.folder.file(CHECKPOINT), problem=self.problem, fp=self.fp)
-        )
+        self._restore(load_checkpoint(self.folder.file(CHECKPOINT), fp=self.fp))
         if self.algorithm is None:  # killed between the probes and the first generation
             self.setup()
         # evaluated.csv may hold rows of the generation that was cut off: rewrite it (and
@@ -439,8 +525,7 @@ class _Search:
                     if self.on_generation is not None:
                         self.on_generation(self.gen, self.n_evals, self.hv_rows[-1][2])
             except BaseException as e:
-                self.status = "interrupted"
-                self.write_status(error=f"{type(e).__name__}: {e}")
+                self.interrupted(e)
                 raise
         if self.status == "running":
             self.status = "done"
@@ -448,6 +533,25 @@ class _Search:
         self.checkpoint()
         self.plots(force=True)
         return self.result()
+
+    def interrupted(self, e: BaseException) -> None:
+        """Say so in search.json: the run stopped early (an error, a pruned Optuna trial,
+        SIGINT or SIGTERM) and continues from its checkpoint with ``resume``."""
+        self.status = "interrupted"
+        self.write_status(error=f"{type(e).__name__}: {e}")
+
+    def start(self) -> None:
+        """A new run: clear the files of an earlier one, probe, set up, first checkpoint."""
+        for name in ("evaluated.csv", "front.csv", "hv.csv", CHECKPOINT):
+            self.folder.file(name).unlink(missing_ok=True)
+        self.write_status()
+        try:
+            self.probe()
+            self.setup()
+            self.checkpoint()
+        except BaseException as e:
+            self.interrupted(e)
+            raise
 
     def result(self) -> SearchResult:
         hv = _hv_frame(self.hv_rows)
@@ -515,6 +619,12 @@ def run_search(
     out = Path(out_dir)
     folder = RunFolder(out)
     has_ckpt = folder.file(CHECKPOINT).is_file()
+    if resume and not has_ckpt and folder.file(LEGACY_CHECKPOINT).is_file():
+        raise RunError(
+            f"{out} holds {LEGACY_CHECKPOINT}, a checkpoint of an older moecomp (a pickle, "
+            "which can run code when loaded); it is not read any more. Start a new run in "
+            "another --out (nothing was changed)"
+        )
     if resume and (folder.exists() or has_ckpt):
         stored = folder.problem()
         if _resume_fingerprint(stored) != _resume_fingerprint(cfg):
@@ -546,10 +656,5 @@ def run_search(
     if resume and has_ckpt:
         search.resume_from_checkpoint()
     else:
-        for name in ("evaluated.csv", "front.csv", "hv.csv", CHECKPOINT):
-            folder.file(name).unlink(missing_ok=True)
-        search.write_status()
-        search.probe()
-        search.setup()
-        search.checkpoint()
+        search.start()
     return search.run()

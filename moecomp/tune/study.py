@@ -37,6 +37,7 @@ from rich.progress import (
     TextColumn,
     TimeElapsedColumn,
 )
+from sqlalchemy.engine import make_url
 
 from moecomp.config import ProblemConfig, SearchConfig
 from moecomp.errors import ConfigError, RunError
@@ -122,8 +123,35 @@ def make_pruner(cfg: PrunerConfig, *, report_steps: int) -> optuna.pruners.BaseP
     raise ConfigError("pruner.kind", f"unknown pruner {cfg.kind!r}")
 
 
+POSTGRES_DRIVER = "psycopg"
+"""The PostgreSQL driver moecomp installs (psycopg 3), named in every ``postgresql://`` URL."""
+
+
+def storage_url(url: str) -> str:
+    """``url`` as SQLAlchemy should open it: a bare ``postgresql://`` gets the driver moecomp
+    installs (``postgresql+psycopg://``), because SQLAlchemy's default for the bare scheme
+    differs between versions (psycopg2 in 2.0, psycopg in 2.1); any other URL is kept.
+    ConfigError (field ``storage``) when it is not a database URL or names a driver that is
+    not installed, instead of an ImportError in every worker."""
+    if url.startswith("postgresql://"):
+        url = f"postgresql+{POSTGRES_DRIVER}://" + url.removeprefix("postgresql://")
+    try:
+        make_url(url).get_dialect().import_dbapi()
+    except sqlalchemy.exc.ArgumentError as e:
+        raise ConfigError("storage", f"{url!r} is not a database URL: {e}") from None
+    except (ImportError, sqlalchemy.exc.NoSuchModuleError) as e:
+        raise ConfigError(
+            "storage",
+            f"the driver of {url.split('://')[0]!r} is not installed ({e}); write "
+            "postgresql://user@host/db (psycopg 3, installed with moecomp) or install it",
+        ) from None
+    return url
+
+
 def open_storage(url: str, heartbeat: HeartbeatConfig) -> RDBStorage:
-    """An RDB storage (any SQLAlchemy URL) with a heartbeat and retry of stale trials."""
+    """An RDB storage (any SQLAlchemy URL, see ``storage_url``) with a heartbeat and retry of
+    stale trials."""
+    url = storage_url(url)
     if url.startswith("sqlite:///") and url != "sqlite:///:memory:":
         Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
         # Several local workers may share one file: wait for its lock instead of failing.
@@ -549,6 +577,8 @@ def _quiet_optuna(quiet: bool) -> Iterator[None]:
 def load_study(cfg: StudyConfig, *, storage: str | BaseStorage | None = None) -> optuna.Study:
     """The stored study of a study file (raises RunError when it was never run)."""
     store = storage if storage is not None else cfg.storage_url
+    if isinstance(store, str):
+        store = storage_url(store)
     if (
         isinstance(store, str)
         and store.startswith("sqlite:///")
@@ -587,7 +617,7 @@ def best_params(
             return _check_params(raw["params"], str(path))
         else:
             if "://" in text:
-                url = text
+                url = storage_url(text)
             else:
                 if not path.is_file():
                     raise RunError(f"no such file: {path}")

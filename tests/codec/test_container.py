@@ -122,7 +122,7 @@ def test_round_trip_is_bit_exact(
     dense_in = {f"d{i}.bias": d for i, d in enumerate(ds)}
     order = list(layers_in) + list(dense_in)
     rnd.shuffle(order)
-    plan = {"layers": {n: {"sparsity": 0.5, "bits": 4} for n in layers_in}}
+    plan = {"layers": {n: {"sparsity": 0.5, "bits": 4} for n in layers_in}} if qs else None
     data = encode_model(layers_in, dense_in, plan=plan, meta={"seed": 3}, order=order)
     out = decode_model(data)
     assert list(out.state_dict) == order

@@ -57,7 +57,7 @@ DENSE = {"fc1.bias": torch.linspace(-1, 1, 60), "fc3.bias": torch.zeros(10)}
 GOOD = encode_model(
     LAYERS,
     DENSE,
-    plan={"shared_k": None, "layers": {n: {} for n in LAYERS}},
+    plan={"shared_k": None, "layers": {n: {"sparsity": 0.5, "bits": 4} for n in LAYERS}},
     meta={"run": "t"},
     order=["fc1.weight", "fc1.bias", "fc2.weight", "fc3.weight", "fc3.bias", "fc4.weight"],
 )

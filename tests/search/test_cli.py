@@ -1,8 +1,13 @@
-"""`moecomp search` on the command line."""
+"""`moecomp search` on the command line: options, a broken checkpoint, SIGTERM."""
 
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -86,3 +91,65 @@ def test_read_params_shapes(tmp_path):
         read_params(p)
     with pytest.raises(ConfigError, match="no such file"):
         read_params(tmp_path / "missing.json")
+
+
+def test_a_checkpoint_with_missing_keys_is_a_one_line_error(cli, one_line_error, tmp_path, repo,
+                                                            digits_ranks):
+    from safetensors import safe_open
+    from safetensors.numpy import save_file
+
+    out = tmp_path / "run"
+    problem = str(repo / "problems" / "digits-mlp.toml")
+    common = ["--pop-size", "8", "--out", str(out), "--no-progress"]
+    code, _, err = cli("search", problem, "--budget", "20", *common)
+    assert code == 0, err
+    ckpt = out / "checkpoint.safetensors"
+    with safe_open(str(ckpt), framework="numpy") as f:
+        arrays = {k: f.get_tensor(k) for k in f.keys() if k != "hv.hv"}  # noqa: SIM118
+        meta = f.metadata()
+    save_file(arrays, str(ckpt), metadata=meta)
+    code, _, err = cli("search", problem, "--budget", "30", "--resume",
+                       *common)
+    one_line_error(code, err, "checkpoint lacks array 'hv.hv'")
+
+
+def test_sigterm_leaves_a_truthful_resumable_run(tmp_path, repo, digits_ranks):
+    """A real ``moecomp search`` process: SIGTERM once its first generation is on disk (the
+    test waits for the file, however long that takes) gives one line, exit 143, search.json
+    "interrupted", and ``--resume`` continues it."""
+    out = tmp_path / "run"
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(repo), env.get("PYTHONPATH")) if p)
+    args = [sys.executable, "-m", "moecomp", "search", str(repo / "problems" / "digits-mlp.toml"),
+            "--pop-size", "8", "--out", str(out), "--no-progress"]
+    # a budget no machine finishes before the signal: the test does not race the search
+    proc = subprocess.Popen([*args, "--budget", "10000000"], cwd=tmp_path, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for_file(out / "hv.csv", proc)
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert proc.returncode == 128 + signal.SIGTERM, err
+    assert err.startswith("error: search interrupted (SIGTERM)") and "Traceback" not in err
+    assert err.strip().count("\n") == 0
+    status = json.loads((out / "search.json").read_text())
+    assert status["status"] == "interrupted" and status["error"] == "Terminated: SIGTERM"
+    from moecomp.search import run_search
+
+    done = run_search(repo / "problems" / "digits-mlp.toml", out, budget=status["n_evals"] + 8,
+                      resume=True, progress=False, params={"pop_size": 8}, plots=False)
+    assert done.status == "done" and done.n_evals == status["n_evals"] + 8
+    assert json.loads((out / "search.json").read_text())["status"] == "done"
+
+
+def wait_for_file(path: Path, proc: subprocess.Popen[str]) -> None:
+    """Block until ``path`` exists (the event), failing if ``proc`` ends first; the short
+    poll only paces the check, the outcome does not depend on it."""
+    import time
+
+    while not path.exists():
+        assert proc.poll() is None, proc.communicate()[1]
+        time.sleep(0.05)

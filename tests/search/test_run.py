@@ -8,7 +8,7 @@ import os
 import signal
 import subprocess
 import sys
-import time
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -53,7 +53,7 @@ def test_budget_is_exact_and_every_evaluation_is_listed(run400):
     assert ev["gen"].iloc[0] == 0  # the sensitivity probes
     status = json.loads((out / "search.json").read_text())
     assert status["status"] == "done" and status["n_evals"] == 400
-    assert (out / "problem.json").is_file() and (out / "checkpoint.pkl").is_file()
+    assert (out / "problem.json").is_file() and (out / "checkpoint.safetensors").is_file()
     assert (out / "plots" / "front.png").stat().st_size > 0
     assert (out / "plots" / "hv.png").stat().st_size > 0
 
@@ -97,19 +97,55 @@ def test_refuses_to_overwrite_a_run(run400, digits_problem, digits_target, digit
     assert (out / "evaluated.csv").read_bytes() == before
 
 
-def test_refuses_a_foreign_checkpoint(
+class _Payload:
+    """A pickle that, if it were ever unpickled, would create a file."""
+
+    def __init__(self, marker) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+def test_refuses_foreign_legacy_and_incomplete_checkpoints(
     tmp_path, run400, digits_problem, digits_target, digits_evaluator
 ):
-    _, out = run400
-    run = tmp_path / "copy"
-    run.mkdir()
-    (run / "problem.json").write_bytes((out / "problem.json").read_bytes())
     import pickle
 
-    (run / "checkpoint.pkl").write_bytes(pickle.dumps({"algorithm": None}))
+    from safetensors import safe_open
+    from safetensors.numpy import save_file
+
+    _, out = run400
+    marker = tmp_path / "pwned"
     p = fresh(digits_problem, digits_target, digits_evaluator)
+    kw = {"budget": 400, "progress": False, "resume": True, "params": {"seed": 0}}
+
+    def copy_of_run(name):
+        run = tmp_path / name
+        run.mkdir()
+        for f in ("problem.json", "search.json", "evaluated.csv", "front.csv", "hv.csv"):
+            (run / f).write_bytes((out / f).read_bytes())
+        return run
+
+    run = copy_of_run("forged")  # a pickle under the checkpoint's name
+    (run / "checkpoint.safetensors").write_bytes(pickle.dumps(_Payload(marker)))
     with pytest.raises(RunError, match="not a moecomp search checkpoint"):
-        run_search(p, run, budget=400, progress=False, resume=True, params={"seed": 0})
+        run_search(p, run, **kw)
+
+    run = copy_of_run("legacy")  # what moecomp 0.1 wrote: refused, and nothing removed
+    (run / "checkpoint.pkl").write_bytes(pickle.dumps(_Payload(marker)))
+    with pytest.raises(RunError, match="checkpoint.pkl, a checkpoint of an older moecomp"):
+        run_search(p, run, **kw)
+    assert (run / "evaluated.csv").read_bytes() == (out / "evaluated.csv").read_bytes()
+    assert not marker.exists()
+
+    run = copy_of_run("incomplete")  # a real checkpoint without its archive's genes
+    with safe_open(str(out / "checkpoint.safetensors"), framework="numpy") as f:
+        arrays = {k: f.get_tensor(k) for k in f.keys() if k != "archive.X"}  # noqa: SIM118
+        meta = f.metadata()
+    save_file(arrays, str(run / "checkpoint.safetensors"), metadata=meta)
+    with pytest.raises(RunError, match="checkpoint lacks array 'archive.X'"):
+        run_search(p, run, **kw)
 
 
 def test_other_files_are_not_overwritten(tmp_path, digits_problem, digits_target, digits_evaluator):
@@ -232,63 +268,129 @@ def test_on_generation_stops_the_search_and_resume_continues(
     pd.testing.assert_frame_equal(resumed.front, whole.front)
 
 
-RESUME_SCRIPT = """
-import sys
-from moecomp.search import run_search
-run_search(sys.argv[1], sys.argv[2], budget=int(sys.argv[3]), resume=sys.argv[4] == "1",
-           progress=False, params={"pop_size": 16, "seed": 11}, plots=False)
+# A search in a child process that stops at a chosen point and says so on stdout, where the
+# test signals it: no timing decides where the signal lands. ``after``: checkpoints written
+# before the stop (probes, set-up, then one per generation).
+STOP_SCRIPT = """
+import signal, sys
+from pathlib import Path
+import moecomp.search.run as run_mod
+from moecomp.search.runner import LocalRunner
+
+problem, out, budget, algorithm, stop_at, after = sys.argv[1:7]
+after = int(after)
+saved = [0]
+real_save = run_mod.save_checkpoint
+
+
+def stop():
+    print("stopped", flush=True)
+    while True:
+        signal.pause()
+
+
+def save(path, doc, arrays, *, fp):
+    if saved[0] == after and stop_at == "before_checkpoint":
+        stop()
+    if saved[0] == after and stop_at == "mid_checkpoint":  # half a temporary file written
+        whole = path.parent.parent / "whole-checkpoint"
+        real_save(whole, doc, arrays, fp=fp)
+        blob = whole.read_bytes()
+        path.with_name(path.name + ".tmp").write_bytes(blob[: len(blob) // 2])
+        stop()
+    saved[0] += 1
+    real_save(path, doc, arrays, fp=fp)
+
+
+class Runner(LocalRunner):
+    def map_chunks(self, fn, chunks):
+        if stop_at == "evaluation" and saved[0] == after:
+            stop()
+        return super().map_chunks(fn, chunks)
+
+
+run_mod.save_checkpoint = save
+with run_mod.sigterm_raises():
+    run_mod.run_search(problem, out, budget=int(budget), algorithm=algorithm, runner=Runner(),
+                       progress=False, params=PARAMS, plots=False)
 """
+KILL_PARAMS = {"pop_size": 12, "seed": 11}
+KILL_BUDGET = 120  # ~10 generations; the stop comes in the third
 
 
-def test_resume_after_sigkill_gives_the_uninterrupted_front(
-    tmp_path, repo, digits_problem, digits_target, digits_evaluator
+def child_env(repo) -> dict[str, str]:
+    """The environment of a child Python that imports this checkout's moecomp."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(repo), env.get("PYTHONPATH")) if p)
+    return env
+
+
+@pytest.mark.parametrize(
+    ("algorithm", "stop_at", "sig"),
+    [
+        # every algorithm, every place a stop can land, every signal, in 5 runs
+        ("nsga2", "evaluation", signal.SIGKILL),
+        ("nsga2", "before_checkpoint", signal.SIGKILL),  # csv files ahead of the checkpoint
+        ("moead", "mid_checkpoint", signal.SIGKILL),  # half a temporary checkpoint left
+        ("spea2", "evaluation", signal.SIGTERM),
+        ("nsga3", "before_checkpoint", signal.SIGINT),
+    ],
+)
+def test_resume_after_a_signal_gives_the_uninterrupted_front(
+    tmp_path, repo, algorithm, stop_at, sig, digits_problem, digits_target, digits_evaluator
 ):
-    budget = 400  # ~24 generations: time to kill it after the third
-    out = tmp_path / "killed"
+    out = tmp_path / "run" / "stopped"
     script = tmp_path / "search.py"
-    script.write_text(RESUME_SCRIPT)
+    script.write_text(STOP_SCRIPT.replace("PARAMS", repr(KILL_PARAMS)))
     problem_file = str(repo / "problems" / "digits-mlp.toml")
+    args = [problem_file, str(out), str(KILL_BUDGET), algorithm, stop_at, "4"]
     proc = subprocess.Popen(
-        [sys.executable, str(script), problem_file, str(out), str(budget), "0"], cwd=repo
+        [sys.executable, str(script), *args],
+        cwd=repo,
+        env=child_env(repo),
+        stdout=subprocess.PIPE,
+        text=True,
     )
-    hv_csv = out / "hv.csv"
-    deadline = time.monotonic() + 240
     try:
-        while time.monotonic() < deadline and proc.poll() is None:
-            # gen 0 (probes), 1 and 2 written: kill it inside generation 3
-            if hv_csv.is_file() and len(hv_csv.read_text().splitlines()) >= 4:
-                break
-            time.sleep(0.02)
-        assert proc.poll() is None, "the search ended before it could be killed"
-        os.kill(proc.pid, signal.SIGKILL)
+        assert proc.stdout is not None
+        assert proc.stdout.readline() == "stopped\n", "the search ended before its stop"
+        os.kill(proc.pid, sig)
     finally:
-        proc.wait(timeout=60)
-    assert proc.returncode == -signal.SIGKILL
-    assert json.loads((out / "search.json").read_text())["status"] == "running"
+        proc.wait(timeout=120)
+    status = json.loads((out / "search.json").read_text())
+    if sig == signal.SIGKILL:
+        assert proc.returncode == -signal.SIGKILL
+        assert status["status"] == "running"  # nothing can write after a SIGKILL
+    else:
+        assert proc.returncode != 0
+        assert status["status"] == "interrupted"
+        want = "Terminated: SIGTERM" if sig == signal.SIGTERM else "KeyboardInterrupt"
+        assert status["error"].startswith(want)
     killed_at = len(pd.read_csv(out / "evaluated.csv"))
-    assert killed_at < budget
+    assert killed_at < KILL_BUDGET
 
     resumed = run_search(
         problem_file,
         out,
-        budget=budget,
+        budget=KILL_BUDGET,
+        algorithm=algorithm,
         resume=True,
         progress=False,
-        params={"pop_size": 16, "seed": 11},
+        params=KILL_PARAMS,
         plots=False,
     )
     whole = run_search(
-        fresh(digits_problem, digits_target, digits_evaluator, pop_size=16, seed=11),
+        fresh(digits_problem, digits_target, digits_evaluator, **KILL_PARAMS),
         tmp_path / "whole",
-        budget=budget,
+        budget=KILL_BUDGET,
+        algorithm=algorithm,
         progress=False,
         plots=False,
     )
-    assert resumed.n_evals == whole.n_evals == budget
-    assert (out / "front.csv").read_bytes() == (tmp_path / "whole" / "front.csv").read_bytes()
-    assert (out / "evaluated.csv").read_bytes() == (
-        tmp_path / "whole" / "evaluated.csv"
-    ).read_bytes()
+    assert resumed.n_evals == whole.n_evals == KILL_BUDGET
+    assert json.loads((out / "search.json").read_text())["status"] == "done"
+    for name in ("front.csv", "evaluated.csv"):
+        assert (out / name).read_bytes() == (tmp_path / "whole" / name).read_bytes(), name
     a = pd.read_csv(out / "hv.csv")
     b = pd.read_csv(tmp_path / "whole" / "hv.csv")
     pd.testing.assert_frame_equal(a.drop(columns="elapsed_s"), b.drop(columns="elapsed_s"))

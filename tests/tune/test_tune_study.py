@@ -23,7 +23,7 @@ from moecomp.tune.report import (
     intermediate_info,
     write_report,
 )
-from moecomp.tune.study import artifacts_dir, n_finished, report_steps_crossed
+from moecomp.tune.study import artifacts_dir, n_finished, report_steps_crossed, storage_url
 
 SPACE = {
     "crossover_prob": {"low": 0.0, "high": 1.0},
@@ -232,3 +232,18 @@ def test_every_sampler_and_pruner_runs(tmp_path, fake_search_patch, sampler, pru
         assert 0.0 <= t.params["crossover_prob"] <= 1.0
         assert t.params["pop_size"] in (8, 16, 24)
         assert t.params["algorithm"] in ("nsga2", "spea2")
+
+
+def test_storage_urls_are_opened_with_the_installed_postgres_driver(repo):
+    """The README's ``postgresql://user@host/db`` names psycopg 3, moecomp's dependency,
+    whatever SQLAlchemy's default for the bare scheme (psycopg2 in 2.0, psycopg in 2.1)."""
+    import importlib.util
+
+    assert "--storage postgresql://user@host/db" in (repo / "README.md").read_text()
+    assert storage_url("postgresql://user@host/db") == "postgresql+psycopg://user@host/db"
+    assert importlib.util.find_spec("psycopg") is not None
+    assert storage_url("sqlite:///x/y.db") == "sqlite:///x/y.db"
+    with pytest.raises(ConfigError, match="storage: the driver of 'mysql' is not installed"):
+        storage_url("mysql://u@h/d")
+    with pytest.raises(ConfigError, match="not a database URL"):
+        storage_url("my study")

@@ -7,6 +7,10 @@ and queued again as a *new* trial (WAITING, same parameters, ``failed_trial`` an
 ``retry_history`` system attributes), which the next worker runs. Trial numbers stay unique
 and contiguous; the COMPLETE count reaches the target (parallel workers may pass it by at
 most one trial each, as with Optuna's MaxTrialsCallback).
+
+No test waits a fixed time: the killed worker stops itself mid-trial and says so
+(``tunehelpers.PAUSING_WORKER``), and the restart waits until the storage counts the killed
+trial stale. The PostgreSQL test uses the README's URL form, ``postgresql://user@host/db``.
 """
 
 from __future__ import annotations
@@ -25,7 +29,16 @@ import pytest
 import sqlalchemy.exc
 from optuna.storages import RetryHeartbeatStaleTrialCallback as Retry
 from optuna.trial import FrozenTrial, TrialState
-from tunehelpers import REPO, run_ok, study_command, worker_env, write_study
+from tunehelpers import (
+    REPO,
+    pausing_study_command,
+    run_ok,
+    study_command,
+    worker_env,
+    write_study,
+)
+
+from moecomp.tune.study import storage_url
 
 # retried_trial_number and retry_history are marked experimental by Optuna
 pytestmark = pytest.mark.filterwarnings("ignore::optuna.exceptions.ExperimentalWarning")
@@ -64,37 +77,38 @@ def trials_of(url: str, name: str) -> list[FrozenTrial]:
     """The study's trials, [] before a worker has created it. Never creates tables itself:
     that would race with the workers creating them."""
     try:
-        storage = optuna.storages.RDBStorage(url, skip_table_creation=True)
+        storage = optuna.storages.RDBStorage(storage_url(url), skip_table_creation=True)
         return optuna.load_study(study_name=name, storage=storage).get_trials(deepcopy=False)
     except (KeyError, sqlalchemy.exc.DBAPIError, optuna.exceptions.StorageInternalError):
         return []  # no study / no tables yet
 
 
-def running_with_reports(trials: list[FrozenTrial]) -> FrozenTrial | None:
-    """A RUNNING trial that has reported at least one HV: a worker mid-trial."""
-    for t in trials:
-        if t.state == TrialState.RUNNING and t.intermediate_values and "worker" in t.user_attrs:
-            return t
-    return None
-
-
-def kill_mid_trial(url: str, name: str, pid: int, proc: subprocess.Popen[bytes]) -> int:
-    """SIGKILL worker ``pid``; returns the number of the trial it left RUNNING."""
-    os.kill(pid, signal.SIGKILL)
+def kill_paused(url: str, name: str, marker: Path, proc: subprocess.Popen[bytes],
+                logs: list[Path]) -> int:
+    """Wait until the pausing worker ``proc`` says (``marker``) which trial it stopped in,
+    SIGKILL it there, and return that trial's number, checked to be left RUNNING by it."""
+    wait_for(marker.is_file, timeout=240, what="the worker to pause mid-trial", procs=[proc],
+             logs=logs)
+    number = int(marker.read_text())
+    os.kill(proc.pid, signal.SIGKILL)
     proc.wait(timeout=30)
-    left = [
-        t.number
-        for t in trials_of(url, name)
-        if t.state == TrialState.RUNNING and t.user_attrs.get("worker", "").endswith(f":{pid}")
-    ]
-    assert len(left) == 1, f"the kill landed between trials of worker {pid}: {left}"
-    return left[0]
+    trial = next(t for t in trials_of(url, name) if t.number == number)
+    assert trial.state == TrialState.RUNNING and trial.intermediate_values
+    assert trial.user_attrs["worker"] == f"{socket.gethostname()}:{proc.pid}"
+    return number
 
 
-def pid_of(trial: FrozenTrial) -> int:
-    host, pid = trial.user_attrs["worker"].rsplit(":", 1)
-    assert host == socket.gethostname()
-    return int(pid)
+def stale_ids(url: str) -> list[int]:
+    """Trial ids the storage now counts as stale (heartbeat older than the grace period); a
+    read, unlike ``fail_stale_trials``. Optuna's own query, so the same clock and rule."""
+    storage = optuna.storages.RDBStorage(
+        storage_url(url),
+        skip_table_creation=True,
+        heartbeat_interval=SMALL["heartbeat"]["interval"],
+        grace_period=SMALL["heartbeat"]["grace_period"],
+    )
+    study_id = storage.get_study_id_from_name("lite")
+    return storage._get_stale_trial_ids(study_id)
 
 
 def check_numbers_and_retry(trials: list[FrozenTrial], killed: int) -> FrozenTrial:
@@ -183,7 +197,7 @@ def postgres_url():
             "postgres",
             "moecomp",
         )
-        yield f"postgresql+psycopg2://postgres@127.0.0.1:{port}/moecomp"
+        yield f"postgresql://postgres@127.0.0.1:{port}/moecomp"
     finally:
         if (data / "postmaster.pid").is_file():
             subprocess.run(
@@ -207,41 +221,33 @@ def postgres_url():
 
 @pytest.mark.postgres
 def test_postgres_workers_survive_a_killed_worker(tmp_path, postgres_url, digits_ready):
+    # the README's form, postgresql://user@host/db, exactly as a user writes it
+    assert postgres_url.startswith("postgresql://postgres@127.0.0.1:")
     study_file = write_study(tmp_path / "pg.toml", name="pg", n_trials=N_TRIALS, **SMALL)
     logs = [tmp_path / f"worker-{i}.log" for i in range(3)]
+    marker = tmp_path / "paused"
     procs = []
     for i, log in enumerate(logs):
+        extra = ("--storage", postgres_url, "--worker", str(i))
+        # worker 0 stops in its first trial, after its first report, until it is killed
+        cmd = pausing_study_command(study_file, marker, 0, *extra) if i == 0 else study_command(
+            study_file, *extra
+        )
         with open(log, "w") as out:
             procs.append(
-                subprocess.Popen(
-                    study_command(study_file, "--storage", postgres_url, "--worker", str(i)),
-                    stdout=out,
-                    stderr=subprocess.STDOUT,
-                    env=worker_env(),
-                    cwd=REPO,
-                )
+                subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=worker_env(),
+                                 cwd=REPO)
             )
     try:
-        running = wait_for(
-            lambda: running_with_reports(trials_of(postgres_url, "pg")),
-            timeout=150,
-            what="a trial in progress",
-            procs=procs,
-            logs=logs,
-        )
-        pid = pid_of(running)
-        by_pid = {p.pid: p for p in procs}
-        assert pid in by_pid, f"trial {running.number} runs in {pid}, not one of our workers"
-        killed = kill_mid_trial(postgres_url, "pg", pid, by_pid[pid])
-        for p in procs:
-            if p.pid != pid:
-                assert p.wait(timeout=240) == 0, "\n".join(tail(x) for x in logs)
+        killed = kill_paused(postgres_url, "pg", marker, procs[0], logs)
+        for p in procs[1:]:
+            assert p.wait(timeout=240) == 0, "\n".join(tail(x) for x in logs)
     finally:
         for p in procs:
             if p.poll() is None:
                 p.kill()
                 p.wait()
-    study = optuna.load_study(study_name="pg", storage=postgres_url)
+    study = optuna.load_study(study_name="pg", storage=storage_url(postgres_url))
     trials = study.get_trials()
     n_complete = sum(t.state == TrialState.COMPLETE for t in trials)
     # Past the target: each of the two survivors may finish one trial it had started, and
@@ -259,27 +265,18 @@ def test_sqlite_study_interrupted_and_run_again(tmp_path, digits_ready):
     study_file = write_study(tmp_path / "lite.toml", name="lite", n_trials=4, **SMALL)
     url = f"sqlite:///{tmp_path / 'out' / 'lite.db'}"
     log = tmp_path / "first.log"
+    marker = tmp_path / "paused"
     with open(log, "w") as out:
+        # one trial finished, the second stopped after its first report, then killed there
         proc = subprocess.Popen(
-            study_command(study_file),
+            pausing_study_command(study_file, marker, 1),
             stdout=out,
             stderr=subprocess.STDOUT,
             env=worker_env(),
             cwd=REPO,
         )
     try:
-
-        def one_done_one_running():
-            if not Path(url.removeprefix("sqlite:///")).is_file():
-                return None
-            trials = trials_of(url, "lite")
-            done = any(t.state == TrialState.COMPLETE for t in trials)
-            return running_with_reports(trials) if done else None
-
-        running = wait_for(
-            one_done_one_running, timeout=150, what="a finished trial", procs=[proc], logs=[log]
-        )
-        killed = kill_mid_trial(url, "lite", pid_of(running), proc)
+        killed = kill_paused(url, "lite", marker, proc, [log])
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -292,9 +289,10 @@ def test_sqlite_study_interrupted_and_run_again(tmp_path, digits_ready):
     }
     assert before, tail(log)
 
-    # a restart after the grace period (the killed trial has gone stale): it is failed and
-    # its retry run as one of the missing trials
-    time.sleep(SMALL["heartbeat"]["grace_period"] + SMALL["heartbeat"]["interval"])
+    # a restart once the killed trial has gone stale (waited for as the storage sees it):
+    # the worker fails it and runs its retry as one of the missing trials
+    killed_id = next(t._trial_id for t in trials_of(url, "lite") if t.number == killed)
+    wait_for(lambda: killed_id in stale_ids(url), timeout=60, what="the killed trial to go stale")
     out = run_ok(study_command(study_file), timeout=240)
     assert "4 complete" in out.stdout, out.stdout
 

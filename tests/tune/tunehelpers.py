@@ -133,6 +133,47 @@ def study_command(study_file: Path, *extra: str) -> list[str]:
     ]
 
 
+# A worker that stops mid-trial at a chosen point and says so, so that a test kills it there
+# and nowhere else: right after its ``pause_at``-th trial (0-based, counting this process's
+# trials) stored its first HV report, it writes the trial's number to ``marker`` (atomically)
+# and waits for its end. No timing decides where the kill lands.
+PAUSING_WORKER = """
+import os, signal, sys
+import optuna
+
+marker, pause_at = sys.argv[1], int(sys.argv[2])
+sys.argv = ["moecomp", *sys.argv[3:]]
+seen = []
+report = optuna.trial.Trial.report
+
+
+def pausing_report(self, value, step):
+    report(self, value, step)  # stored before the marker is written
+    if self.number not in seen:
+        seen.append(self.number)
+    if len(seen) - 1 == pause_at:
+        with open(marker + ".tmp", "w") as f:
+            f.write(str(self.number))
+        os.replace(marker + ".tmp", marker)
+        while True:
+            signal.pause()
+
+
+optuna.trial.Trial.report = pausing_report
+from moecomp.cli import main
+
+main()
+"""
+
+
+def pausing_study_command(
+    study_file: Path, marker: Path, pause_at: int, *extra: str
+) -> list[str]:
+    """``study_command`` in a worker that pauses mid-trial (``PAUSING_WORKER``)."""
+    return [sys.executable, "-c", PAUSING_WORKER, str(marker), str(pause_at),
+            "study", str(study_file), "--no-progress", *extra]
+
+
 def run_ok(cmd: list[str], *, timeout: float = 120) -> subprocess.CompletedProcess[str]:
     proc = subprocess.run(
         cmd, capture_output=True, text=True, env=worker_env(), timeout=timeout, cwd=REPO
