@@ -24,7 +24,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from moecomp.refine import finetune, refine
+from moecomp.finetune import finetune
+from moecomp.refine import refine
 from moecomp.solution import RunContext, student_model
 from moecomp.train import accuracy
 
