@@ -88,8 +88,8 @@ def test_dense_tensors_are_stored_in_the_problems_dtype(run_ctx, tmp_path):
 
 @pytest.mark.parametrize("kind", ["uniform", "kmeans"])
 def test_quantisation_in_the_loop_uses_the_plans_quantizer(kind):
-    from moecomp.quantize import kmeans_quantize, uniform_quantize
     from moecomp.finetune import _fake_quant
+    from moecomp.quantize import kmeans_quantize, uniform_quantize
 
     g = torch.Generator().manual_seed(0)
     w = torch.randn(20, 30, generator=g).requires_grad_(True)
