@@ -116,7 +116,7 @@ def converged_genes(
     return s, b
 
 
-# --- a generic model (not in the stage registry): conv, skip connection, linear head -----------
+# --- small models: a chain with a skip connection inside a stage; a fork (no chain) --------------
 class SkipNet(nn.Module):
     def __init__(self) -> None:
         super().__init__()
@@ -130,7 +130,20 @@ class SkipNet(nn.Module):
         return self.head(h.flatten(1))
 
 
-class BranchyNet(SkipNet):
+class ForkNet(SkipNet):
+    """Two heads on one hidden state: no module call is a chain boundary."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.head2 = nn.Linear(4 * 6 * 6, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.conv(x))
+        h = h + torch.relu(self.conv2(h))
+        return self.head(h.flatten(1)) + self.head2(h.flatten(1))
+
+
+class BranchyNet(ForkNet):
     """Data-dependent control flow, which torch.vmap cannot batch."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -157,7 +170,7 @@ def digits(digits_target):
 
 @pytest.fixture(scope="module")
 def generic():
-    t = small_target()
+    t = small_target(ForkNet)
     return t, magnitude_ranks(t)
 
 
@@ -191,6 +204,7 @@ def test_generic_model_uses_vmap_and_matches_naive(generic):
     target, ranks = generic
     ev = Evaluator(target, ranks)
     assert ev.path == "generic+vmap"
+    assert "no module call is a chain boundary" in ev.chain
     s, b = converged_genes(np.random.default_rng(1), 10, len(target.layers))
     m = ev.evaluate(s, b)
     assert_matches(m, oracle(target, ranks, plans_from_genes(target.layer_names, s, b)))
@@ -308,6 +322,9 @@ def test_memo_and_cache_hits_return_identical_results(digits):
         EvalOptions(batched=False),
         EvalOptions(cache_mb=0.0),
         EvalOptions(memory_mb=0.5),
+        EvalOptions(trie="always"),
+        EvalOptions(survivors_mb=0.0),
+        EvalOptions(device="cpu"),
     ],
 )
 def test_every_switch_gives_the_same_metrics(digits, options):
@@ -322,7 +339,7 @@ def test_every_switch_gives_the_same_metrics(digits, options):
 def test_prefix_cache_shares_work_of_a_converged_population(digits):
     target, ranks = digits
     s, b = converged_genes(np.random.default_rng(7), 30, len(target.layers))
-    ev = Evaluator(target, ranks)
+    ev = Evaluator(target, ranks, options=EvalOptions(trie="always"))
     ev.evaluate(s, b)
     # one node per distinct prefix: far fewer stage computations than 30 x L
     assert ev.cache_info()["cache_entries"] < 30 * len(target.layers) * 0.7
@@ -410,3 +427,77 @@ def test_size_estimate_is_close_to_real_mcz_files(digits):
         dense = {k: v for k, v in state.items() if k not in layers}
         blob = codec.encode_model(layers, dense, plan=plan.to_dict(), order=list(state))
         assert abs(m.size_bytes[i] / len(blob) - 1) < 0.1, (i, m.size_bytes[i], len(blob))
+
+
+# --- the automatic prefix cache, students identical to apply, devices ------------------------
+def test_chain_found_automatically_on_a_skip_net_matches_naive():
+    """SkipNet's skip connection lies inside the first stage; the head is the second."""
+    target = small_target(SkipNet)
+    ranks = magnitude_ranks(target)
+    for options in (EvalOptions(trie="always"), EvalOptions()):
+        ev = Evaluator(target, ranks, options=options)
+        assert ev.path == "chain+vmap" and ev.chain.endswith("boundaries before head")
+        s, b = converged_genes(np.random.default_rng(11), 12, len(target.layers))
+        m = ev.evaluate(s, b)
+        assert_matches(m, oracle(target, ranks, plans_from_genes(target.layer_names, s, b)))
+
+
+def test_digits_mlp_is_split_before_every_layer(digits):
+    target, ranks = digits
+    ev = Evaluator(target, ranks)
+    assert ev.chain.endswith("boundaries before hidden.1, out")
+    assert Evaluator(target, ranks, options=EvalOptions(prefix_cache=False)).path == \
+        "generic+vmap"
+
+
+def shuffled_ranks(target: Target, seed: int) -> dict[str, torch.Tensor]:
+    """Ranks unrelated to magnitude: the largest weights are pruned as often as any."""
+    g = torch.Generator().manual_seed(seed)
+    return {n: scores_to_ranks(torch.rand(w.shape, generator=g))
+            for n, w in target.weights().items()}
+
+
+@pytest.mark.parametrize("quantizer", ["uniform", "kmeans"])
+@pytest.mark.parametrize("rank_kind", ["magnitude", "shuffled"])
+def test_evaluator_students_are_apply_students_bit_for_bit(digits, quantizer, rank_kind):
+    """What the evaluator runs is exactly what export writes: same masks, codebooks and
+    levels, whether the survivors span the layer's range (magnitude ranks) or not."""
+    target, mag = digits
+    ranks = mag if rank_kind == "magnitude" else shuffled_ranks(target, 0)
+    ev = Evaluator(target, ranks, quantizer=quantizer)
+    rng = np.random.default_rng(12)
+    s, b = random_genes(rng, 6, len(target.layers))
+    s[0], s[1] = 0.0, 0.99  # nothing pruned; nearly everything pruned
+    for plan in plans_from_genes(target.layer_names, s, b, quantizer=quantizer):
+        want = apply_plan(plan, target.weights(), ranks)
+        got = ev.layer_weights(plan)
+        for name, layer in want.items():
+            assert torch.equal(got[name], layer.dequantize()), name
+
+
+def test_devices_cpu_auto_and_refusals(digits):
+    target, ranks = digits
+    ev = Evaluator(target, ranks, options=EvalOptions(device="cpu"))
+    assert ev.device == torch.device("cpu")
+    auto = Evaluator(target, ranks)
+    assert auto.device.type == ("cuda" if torch.cuda.is_available() else "cpu")
+    with pytest.raises(ValueError, match="options.device"):
+        EvalOptions(device="gpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="options.device.*no CUDA"):
+            Evaluator(target, ranks, options=EvalOptions(device="cuda"))
+    with pytest.raises(ValueError, match="options.trie"):
+        EvalOptions(trie="never")
+
+
+def test_timings_split_forward_and_overhead(digits):
+    target, ranks = digits
+    ev = Evaluator(target, ranks)
+    s, b = random_genes(np.random.default_rng(13), 8, len(target.layers))
+    ev.evaluate(s, b)
+    t = ev.timings()
+    assert t["forward"] > 0 and t["weights"] > 0 and t["total"] > 0
+    parts = sum(t[k] for k in ("forward", "weights", "sizes", "measure", "other"))
+    assert parts == pytest.approx(t["total"], rel=1e-6, abs=1e-6)
+    ev.reset_timings()
+    assert ev.timings()["total"] == 0.0

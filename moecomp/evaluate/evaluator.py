@@ -12,6 +12,7 @@ and shared prefixes (:mod:`moecomp.evaluate.students`); sizes come from the code
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, fields
 from typing import Any
@@ -22,9 +23,9 @@ import torch
 from moecomp.apply import n_pruned
 from moecomp.errors import ConfigError
 from moecomp.evaluate.layers import Gene, LayerBank, tensor_bytes
-from moecomp.evaluate.options import EvalOptions
+from moecomp.evaluate.options import EvalOptions, resolve_device
 from moecomp.evaluate.size import fixed_coded_bytes
-from moecomp.evaluate.students import StudentRunner
+from moecomp.evaluate.students import StudentRunner, device_model
 from moecomp.plan import BITS_RANGE, CompressionPlan
 from moecomp.target import Target
 
@@ -152,11 +153,16 @@ class Evaluator:
         self._index = {n: i for i, n in enumerate(self._names)}
         self._numel = [ref.numel for ref in target.layers]
 
-        tensors = {n: p.detach() for n, p in target.teacher.named_parameters()}
-        tensors.update({n: b.detach() for n, b in target.teacher.named_buffers()})
+        self.device = resolve_device(self.options.device)
+        model = device_model(target.teacher, self.device)
+        tensors = {n: p.detach() for n, p in model.named_parameters()}
+        tensors.update({n: b.detach() for n, b in model.named_buffers()})
         tensors = target.round_dense(tensors)
+        memo = self.options.memo
         self._layers = LayerBank(target, ranks, tensors,
-                                 memo_mb=self.options.memo_mb if self.options.memo else 0.0)
+                                 memo_mb=self.options.memo_mb if memo else 0.0,
+                                 survivors_mb=self.options.survivors_mb if memo else 0.0,
+                                 device=self.device)
 
         state = target.state_dict()
         self._fp32_bytes = 4.0 * sum(v.numel() for v in state.values() if v.is_floating_point())
@@ -169,14 +175,40 @@ class Evaluator:
             )
         )
         self._teacher_metric = target.teacher_metric("calibration")
-        self._students = StudentRunner(target, tensors, self._layers.weights,
-                                       options=self.options, chunk_size=chunk_size)
+        self._students = StudentRunner(target, model, tensors, self._layers.weights,
+                                       options=self.options, chunk_size=chunk_size,
+                                       device=self.device)
+        self._sizes_s = 0.0
+        self._total_s = 0.0
 
     # --- public -----------------------------------------------------------------------
     @property
     def path(self) -> str:
         """How students run: ``chain`` (prefix cache) or ``generic``, ``+vmap`` or ``+loop``."""
         return self._students.path
+
+    @property
+    def chain(self) -> str:
+        """Whether the model was found to be a chain, and its boundaries or why not
+        (:mod:`moecomp.evaluate.chain`)."""
+        return self._students.chain_reason
+
+    def timings(self) -> dict[str, float]:
+        """Seconds spent by ``evaluate`` calls so far: ``total``; ``forward`` (the students'
+        stage forwards); ``weights`` (dense student weights: quantizers, k-means, memo,
+        copies); ``sizes`` (coded-size estimate, for layers whose weights were not built);
+        ``measure`` (divergence and metric); ``other`` (the rest: trie, sorting, checks).
+        Everything but ``forward`` is the per-evaluation overhead."""
+        t = dict(self._students.timing)
+        t["sizes"] = self._sizes_s
+        t["total"] = self._total_s
+        t["other"] = max(0.0, self._total_s - sum(v for k, v in t.items() if k != "total"))
+        return t
+
+    def reset_timings(self) -> None:
+        for k in self._students.timing:
+            self._students.timing[k] = 0.0
+        self._sizes_s = self._total_s = 0.0
 
     @property
     def teacher_metric(self) -> float:
@@ -222,6 +254,9 @@ class Evaluator:
         Layers may use any quantizer of the plan, ``shared`` (pooled codebook of
         ``plan.shared_k`` levels) included.
         """
+        return self._evaluate_genes(self._plan_genes(plans))
+
+    def _plan_genes(self, plans: Sequence[CompressionPlan]) -> list[tuple[Gene, ...]]:
         genes: list[tuple[Gene, ...]] = []
         want = set(self._names)
         for p, plan in enumerate(plans):
@@ -253,14 +288,27 @@ class Evaluator:
                 else:
                     row.append((lp.quantizer, pruned[j], lp.bits, ()))
             genes.append(tuple(row))
-        return self._evaluate_genes(genes)
+        return genes
+
+    def layer_weights(self, plan: CompressionPlan) -> dict[str, torch.Tensor]:
+        """The dense student weights the evaluator runs for ``plan`` (name -> tensor of the
+        layer's shape, on the evaluation device): bit for bit those of
+        ``student_state_dict(apply_plan(plan, ...))``."""
+        (row,) = self._plan_genes([plan])
+        return {name: self._layers.weights(j, [row[j]])[0]
+                for j, name in enumerate(self._names)}
 
     def _evaluate_genes(self, genes: list[tuple[Gene, ...]]) -> Metrics:
         n = len(genes)
         if n == 0:
             return _empty_metrics()
+        t0 = time.perf_counter()
         div, met = self._students.measure(genes)
+        t1 = time.perf_counter()
         density, bits, size = self._layers.sizes(genes, self._fixed_bytes)
+        t2 = time.perf_counter()
+        self._sizes_s += t2 - t1
+        self._total_s += t2 - t0
         self.n_evals += n
         metric = self.target.metric
         drop = metric.drop(self._teacher_metric, met) if metric is not None else met

@@ -1,9 +1,13 @@
 """The layer memo: every compressed layer a population needs, computed once.
 
 A compressed layer depends only on ``(layer, n_pruned, bits, quantizer)`` (its *gene*), so its
-dense student weight and its coded-size estimate are kept in a bounded LRU. The weights are
-sorted by relevance rank once: the survivors of any sparsity are then a suffix (a slice), and
-pruning is never a sort.
+dense student weight and its coded-size estimate are kept in a bounded LRU. What every gene
+of one ``(layer, n_pruned)`` shares, the survivors' fine histogram (``quantize.
+FineHistogram``), is kept in a second LRU: any bit-width and either quantizer then costs a
+few operations on 2**16 bins plus one table lookup per weight. The survivors are a rank
+compare (``rank >= n_pruned``, never a sort) and each weight's fine bin on the layer's range
+is computed once. The students are those of ``apply`` bit for bit: the same quantizer
+functions on the same histograms (survivors in row-major order).
 """
 
 from __future__ import annotations
@@ -21,7 +25,15 @@ from moecomp import outputs as outputs_mod
 from moecomp.codec.masks import grid_of
 from moecomp.errors import ConfigError
 from moecomp.evaluate.size import layer_coded_bytes, mask_coded_bytes
-from moecomp.quantize import kmeans_quantize, shared_quantize, uniform_quantize
+from moecomp.quantize import (
+    FINE_BINS,
+    FineHistogram,
+    fine_histogram_from,
+    fine_index,
+    kmeans_levels,
+    shared_quantize,
+    uniform_levels,
+)
 from moecomp.target import Target
 
 K = TypeVar("K", bound=Hashable)
@@ -53,6 +65,11 @@ class LRU(Generic[K, V]):
         self.hits += 1
         self._data.move_to_end(key)
         return item[0]
+
+    def peek(self, key: K) -> V | None:
+        """The value of ``key`` without counting a hit or a miss or refreshing it."""
+        item = self._data.get(key)
+        return None if item is None else item[0]
 
     def put(self, key: K, value: V) -> None:
         block, nbytes = self._measure(value)
@@ -121,10 +138,25 @@ def tensor_bytes(t: torch.Tensor) -> int:
 # ((layer, n_pruned), ...) of every layer pooled with it, () for single-tensor quantizers: a
 # pooled codebook depends on all of them, so they are all part of each member's gene.
 Gene = tuple[str, int, int, tuple[tuple[int, int], ...]]
-_QUANTIZE: dict[str, Callable[[torch.Tensor, int], tuple[torch.Tensor, torch.Tensor]]] = {
-    "uniform": uniform_quantize,
-    "kmeans": kmeans_quantize,
+_LEVELS: dict[str, Callable[[FineHistogram, int], tuple[np.ndarray, np.ndarray]]] = {
+    "uniform": uniform_levels,
+    "kmeans": kmeans_levels,
 }
+
+
+@dataclass(frozen=True)
+class Survivors:
+    """What every gene of one ``(layer, n_pruned)`` shares: the fine histogram of the
+    survivors (``quantize.FineHistogram``) and, when their range is not the whole layer's,
+    the fine bin of every weight on their own grid (uint16 ``(numel,)``; None: the layer's
+    precomputed one applies)."""
+
+    hist: FineHistogram
+    index: np.ndarray | None
+
+    @property
+    def nbytes(self) -> int:
+        return self.hist.nbytes + (0 if self.index is None else int(self.index.nbytes))
 
 
 class LayerBank:
@@ -132,18 +164,26 @@ class LayerBank:
 
     ranks: name -> int64 rank tensor of each layer's shape (rank 0 pruned first);
     tensors: the teacher's tensors as students start from (dense ones rounded);
-    memo_mb: bound of the memo of dense student weights (0: nothing kept).
+    memo_mb: bound of the memo of dense student weights (0: nothing kept);
+    survivors_mb: bound of the per-``(layer, n_pruned)`` survivor histograms (0: none kept);
+    device: where the dense student weights are put (they are computed on the CPU).
     """
 
     def __init__(self, target: Target, ranks: dict[str, torch.Tensor],
-                 tensors: dict[str, torch.Tensor], *, memo_mb: float) -> None:
+                 tensors: dict[str, torch.Tensor], *, memo_mb: float,
+                 survivors_mb: float | None = None,
+                 device: torch.device | str = "cpu") -> None:
         self._names = target.layer_names
         self._numel = [ref.numel for ref in target.layers]
         self._shapes = [tuple(ref.shape) for ref in target.layers]
         self._tensors = tensors
+        self._device = torch.device(device)
         self._mask_cache: dict[tuple[int, int], int | None] = {}
-        self._by_rank_w: list[torch.Tensor] = []
-        self._by_rank_pos: list[torch.Tensor] = []
+        self._rank: list[np.ndarray] = []     # flat ranks: the mask of n_pruned p is rank >= p
+        self._w: list[np.ndarray] = []        # flat float32 weights (CPU)
+        self._range: list[tuple[float, float]] = []   # the layer's min and max
+        self._extreme_rank: list[int] = []    # the extremes survive while n_pruned <= this
+        self._fine: list[np.ndarray] = []     # fine bin of every weight on the layer's grid
         for ref in target.layers:
             r = ranks.get(ref.name)
             if r is None:
@@ -166,14 +206,32 @@ class LayerBank:
                 raise ConfigError(
                     f"ranks.{ref.name}", f"must be a permutation of 0..{ref.numel - 1}"
                 )
-            # Weights sorted by rank: the survivors of any sparsity are a suffix (a slice).
-            order = torch.empty(ref.numel, dtype=torch.int64)
-            order[flat] = torch.arange(ref.numel)
-            w = tensors[ref.name].reshape(-1).to(device="cpu", dtype=torch.float32)
-            self._by_rank_w.append(w[order].contiguous())
-            self._by_rank_pos.append(order)
+            rank = flat.numpy().astype(np.int32 if ref.numel < 2**31 else np.int64)
+            w = tensors[ref.name].detach().reshape(-1).to(device="cpu", dtype=torch.float32)
+            w_np = w.contiguous().numpy()
+            self._rank.append(rank)
+            self._w.append(w_np)
+            if ref.numel == 0:
+                self._range.append((0.0, 0.0))
+                self._extreme_rank.append(-1)
+                self._fine.append(np.zeros(0, dtype=np.uint16))
+                continue
+            lo, hi = float(w_np.min()), float(w_np.max())
+            if not (math.isfinite(lo) and math.isfinite(hi)):
+                raise ConfigError(f"layers.{ref.name}", "holds nan or inf; only finite "
+                                  "weights can be compressed")
+            self._range.append((lo, hi))
+            # the last weight of value lo (hi) to be pruned: its rank
+            self._extreme_rank.append(min(int(rank[w_np == lo].max()),
+                                          int(rank[w_np == hi].max())))
+            self._fine.append(fine_index(w_np, lo, hi).astype(np.uint16) if lo < hi
+                              else np.zeros(ref.numel, dtype=np.uint16))
         self._memo: LRU[tuple[int, Gene], LayerEntry] = LRU(
             memo_mb * 2**20, lambda e: storage(e.block)
+        )
+        bound = memo_mb if survivors_mb is None else survivors_mb
+        self._survivors: LRU[tuple[int, int], Survivors] = LRU(
+            bound * 2**20, lambda s: (object(), s.nbytes)
         )
         # sizes are tiny and needed even when activations come from the prefix cache
         self._stats: LRU[tuple[int, Gene], tuple[int, int]] = LRU(
@@ -182,25 +240,35 @@ class LayerBank:
 
     def info(self) -> dict[str, int]:
         return {"memo_hits": self._memo.hits, "memo_misses": self._memo.misses,
-                "memo_entries": len(self._memo)}
+                "memo_entries": len(self._memo), "survivor_hits": self._survivors.hits,
+                "survivor_misses": self._survivors.misses}
 
     def clear(self) -> None:
         self._memo.clear()
+        self._survivors.clear()
         self._stats.clear()
         self._mask_cache.clear()
 
     def weights(self, j: int, genes: list[Gene]) -> torch.Tensor:
-        """Dense student weights of layer ``j`` for each gene, ``(G, *shape)``.
+        """Dense student weights of layer ``j`` for each gene, ``(G, *shape)``, on the device.
 
-        Memo hits that are consecutive rows of one block are returned as a view; otherwise
-        the result is a new block, into which misses are computed (and memoised as rows of
-        it) and hits and repeated genes are copied.
+        Memo hits that are consecutive rows of one block (or one row for every gene) are
+        returned as a view; otherwise the result is a new block, into which misses are
+        computed (and memoised as rows of it) and hits and repeated genes are copied.
         """
         hits = [self._memo.get((j, g)) for g in genes]
         if all(h is not None for h in hits):
             return _stack_rows([(h.block, h.row) for h in hits if h is not None])
         ref = self._tensors[self._names[j]]
-        block = torch.empty((len(genes), *ref.shape), dtype=ref.dtype, device=ref.device)
+        if len(set(genes)) == 1:  # one distinct gene: one row, viewed G times
+            block = torch.empty((1, *ref.shape), dtype=ref.dtype, device=self._device)
+            g = genes[0]
+            if g[0] == "shared":
+                block[0].copy_(self._compute_shared(g)[j].weight)
+            else:
+                self._remember((j, g), self._compute_entry(j, g, block, 0))
+            return block.expand(len(genes), *ref.shape)
+        block = torch.empty((len(genes), *ref.shape), dtype=ref.dtype, device=self._device)
         first: dict[Gene, int] = {}
         for r, (g, h) in enumerate(zip(genes, hits, strict=True)):
             if h is not None:
@@ -220,37 +288,93 @@ class LayerBank:
         self._stats.put(key, (e.n_kept, e.coded_bytes))
 
     def layer_stats(self, j: int, gene: Gene) -> tuple[int, int]:
+        """``(n_kept, coded bytes)`` of layer ``j`` under ``gene``; computed from the survivor
+        histogram alone (no dense weight) when not known yet."""
         st = self._stats.get((j, gene))
         if st is None:
-            self.weights(j, [gene])
-            st = self._stats.get((j, gene))
-            assert st is not None  # just computed and remembered
+            if gene[0] == "shared":
+                self._compute_shared(gene)
+                st = self._stats.get((j, gene))
+                assert st is not None  # just computed and remembered
+                return st
+            _, pruned, bits, _ = gene
+            sv = self._survivor_stats(j, pruned)
+            counts, n_levels = self._levels(sv.hist, gene)[2:]
+            st = (sv.hist.n, layer_coded_bytes(self._numel[j], counts, n_levels,
+                                               mask_bytes=self._mask_bytes(j, pruned)))
+            self._stats.put((j, gene), st)
         return st
 
-    def _finish(
-        self,
-        j: int,
-        pruned: int,
-        indices: torch.Tensor,
-        codebook: torch.Tensor,
-        block: torch.Tensor,
-        row: int,
-    ) -> LayerEntry:
-        """Write the dense student weight into ``block[row]`` and estimate the coded size."""
-        numel = self._numel[j]
-        dst = block[row]
-        cpu32 = dst.device.type == "cpu" and dst.dtype == torch.float32
-        flat = dst.view(-1) if cpu32 else torch.empty(numel, dtype=torch.float32)
-        flat.zero_()
-        flat[self._by_rank_pos[j][pruned:]] = codebook[indices]
-        if not cpu32:
-            dst.copy_(flat.view(dst.shape))
-        counts = torch.bincount(indices, minlength=codebook.numel()).numpy()
-        size = layer_coded_bytes(numel, counts, int(codebook.numel()),
-                                 mask_bytes=self._mask_bytes(j, pruned))
-        return LayerEntry(block, row, int(indices.numel()), size)
+    # --- computing one layer ----------------------------------------------------------------
+    def _mask(self, j: int, pruned: int) -> np.ndarray:
+        """bool ``(numel,)``: the survivors of layer ``j`` with ``pruned`` weights pruned."""
+        return self._rank[j] >= pruned
 
-    def _mask_bytes(self, j: int, pruned: int) -> int | None:
+    def _survivor_stats(self, j: int, pruned: int, mask: np.ndarray | None = None
+                        ) -> Survivors:
+        """The :class:`Survivors` of ``(j, pruned)``, computed once (bounded LRU)."""
+        key = (j, pruned)
+        sv = self._survivors.get(key)
+        if sv is not None:
+            return sv
+        if mask is None:
+            mask = self._mask(j, pruned)
+        w, n_kept = self._w[j], self._numel[j] - pruned
+        index: np.ndarray | None = None
+        if n_kept == 0:
+            empty = np.zeros(0, dtype=np.int64)
+            hist = FineHistogram(0.0, 0.0, empty, empty, np.zeros(0))
+        else:
+            if pruned <= self._extreme_rank[j]:  # the layer's extremes survive: its grid
+                lo, hi = self._range[j]
+            else:
+                lo = float(np.min(w, where=mask, initial=np.inf))
+                hi = float(np.max(w, where=mask, initial=-np.inf))
+            if lo == hi:
+                hist = FineHistogram(lo, hi, np.zeros(1, dtype=np.int64),
+                                     np.array([n_kept], dtype=np.int64), np.array([lo * n_kept]))
+            else:
+                if (lo, hi) != self._range[j]:
+                    index = fine_index(w, lo, hi).astype(np.uint16)
+                fine = self._fine[j] if index is None else index
+                hist = fine_histogram_from(fine, w, lo, hi, mask=mask)
+        sv = Survivors(hist, index)
+        self._survivors.put(key, sv)
+        return sv
+
+    def _levels(self, hist: FineHistogram, gene: Gene
+                ) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
+        """``(level of each non-empty fine bin, codebook, level counts, n_levels)``."""
+        quantizer, _, bits, _ = gene
+        if hist.degenerate:
+            level = np.zeros(hist.bins.size, dtype=np.int64)
+            codebook = np.array([hist.lo if hist.n else 0.0], dtype=np.float32)
+        else:
+            level, codebook = _LEVELS[quantizer](hist, bits)
+        counts = np.bincount(level, weights=hist.counts, minlength=codebook.size)
+        return level, codebook, counts.astype(np.int64), int(codebook.size)
+
+    def _compute_entry(self, j: int, gene: Gene, block: torch.Tensor, row: int) -> LayerEntry:
+        """Layer ``j`` under a single-tensor gene, written into ``block[row]``: the same
+        student as ``apply_layer`` (same fine histogram, levels and codebook)."""
+        _, pruned, _, _ = gene
+        mask = self._mask(j, pruned)
+        sv = self._survivor_stats(j, pruned, mask)
+        level, codebook, counts, n_levels = self._levels(sv.hist, gene)
+        table = np.zeros(FINE_BINS, dtype=np.float32)  # the level value of each fine bin
+        table[sv.hist.bins] = codebook[level]
+        fine = self._fine[j] if sv.index is None else sv.index
+        dst, direct = _cpu_row(block, row)
+        np.take(table, fine, out=dst)
+        np.multiply(dst, mask, out=dst)  # 0 where pruned (-0.0 for negative levels) ...
+        np.add(dst, np.float32(0), out=dst)  # ... +0.0, as dequantize writes; kept: as is
+        if not direct:
+            block[row].copy_(torch.from_numpy(dst).view(block.shape[1:]))
+        size = layer_coded_bytes(self._numel[j], counts, n_levels,
+                                 mask_bytes=self._mask_bytes(j, pruned, mask))
+        return LayerEntry(block, row, sv.hist.n, size)
+
+    def _mask_bytes(self, j: int, pruned: int, mask: np.ndarray | None = None) -> int | None:
         """``mask_coded_bytes`` of layer ``j``'s mask with ``pruned`` weights pruned, once."""
         key = (j, pruned)
         if key not in self._mask_cache:
@@ -258,27 +382,32 @@ class LayerBank:
             if grid is None:
                 self._mask_cache[key] = None
             else:
-                mask = np.zeros(self._numel[j], dtype=bool)
-                mask[self._by_rank_pos[j][pruned:].cpu().numpy()] = True
+                if mask is None:
+                    mask = self._mask(j, pruned)
                 self._mask_cache[key] = mask_coded_bytes(mask.reshape(grid))
         return self._mask_cache[key]
-
-    def _compute_entry(self, j: int, gene: Gene, block: torch.Tensor, row: int) -> LayerEntry:
-        quantizer, pruned, bits, _ = gene
-        values = self._by_rank_w[j][pruned:]
-        indices, codebook = _QUANTIZE[quantizer](values, bits)
-        return self._finish(j, pruned, indices, codebook, block, row)
 
     def _compute_shared(self, gene: Gene) -> dict[int, LayerEntry]:
         """Every layer of a pooled (``shared``) group at once; each is also memoised."""
         _, _, k, group = gene
-        values = {str(jj): self._by_rank_w[jj][p:] for jj, p in group}
+        masks = {jj: self._mask(jj, p) for jj, p in group}
+        # survivors in row-major order, as apply_plan pools them
+        values = {str(jj): torch.from_numpy(self._w[jj][masks[jj]]) for jj, _ in group}
         coded = shared_quantize(values, k)
         out = {}
         for jj, p in group:
             ref = self._tensors[self._names[jj]]
-            block = torch.empty((1, *ref.shape), dtype=ref.dtype, device=ref.device)
-            out[jj] = self._finish(jj, p, *coded[str(jj)], block, 0)
+            block = torch.empty((1, *ref.shape), dtype=ref.dtype, device=self._device)
+            indices, codebook = coded[str(jj)]
+            dst, direct = _cpu_row(block, 0)
+            dst.fill(0)
+            dst[masks[jj]] = codebook.numpy()[indices.numpy()]
+            if not direct:
+                block[0].copy_(torch.from_numpy(dst).view(block.shape[1:]))
+            counts = np.bincount(indices.numpy(), minlength=codebook.numel())
+            size = layer_coded_bytes(self._numel[jj], counts, int(codebook.numel()),
+                                     mask_bytes=self._mask_bytes(jj, p, masks[jj]))
+            out[jj] = LayerEntry(block, 0, int(indices.numel()), size)
             self._remember((jj, gene_for(jj, gene)), out[jj])
         return out
 
@@ -300,6 +429,15 @@ class LayerBank:
         )
         size = coded.sum(1) + fixed_bytes
         return total_kept / float(sum(self._numel)), mean_bits, size
+
+
+def _cpu_row(block: torch.Tensor, row: int) -> tuple[np.ndarray, bool]:
+    """A flat float32 numpy array to compute row ``row`` of ``block`` in: the row itself when
+    the block is float32 on the CPU (``direct``), else a scratch array to copy from."""
+    dst = block[row]
+    if dst.device.type == "cpu" and dst.dtype == torch.float32 and dst.is_contiguous():
+        return dst.view(-1).numpy(), True
+    return np.empty(dst.numel(), dtype=np.float32), False
 
 
 def gene_for(j: int, gene: Gene) -> Gene:

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass
+
+import torch
 
 from moecomp.errors import ConfigError
 
@@ -18,16 +21,26 @@ class EvalOptions:
     """Switches and memory bounds of an :class:`Evaluator`.
 
     memo: keep compressed layers (dequantised weight + coded-size estimate) in an LRU keyed
-        by ``(layer, n_pruned, bits, quantizer)``.
-    prefix_cache: for registered chain models (:data:`STAGES`), share the activations of
-        common gene prefixes; off, or for any other model, the whole model is one stage.
+        by ``(layer, n_pruned, bits, quantizer)``, and the survivors' histograms keyed by
+        ``(layer, n_pruned)``; off, every gene is computed from the teacher's weights.
+    prefix_cache: for models found to be chains (:mod:`moecomp.evaluate.chain`), share the
+        activations of common gene prefixes; off, or for any other model, the whole model is
+        one stage.
     batched: run the students of a chunk as one ``torch.vmap``'d forward; off, one forward
         per student (what the fallback for models vmap cannot trace does anyway).
     memo_mb: bound of the layer memo (dequantised weights), MiB.
+    survivors_mb: bound of the survivor histograms per ``(layer, n_pruned)`` (shared by every
+        bit-width and quantizer; a few KiB to 1.5 MiB each, plus 2 bytes a weight when the
+        survivors' range is not the layer's), MiB.
     cache_mb: bound of the activation cache kept across calls (prefixes and outputs), MiB;
         0 keeps nothing across calls.
     memory_mb: bound of the activations held while a chunk is evaluated, MiB; the chunk and
         the batches of a stage shrink so that about this much is live at once.
+    trie: ``auto``: each chunk of a chain model runs by the prefix trie or as whole models,
+        whichever is estimated cheaper (measured times); ``always``: by the trie.
+    device: where students run: ``auto`` (CUDA when present, else the CPU), ``cpu``,
+        ``cuda`` or ``cuda:N``. Compressed layers are computed on the CPU (deterministic
+        histograms) and moved there; the teacher's outputs are moved there once.
     """
 
     memo: bool = True
@@ -36,6 +49,9 @@ class EvalOptions:
     memo_mb: float = 512.0
     cache_mb: float = 512.0
     memory_mb: float = 2048.0
+    survivors_mb: float = 256.0
+    trie: str = "auto"
+    device: str = "auto"
 
     def __post_init__(self) -> None:
         for name in ("memo", "prefix_cache", "batched"):
@@ -43,7 +59,29 @@ class EvalOptions:
                 raise ConfigError(
                     f"options.{name}", f"must be true or false, got {getattr(self, name)!r}"
                 )
-        for name in ("memo_mb", "cache_mb", "memory_mb"):
+        if self.trie not in ("auto", "always"):
+            raise ConfigError("options.trie", f"must be auto or always, got {self.trie!r}")
+        if not isinstance(self.device, str) or not re.fullmatch(r"auto|cpu|cuda(:\d+)?",
+                                                                 self.device):
+            raise ConfigError("options.device", f"must be auto, cpu, cuda or cuda:N, got "
+                              f"{self.device!r}")
+        for name in ("memo_mb", "cache_mb", "memory_mb", "survivors_mb"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int | float) or not 0 <= v < math.inf:
                 raise ConfigError(f"options.{name}", f"must be a finite number >= 0, got {v!r}")
+
+
+def resolve_device(name: str) -> torch.device:
+    """The device of ``EvalOptions.device``: ``auto`` is CUDA when torch sees a GPU, else the
+    CPU; asking for CUDA where there is none is a ConfigError."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(name)
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError("options.device", f"{name} asked for, but torch sees no CUDA "
+                              "device here (use auto or cpu)")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ConfigError("options.device", f"{name} asked for, but torch sees "
+                              f"{torch.cuda.device_count()} CUDA device(s)")
+    return dev

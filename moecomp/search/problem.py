@@ -100,17 +100,30 @@ def metrics_arrays(m: MetricsLike, mode: str, n: int) -> tuple[np.ndarray, dict[
 
 
 class _GenesChunk:
-    """Evaluates one chunk of gene matrices: a picklable callable for any runner."""
+    """Evaluates one chunk of gene matrices: a picklable callable for any runner.
 
-    def __init__(self, evaluator: EvaluatorLike, mode: str) -> None:
+    A chunk is ``(sparsity, bits)``, evaluated by ``evaluator`` (all calibration samples), or
+    ``(sparsity, bits, "low")``, evaluated by ``low`` (the first samples only, for screening).
+    One callable serves both, so a runner that keeps its function on workers (Dask) sends the
+    evaluators once.
+    """
+
+    def __init__(self, evaluator: EvaluatorLike, mode: str,
+                 low: EvaluatorLike | None = None) -> None:
         self.evaluator = evaluator
         self.mode = mode
+        self.low = low
 
     def __call__(
-        self, chunk: tuple[np.ndarray, np.ndarray]
+        self, chunk: tuple[Any, ...]
     ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-        sparsity, bits = chunk
-        return metrics_arrays(self.evaluator.evaluate(sparsity, bits), self.mode, len(sparsity))
+        sparsity, bits = chunk[0], chunk[1]
+        ev = self.evaluator
+        if len(chunk) > 2:
+            if self.low is None:
+                raise RuntimeError("a low-fidelity chunk, but no low-fidelity evaluator")
+            ev = self.low
+        return metrics_arrays(ev.evaluate(sparsity, bits), self.mode, len(sparsity))
 
 
 class _PlansChunk:
@@ -215,7 +228,8 @@ class SearchProblem(Problem):
 @dataclass(frozen=True)
 class LayerGenes:
     """The layer-wise gene space. ``s_idx_max (L,)``: highest sparsity step index per layer;
-    ``weight_share (L,)``: each layer's share of all compressible weights."""
+    ``weight_share (L,)``: each layer's share of all compressible weights; ``numel (L,)``
+    int64: its number of weights."""
 
     names: tuple[str, ...]
     step: float
@@ -223,6 +237,7 @@ class LayerGenes:
     bits_min: int
     bits_max: int
     weight_share: np.ndarray
+    numel: np.ndarray
 
     @property
     def n_layers(self) -> int:
@@ -294,6 +309,7 @@ def layer_genes(
         bits_min=g.bits_min,
         bits_max=g.bits_max,
         weight_share=numel / numel.sum(),
+        numel=numel.astype(np.int64),
     )
 
 
@@ -306,7 +322,13 @@ class CompressionProblem(SearchProblem):
 
     config: the resolved ProblemConfig; evaluator: ``moecomp.evaluate.Evaluator`` (or anything
     with its contract); genes: the gene space (``layer_genes``); runner: where chunks of
-    ``config.search.chunk_size`` individuals are evaluated (default in-process).
+    ``config.search.chunk_size`` individuals are evaluated (default in-process); ranks: the
+    relevance ranks the evaluator uses (for the surrogate's proxies and the low-fidelity
+    evaluator; computed again, from the disk cache, when absent).
+
+    The surrogate of ``moecomp.search.surrogate`` needs the evaluator's ``target`` (a real
+    :class:`~moecomp.evaluate.Evaluator` has one): without it :attr:`target` is None and the
+    search runs without screening.
     """
 
     def __init__(
@@ -316,6 +338,7 @@ class CompressionProblem(SearchProblem):
         genes: LayerGenes,
         *,
         runner: Runner | None = None,
+        ranks: dict[str, torch.Tensor] | None = None,
     ) -> None:
         mode = config.objectives.mode
         super().__init__(
@@ -338,6 +361,9 @@ class CompressionProblem(SearchProblem):
         from moecomp.search.objectives import objective_space
 
         self.objective_labels = objective_space(config).labels
+        self._ranks = ranks
+        self._low: EvaluatorLike | None = None
+        self._low_samples = 0
 
     def gene_matrices(self, X: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         return self.genes.decode(X)
@@ -347,9 +373,76 @@ class CompressionProblem(SearchProblem):
         X = np.rint(np.asarray(X)).astype(np.int64)
         sparsity, bits = self.genes.decode(X)
         chunks = [(sparsity[s], bits[s]) for s in _chunks(len(X), self.config.search.chunk_size)]
-        fn = _GenesChunk(self.evaluator, self.config.objectives.mode)
+        fn = _GenesChunk(self.evaluator, self.config.objectives.mode, self._low)
         F, metrics = _concat(self.runner.map_chunks(fn, chunks))
         return EvalRecord(X=X, F=F, G=constraint_values(self.config, metrics), metrics=metrics)
+
+    # --- what the surrogate and the screening need ---------------------------------------
+    @property
+    def target(self) -> Target | None:
+        """The evaluator's Target, when it has one."""
+        t = getattr(self.evaluator, "target", None)
+        return t if isinstance(t, Target) else None
+
+    @property
+    def n_samples(self) -> int:
+        """Calibration samples of a full evaluation (0 without a target)."""
+        t = self.target
+        return len(t.calib) if t is not None else 0
+
+    def ranks(self) -> dict[str, torch.Tensor]:
+        """The relevance ranks (given, or computed from the configured scorer's disk cache)."""
+        if self._ranks is None:
+            t = self.target
+            if t is None:
+                raise RuntimeError("no ranks and no target to compute them from")
+            self._ranks = layer_ranks(t, self.config)
+        return self._ranks
+
+    def set_low_fidelity(self, n_samples: int) -> None:
+        """Evaluate low-fidelity chunks on the first ``n_samples`` calibration samples
+        (``0 < n_samples < n_samples of a full evaluation``): a second Evaluator on a Target
+        whose calibration split is those samples, with the same ranks, quantizer and
+        divergence (the divergence's fitted constants stay those of the whole split, so a
+        sample's divergence is the same number in both)."""
+        t = self.target
+        if t is None or not 0 < n_samples < len(t.calib):
+            raise ValueError(f"low fidelity needs a target and 0 < n_samples < "
+                             f"{self.n_samples}, got {n_samples}")
+        if self._low is not None and self._low_samples == n_samples:
+            return
+        from moecomp.evaluate import Evaluator
+
+        sub = Target(
+            teacher=t.teacher, layers=t.layers, calib=t.calib.take(slice(0, n_samples)),
+            val=t.val, test=t.test, divergence=t.divergence, metric=t.metric, output=t.output,
+            dense_dtype=t.dense_dtype, batch_size=t.batch_size, pool=t.pool,
+        )
+        sub.divergence = t.divergence
+        ev = self.evaluator
+        self._low = Evaluator(
+            sub, self.ranks(), quantizer=self.config.genes.quantizer,
+            chunk_size=self.config.search.chunk_size, options=getattr(ev, "options", None),
+        )
+        self._low_samples = n_samples
+
+    @property
+    def low_samples(self) -> int:
+        """Samples of a low-fidelity evaluation (0: none set)."""
+        return self._low_samples if self._low is not None else 0
+
+    def evaluate_low(self, X: np.ndarray) -> np.ndarray:
+        """Divergence ``(n,)`` of genes ``X (n, 2L)`` on the low-fidelity samples."""
+        if self._low is None:
+            raise RuntimeError("set_low_fidelity first")
+        X = np.rint(np.asarray(X)).astype(np.int64)
+        sparsity, bits = self.genes.decode(X)
+        size = self.config.search.chunk_size
+        chunks: list[tuple[Any, ...]] = [
+            (sparsity[s], bits[s], "low") for s in _chunks(len(X), size)]
+        fn = _GenesChunk(self.evaluator, self.config.objectives.mode, self._low)
+        _, metrics = _concat(self.runner.map_chunks(fn, chunks))
+        return metrics["divergence"]
 
 
 def shared_bits(k: np.ndarray) -> np.ndarray:
@@ -467,13 +560,15 @@ def build_problem(
         raise ConfigError(field, "this target has no metric (no labels and none named in "
                           "objectives.metric): bound or trade the divergence instead")
     ev: EvaluatorLike
+    ranks = None
     if evaluator is None:
         from moecomp.evaluate import Evaluator
 
+        ranks = layer_ranks(target, config, progress=progress)
         # The shared quantizer goes through evaluate_plans; quantizer= serves evaluate().
         ev = Evaluator(
             target,
-            layer_ranks(target, config, progress=progress),
+            ranks,
             quantizer=config.genes.quantizer,
             chunk_size=config.search.chunk_size,
         )
@@ -491,4 +586,5 @@ def build_problem(
         ev,
         layer_genes(config, target, bounds),
         runner=runner,
+        ranks=ranks,
     )

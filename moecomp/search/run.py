@@ -40,10 +40,20 @@ from pymoo.core.termination import NoTermination
 
 from moecomp.config import ProblemConfig, load_problem
 from moecomp.errors import ConfigError, RunError
-from moecomp.runs import METRICS, RunFolder, atomic_write_csv, solutions_frame
+from moecomp.runs import (
+    METRICS,
+    RunFolder,
+    atomic_write_csv,
+    bits_col,
+    solutions_frame,
+    sparsity_col,
+)
+from moecomp.search import screening
+from moecomp.search import surrogate as sg
 from moecomp.search.algorithms import make_algorithm
 from moecomp.search.checkpoint import Checkpoint, fingerprint, load_checkpoint, save_checkpoint
 from moecomp.search.front import feasible, hypervolume, nondominated
+from moecomp.search.operators.allocation import AllocationSampling
 from moecomp.search.operators.mutation import DirectedMutation
 from moecomp.search.plots import draw_front, draw_hv, front_info
 from moecomp.search.problem import CompressionProblem, EvalRecord, SearchProblem, build_problem
@@ -55,6 +65,9 @@ from moecomp.solution import target_info
 from moecomp.target import Target, build_target
 
 CHECKPOINT = "checkpoint.safetensors"
+# Low-fidelity evaluations (the surrogate's ladder probes, screened candidates): their
+# divergence on a subset of the calibration samples, never mixed into evaluated.csv.
+SCREENED = "screened.csv"
 # What moecomp < 0.2 wrote: a pickle, which can run code when loaded; never read any more.
 LEGACY_CHECKPOINT = "checkpoint.pkl"
 # Plots are redrawn after a generation only when this many seconds passed since the last
@@ -270,14 +283,37 @@ class _Search:
         self.gen = 0
         self.hv_rows: list[tuple[int, int, float, float]] = []
         self.probe_sensitivity: np.ndarray | None = None
+        # the surrogate (moecomp.search.surrogate): tables from the ladder probes, None
+        # when off; low-fidelity evaluations (ladder, screening) and their sample count
+        self.tables: sg.DivergenceTables | None = None
+        self.screened = screening.ScreenRecords.empty(problem.n_var)
+        self.low_samples = 0
         self.elapsed_before = 0.0
         self.status = "running"
         self.t0 = time.perf_counter()
 
     # --- state --------------------------------------------------------------------------
     @property
-    def n_evals(self) -> int:
+    def n_full(self) -> int:
+        """Full evaluations: the rows of evaluated.csv."""
         return len(self.archive)
+
+    def low_units(self, n_low: int) -> int:
+        """What ``n_low`` low-fidelity evaluations cost in evaluations: the samples they
+        forwarded over the samples of one full evaluation, rounded up."""
+        N = self.problem_samples
+        return 0 if n_low == 0 else -(-(n_low * self.low_samples) // N)
+
+    @property
+    def problem_samples(self) -> int:
+        n = getattr(self.problem, "n_samples", 0)
+        return int(n) if n else 1
+
+    @property
+    def n_evals(self) -> int:
+        """What the budget counts: full evaluations plus the low-fidelity ones at their
+        share of the samples (``low_units``)."""
+        return self.n_full + self.low_units(self.screened.n_low)
 
     @property
     def elapsed(self) -> float:
@@ -304,6 +340,14 @@ class _Search:
         }
         if self.probe_sensitivity is not None:
             arrays["probe_sensitivity"] = np.asarray(self.probe_sensitivity, np.float64)
+        if self.tables is not None:
+            arrays["surrogate.prune"] = np.asarray(self.tables.prune, np.float64)
+            arrays["surrogate.quant"] = np.asarray(self.tables.quant, np.float64)
+            arrays["surrogate.base"] = np.array([self.tables.base], np.float64)
+        sc = self.screened
+        arrays.update({"screen.X": sc.X, "screen.gen": sc.gen, "screen.kind": sc.kind,
+                       "screen.low": sc.low, "screen.predicted": sc.predicted,
+                       "screen.full": sc.full.astype(np.uint8)})
         algorithm = None
         if self.algorithm is not None:
             algorithm, arrays["algorithm.values"] = capture_algorithm(self.algorithm)
@@ -314,6 +358,7 @@ class _Search:
             "elapsed": self.elapsed,
             "status": self.status,
             "started": self.started,
+            "low_samples": self.low_samples,
         }
         return doc, arrays
 
@@ -345,6 +390,33 @@ class _Search:
         probe = None
         if "probe_sensitivity" in ck.arrays:
             probe = ck.array("probe_sensitivity", kinds="f", shape=(p.n_var,))
+        tables = None
+        if "surrogate.prune" in ck.arrays:
+            if not isinstance(p, CompressionProblem):
+                raise RunError(f"{ck.path}: checkpoint has surrogate tables, this problem none")
+            g = p.genes
+            n_s = int(g.s_idx_max.max()) + 1
+            tables = sg.DivergenceTables(
+                prune=ck.array("surrogate.prune", kinds="f", shape=(g.n_layers, n_s)),
+                quant=ck.array("surrogate.quant", kinds="f", shape=(
+                    g.n_layers, n_s, g.bits_max - g.bits_min + 1)),
+                base=float(ck.array("surrogate.base", kinds="f", shape=(1,))[0]),
+            )
+        sx = ck.array("screen.X", kinds="iu", shape=(None, p.n_var))
+        ns = len(sx)
+        screened = screening.ScreenRecords(
+            X=sx.astype(np.int64),
+            gen=ck.array("screen.gen", kinds="i", shape=(ns,)),
+            kind=ck.array("screen.kind", kinds="i", shape=(ns,)),
+            low=ck.array("screen.low", kinds="f", shape=(ns,)),
+            predicted=ck.array("screen.predicted", kinds="f", shape=(ns,)),
+            full=ck.array("screen.full", kinds="u", shape=(ns,)).astype(bool),
+        )
+        low_samples = ck.value("low_samples", int)
+        if low_samples and not (isinstance(p, CompressionProblem)
+                                and 0 < low_samples < p.n_samples):
+            raise RunError(f"{ck.path}: checkpoint's low-fidelity samples ({low_samples}) do "
+                           "not fit this problem's calibration data")
         algorithm_doc = ck.value("algorithm", (dict, type(None)))
         elapsed = ck.value("elapsed", (int, float))
         started = ck.value("started", str)
@@ -355,6 +427,12 @@ class _Search:
             for g, m, h, t in zip(hv_gen, hv_n, hv, hv_t, strict=True)
         ]
         self.probe_sensitivity = probe
+        self.tables = tables
+        self.screened = screened
+        self.low_samples = low_samples
+        if low_samples:
+            assert isinstance(p, CompressionProblem)
+            p.set_low_fidelity(low_samples)
         self.elapsed_before = float(elapsed)
         self.started = started
         self.t0 = time.perf_counter()
@@ -378,9 +456,12 @@ class _Search:
         # hv.csv) from the checkpoint's archive, the single source of truth.
         atomic_write_csv(
             self.folder.file("evaluated.csv"),
-            _frame(self.problem, self.archive, np.arange(self.n_evals)),
+            _frame(self.problem, self.archive, np.arange(self.n_full)),
         )
         atomic_write_csv(self.folder.file("hv.csv"), _hv_frame(self.hv_rows))
+        if len(self.screened) or self.folder.file(SCREENED).is_file():
+            atomic_write_csv(self.folder.file(SCREENED),
+                             self._screen_frame(np.arange(len(self.screened))))
 
     # --- files --------------------------------------------------------------------------
     def write_status(self, **more: Any) -> None:
@@ -396,6 +477,10 @@ class _Search:
                 "pop_size": s.pop_size,
                 "budget": s.budget,
                 "n_evals": self.n_evals,
+                "n_full": self.n_full,
+                "n_low": self.screened.n_low,
+                "low_samples": self.low_samples,
+                "surrogate": self.tables is not None,
                 "gen": self.gen,
                 "hv": self.hv,
                 "front_size": int(len(self.archive.front)),
@@ -415,7 +500,7 @@ class _Search:
         idx = np.flatnonzero(ok)
         pos = np.searchsorted(idx, self.archive.front)
         info = front_info(self.archive.F[idx], pos, self.problem.objective_labels)
-        title = f"{self.cfg.name}: {self.n_evals} evaluations, HV {self.hv:.4f}"
+        title = f"{self.cfg.name}: {self.n_full} evaluations, HV {self.hv:.4f}"
         draw_front(info, self.folder.plots / "front.png", title=title)
         if self.hv_rows:
             hv = _hv_frame(self.hv_rows)
@@ -431,6 +516,38 @@ class _Search:
         ids = self.archive.add(rec, self.gen)
         _append_evaluated(self.folder, _frame(self.problem, self.archive, ids))
 
+    def record_screened(self, X: np.ndarray, gen: int, kind: int, *, low: np.ndarray,
+                        predicted: np.ndarray, full: np.ndarray) -> None:
+        """Add what screening looked at to its records and to screened.csv."""
+        ids = self.screened.add(X, gen, kind, low=low, predicted=predicted, full=full)
+        df = self._screen_frame(ids)
+        path = self.folder.file(SCREENED)
+        new = not path.is_file()
+        df.to_csv(path, mode="w" if new else "a", header=new, index=False)
+
+    def _screen_frame(self, ids: np.ndarray) -> pd.DataFrame:
+        """Rows of screened.csv: the ladder probes and every candidate screening judged, with
+        the divergence on the first ``samples`` calibration samples (empty where not
+        measured so), the surrogate's prediction, and whether it got a full evaluation (then
+        it is also a row of evaluated.csv). Never points of the front."""
+        sc = self.screened
+        sparsity, bits = self.problem.gene_matrices(sc.X[ids])
+        low = sc.low[ids]
+        cols: dict[str, Any] = {
+            "id": ids.astype(int),
+            "gen": sc.gen[ids],
+            "kind": np.where(sc.kind[ids] == screening.LADDER, "ladder", "candidate"),
+            "samples": np.where(np.isfinite(low), self.low_samples, 0).astype(np.int64),
+            "low_divergence": low,
+            "predicted_divergence": sc.predicted[ids],
+            "full": sc.full[ids],
+        }
+        for j, n in enumerate(self.problem.layer_names):
+            cols[sparsity_col(n)] = np.round(sparsity[:, j], 6)
+        for j, n in enumerate(self.problem.layer_names):
+            cols[bits_col(n)] = bits[:, j].astype(int)
+        return pd.DataFrame(cols)
+
     def finish_generation(self) -> None:
         hv = self.hv
         self.hv_rows.append((self.gen, self.n_evals, hv, round(self.elapsed, 3)))
@@ -442,9 +559,14 @@ class _Search:
 
     # --- steps --------------------------------------------------------------------------
     def probe(self) -> None:
-        """Generation 0: measure the sensitivity of every gene (DE operators only)."""
+        """Generation 0: the surrogate's ladder probes, or the single-layer probes of the DE
+        operators' sensitivity (DE operators only)."""
         p = self.problem
-        if self.scfg.operators != "de" or not isinstance(p, CompressionProblem):
+        if not isinstance(p, CompressionProblem):
+            return
+        if self.scfg.surrogate and p.target is not None and self.ladder(p):
+            return
+        if self.scfg.operators != "de":
             return
         X = probe_genes(
             p.genes, probe_sparsity=self.scfg.probe_sparsity, probe_bits=self.scfg.probe_bits
@@ -456,8 +578,57 @@ class _Search:
         self.probe_sensitivity = sensitivity_from_probes(p.genes, X, rec.metrics["divergence"])
         self.finish_generation()
 
+    def ladder(self, p: CompressionProblem) -> bool:
+        """Generation 0 of a search with the surrogate: every layer's ladder probes (at low
+        fidelity when ``screen_fidelity`` allows, listed in screened.csv; otherwise in full,
+        in evaluated.csv), the tables built from them, and the DE operators' sensitivity
+        from the single-layer probes among them. False (nothing done) when the ladder would
+        cost more than a quarter of the budget."""
+        s = self.scfg
+        lad = sg.ladder_genes(p.genes, extra_sparsity=(s.probe_sparsity,),
+                              extra_bits=(s.probe_bits,))
+        m = screening.low_fidelity_samples(p.n_samples, s.screen_fidelity)
+        self.low_samples = m
+        cost = self.low_units(len(lad.X)) if m else len(lad.X)
+        if cost > s.budget // 4:
+            self.low_samples = 0
+            return False
+        if m:
+            p.set_low_fidelity(m)
+            d = p.evaluate_low(lad.X)
+            n = len(lad.X)
+            self.record_screened(lad.X, 0, screening.LADDER, low=d, predicted=np.full(n, np.nan),
+                                 full=np.zeros(n, bool))
+        else:
+            rec = p.evaluate_genes(lad.X)
+            self.record(rec)
+            d = rec.metrics["divergence"]
+        assert p.target is not None
+        weights, ranks = p.target.weights(), p.ranks()
+        ep = [sg.pruning_error(weights[n], ranks[n], p.genes, j)
+              for j, n in enumerate(p.layer_names)]
+        eq = [sg.quantization_error(weights[n], ranks[n], p.genes, j,
+                                    quantizer=self.cfg.genes.quantizer, seed=s.seed)
+              for j, n in enumerate(p.layer_names)]
+        self.tables = sg.build_tables(p.genes, lad, d, ep, eq)
+        if s.operators == "de":
+            X = probe_genes(p.genes, probe_sparsity=s.probe_sparsity, probe_bits=s.probe_bits)
+            at = {k: i for i, k in enumerate(screening.row_keys(lad.X))}
+            dp = np.array([d[at[k]] for k in screening.row_keys(X)])
+            self.probe_sensitivity = sensitivity_from_probes(p.genes, X, dp)
+        self.finish_generation()
+        return True
+
     def setup(self) -> None:
         self.algorithm = make_algorithm(self.scfg, self.problem, self.probe_sensitivity)
+        p = self.problem
+        init = getattr(self.algorithm, "initialization", None)
+        if (self.tables is not None and isinstance(p, CompressionProblem) and init is not None
+                and self.scfg.allocation_share > 0):
+            init.sampling = AllocationSampling(
+                self.tables, p.genes, init.sampling, mode=self.cfg.objectives.mode,
+                ref_point=p.ref_point, share=self.scfg.allocation_share,
+            )
         self.algorithm.setup(
             self.problem, termination=NoTermination(), verbose=False, progress=False
         )
@@ -473,7 +644,7 @@ class _Search:
         if mut is None or self.probe_sensitivity is None or not isinstance(p, CompressionProblem):
             return
         window = max(4 * self.scfg.pop_size, 4 * p.n_var)
-        lo = max(0, self.n_evals - window)
+        lo = max(0, self.n_full - window)
         share = np.concatenate([p.genes.weight_share, p.genes.weight_share])
         mut.sensitivity = refresh_sensitivity(
             self.probe_sensitivity,
@@ -485,11 +656,103 @@ class _Search:
             weight_share=share,
         )
 
+    def screens(self) -> bool:
+        """Whether this generation's offspring are screened: the surrogate is on, the
+        algorithm mates its offspring from a population (not MOEA/D, whose offspring belong
+        to neighbourhoods) and its first population is evaluated."""
+        alg = self.algorithm
+        return (
+            self.tables is not None
+            and self.scfg.screen_factor > 1
+            and alg is not None
+            and bool(alg.is_initialized)
+            and hasattr(alg, "n_offsprings")
+            and not hasattr(alg, "indices")
+        )
+
+    def screen(self, X: np.ndarray) -> np.ndarray:
+        """Indices of the candidates ``X (n, n_var)`` that get a full evaluation (see
+        ``moecomp.search.screening``): by the surrogate, then, with low fidelity, by the
+        divergence on the first samples combined with it. Candidates evaluated in full
+        before, or twice among ``X``, are skipped. Every candidate judged is recorded
+        (screened.csv), with its low-fidelity divergence where one was measured."""
+        p = self.problem
+        assert isinstance(p, CompressionProblem) and self.tables is not None
+        s, a = self.scfg, self.archive
+        seen = set(screening.row_keys(a.X))
+        fresh_rows = []
+        for i, key in enumerate(screening.row_keys(X)):
+            if key not in seen:
+                seen.add(key)
+                fresh_rows.append(i)
+        fresh = np.asarray(fresh_rows, np.int64)
+        if len(fresh) == 0:
+            return fresh
+        Xf = X[fresh]
+        g = p.genes
+        exact = sg.exact_objectives(g, g.numel, Xf, self.cfg.objectives.mode)
+        link = sg.fit_on_points(self.tables, g, a.X, a.metrics["divergence"], gen=a.gen,
+                                per_term=screening.PER_TERM)
+        mu = link.predict(self.tables, g, Xf)
+        front = a.F[a.front]
+        n_min = max(1, int(round(screening.MIN_SHARE * s.pop_size)))
+        max_div = self.cfg.objectives.max_divergence
+
+        def select(ex: np.ndarray, m: np.ndarray, sd: np.ndarray | float,
+                   n_max: int = s.pop_size) -> np.ndarray:
+            return screening.select(ex, m, sd, front, p.ref_point, n_max=n_max,
+                                    n_min=n_min, kappa=screening.KAPPA,
+                                    max_divergence=max_div)[0]
+
+        left = s.budget - self.n_evals
+        low = np.full(len(fresh), np.nan)
+        first = np.zeros(0, np.int64)
+        if self.low_samples and left > 1 and screening.LOW_SCREEN:
+            first = select(exact, mu, link.sigma, screening.LOW_FACTOR * s.pop_size)
+            n_low = self.screened.n_low
+            k = len(first)
+            while k > 0 and self.low_units(n_low + k) - self.low_units(n_low) > left - 1:
+                k -= 1
+            first = first[:k]
+            left -= self.low_units(n_low + k) - self.low_units(n_low)
+        if len(first):
+            low[first] = p.evaluate_low(Xf[first])
+            off, sd_low, _ = screening.low_offset(self.screened, a.X, a.metrics["divergence"])
+            mu2, sd2 = screening.combine(mu[first], link.sigma,
+                                         np.log(np.maximum(low[first], 1e-12)) + off, sd_low)
+            chosen = first[select(exact[first], mu2, sd2)]
+        else:
+            chosen = select(exact, mu, link.sigma)
+        chosen = chosen[: max(0, left)]
+        full = np.zeros(len(fresh), bool)
+        full[chosen] = True
+        self.record_screened(Xf, self.gen + 1, screening.CANDIDATE, low=low,
+                             predicted=np.exp(mu), full=full)
+        if os.environ.get("MOECOMP_DEBUG_SCREEN"):
+            print(f"gen {self.gen + 1}: cand {len(X)} fresh {len(fresh)} chosen {len(chosen)} "
+                  f"sigma {link.sigma:.3f} a {link.a:.3f} beta {link.beta:.3f} theta "
+                  f"{np.round(link.theta, 2) if link.theta is not None else None}", flush=True)
+        return fresh[chosen]
+
     def step(self) -> bool:
         """One generation; False when the algorithm has nothing new to offer."""
         alg = self.algorithm
         assert alg is not None
-        pop = alg.ask()
+        if self.screens():
+            n_off = alg.n_offsprings  # type: ignore[attr-defined]
+            alg.n_offsprings = self.scfg.screen_factor * self.scfg.pop_size  # type: ignore
+            try:
+                cand = alg.ask()
+            finally:
+                alg.n_offsprings = n_off  # type: ignore[attr-defined]
+            if cand is None or len(cand) == 0:
+                return False
+            X = np.rint(np.asarray(cand.get("X"), dtype=float)).astype(np.int64)
+            pop = cand[self.screen(X)]
+            if len(pop) == 0:
+                return False
+        else:
+            pop = alg.ask()
         if pop is None or len(pop) == 0:
             return False
         left = self.scfg.budget - self.n_evals
@@ -542,7 +805,7 @@ class _Search:
 
     def start(self) -> None:
         """A new run: clear the files of an earlier one, probe, set up, first checkpoint."""
-        for name in ("evaluated.csv", "front.csv", "hv.csv", CHECKPOINT):
+        for name in ("evaluated.csv", "front.csv", "hv.csv", SCREENED, CHECKPOINT):
             self.folder.file(name).unlink(missing_ok=True)
         self.write_status()
         try:

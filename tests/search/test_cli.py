@@ -44,7 +44,8 @@ def test_search_command_writes_a_run_and_reports(tmp_path, repo, digits_target):
     stored = json.loads((out / "problem.json").read_text())["search"]
     assert stored["seed"] == 2 and stored["pop_size"] == 8 and stored["budget"] == 30
     assert stored["mutation_prob"] == 0.5 and stored["directed_strength"] == 0.9
-    assert len(pd.read_csv(out / "evaluated.csv")) == 30
+    status = json.loads((out / "search.json").read_text())
+    assert status["n_evals"] == 30 and len(pd.read_csv(out / "evaluated.csv")) == status["n_full"]
     # the same --out again, without --resume, is refused
     again = CliRunner().invoke(app, args)
     assert again.exit_code != 0 and isinstance(again.exception, RunError)

@@ -49,13 +49,30 @@ def test_budget_is_exact_and_every_evaluation_is_listed(run400):
     result, out = run400
     assert result.n_evals == 400 and result.status == "done"
     ev = pd.read_csv(out / "evaluated.csv")
-    assert ev["id"].tolist() == list(range(400))
-    assert ev["gen"].iloc[0] == 0  # the sensitivity probes
     status = json.loads((out / "search.json").read_text())
     assert status["status"] == "done" and status["n_evals"] == 400
+    assert ev["id"].tolist() == list(range(status["n_full"]))
+    # the surrogate's ladder probes ran at low fidelity: screened.csv, never evaluated.csv
+    sc = pd.read_csv(out / "screened.csv")
+    assert (sc["gen"][sc["kind"] == "ladder"] == 0).all() and ev["gen"].min() == 1
+    n_low = int(np.isfinite(sc["low_divergence"]).sum())
+    assert status["n_low"] == n_low and status["low_samples"] == 64
+    assert status["n_full"] + -(-n_low * 64 // 512) == 400  # samples forwarded, rounded up
     assert (out / "problem.json").is_file() and (out / "checkpoint.safetensors").is_file()
     assert (out / "plots" / "front.png").stat().st_size > 0
     assert (out / "plots" / "hv.png").stat().st_size > 0
+
+
+def test_plain_search_probes_in_full_and_lists_every_evaluation(
+    tmp_path, digits_problem, digits_target, digits_evaluator
+):
+    p = fresh(digits_problem, digits_target, digits_evaluator)
+    r = run_search(p, tmp_path / "run", budget=120, progress=False, plots=False,
+                   params={"surrogate": False})
+    ev = r.evaluated()
+    assert r.n_evals == 120 and ev["id"].tolist() == list(range(120))
+    assert (ev["gen"] == 0).sum() == 7  # the sensitivity probes, 2L + 1
+    assert not (tmp_path / "run" / "screened.csv").exists()
 
 
 def test_seeded_search_reaches_the_observed_hypervolume(run400):
@@ -179,7 +196,7 @@ def test_algorithms_and_operators(
     )
     assert r.n_evals == 45 and r.hv > 0.0
     ev = pd.read_csv(tmp_path / "run" / "evaluated.csv")
-    assert len(ev) == 45
+    assert len(ev) == json.loads((tmp_path / "run" / "search.json").read_text())["n_full"]
     assert (ev.filter(like="b:") >= 1).all().all() and (ev.filter(like="s:") <= 0.98).all().all()
 
 
@@ -389,7 +406,7 @@ def test_resume_after_a_signal_gives_the_uninterrupted_front(
     )
     assert resumed.n_evals == whole.n_evals == KILL_BUDGET
     assert json.loads((out / "search.json").read_text())["status"] == "done"
-    for name in ("front.csv", "evaluated.csv"):
+    for name in ("front.csv", "evaluated.csv", "screened.csv"):
         assert (out / name).read_bytes() == (tmp_path / "whole" / name).read_bytes(), name
     a = pd.read_csv(out / "hv.csv")
     b = pd.read_csv(tmp_path / "whole" / "hv.csv")
