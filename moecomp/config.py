@@ -120,6 +120,12 @@ class LayersConfig:
     # their floating values are rounded to this dtype in every student and in the file.
     # float16 halves their bytes (5 % of a 60x LeNet-300-100 file) for no measurable loss.
     dense_dtype: Literal["float32", "float16", "bfloat16"] = "float32"
+    # Fold each eval-mode BatchNorm into the Conv/Linear whose output it alone reads, before
+    # anything else (moecomp.fold): the teacher becomes the folded model (outputs equal to
+    # float tolerance, checked; a fold that is not exact is not made), BatchNorm tensors are
+    # neither searched nor stored. Decoded files load into the folded model
+    # (moecomp.fold.apply_folds with the file's meta.folded). false: keep BatchNorm as is.
+    fold_batchnorm: bool = True
 
 
 @dataclass(frozen=True)
@@ -249,6 +255,20 @@ class SearchConfig:
     directed_strength: float = field(default=0.7, metadata=_range(0, 1))
     chunk_size: int = field(default=64, metadata=_range(1, 100000))
     seed: int = 0
+    # The surrogate of the divergence (moecomp.search.surrogate; layer-wise problem only): per-
+    # layer cost tables from single-layer ladder probes, summed through a link fitted on every
+    # evaluated point. It builds allocation_share of the first population (the plans of least
+    # predicted divergence for a grid of size prices) and screens offspring: screen_factor
+    # times pop_size candidates are mated, and only those that could enter the front by the
+    # model (then by a low-fidelity evaluation) get a full one. false: the plain search.
+    surrogate: bool = True
+    allocation_share: float = field(default=0.5, metadata=_range(0, 1))
+    # 1: no screening (every offspring is evaluated), the tables still seed the population.
+    screen_factor: int = field(default=4, metadata=_range(1, 64))
+    # Share of the calibration samples a low-fidelity evaluation (ladder probes, screening)
+    # runs on; the budget charges it that share of an evaluation. 0: no low fidelity (the
+    # ladder is evaluated in full and listed in evaluated.csv; screening by the model alone).
+    screen_fidelity: float = field(default=0.125, metadata=_range(0, 1, hi_open=True))
 
     def __post_init__(self) -> None:
         if self.random_share + self.extreme_share > 1.0:

@@ -1,6 +1,7 @@
 """The whole path on the embedded default (scikit-learn digits, a 17k-parameter MLP):
-train the teacher, search, pick, refine, export, decode and verify, compare with the
-single-objective DE baseline, and write the report. A few minutes on 2 cores."""
+train the teacher, search, pick on validation, refine (each step kept only if validation does
+not get worse), export, decode and verify, the same in one command (``compress``), compare
+with the single-objective DE baseline, and write the report. A minute or two on 2 cores."""
 
 from __future__ import annotations
 
@@ -15,6 +16,8 @@ from moecomp.config import ProblemConfig, load_problem
 from moecomp.errors import ConfigError
 
 DEMO_BUDGET = 4000  # evaluations: ~30 s of search on 2 cores, a well-spread front
+DEMO_DROP = 1.0  # the demo's budget: accuracy points lost on validation
+DEMO_CANDIDATES = 8  # refined candidates of the demo's compress
 DEFAULT_PROBLEM = Path(__file__).resolve().parents[1] / "problems" / "digits-mlp.toml"
 
 
@@ -26,6 +29,8 @@ class DemoResult:
     ratio: float
     test_metric: float
     teacher_test_metric: float
+    compressed: Path | None = None
+    compressed_ratio: float | None = None
 
 
 def default_problem() -> ProblemConfig:
@@ -38,6 +43,7 @@ def default_problem() -> ProblemConfig:
 def run_demo(out: Path, *, budget: int | None = None, fresh: bool = False,
              compare: bool = True, console: Console | None = None) -> DemoResult:
     from moecomp.compare import compare_with_de
+    from moecomp.compress import compress
     from moecomp.export import export_solution
     from moecomp.pick import pick
     from moecomp.plots import plot_run
@@ -69,22 +75,30 @@ def run_demo(out: Path, *, budget: int | None = None, fresh: bool = False,
     c.print(f"{result.n_evals} evaluations, final hypervolume {result.hv:.4f}, "
             f"{len(result.front)} solutions on the front")
 
-    c.rule("3. pick")
-    picks = pick(out, max_drop=1.0, knee=True)
+    c.rule("3. pick (bounds on the validation split)")
+    picks = pick(out, max_drop=DEMO_DROP, knee=True)
     best = picks[picks["rule"].str.startswith("best ratio")].iloc[0]
     knee = picks[picks["rule"].str.startswith("knee")]
-    c.print(f"best ratio with <= 1.0 point drop: solution {int(best['id'])} "
-            f"({best['ratio']:.1f}x estimated, test drop {best['test_drop']:.2f} points); "
+    c.print(f"best ratio with <= {DEMO_DROP} point drop on validation: solution "
+            f"{int(best['id'])} ({best['ratio']:.1f}x estimated, validation drop "
+            f"{best['val_drop']:.2f}, test drop {best['test_drop']:.2f} points); "
             f"knee: solution(s) {', '.join(str(int(i)) for i in knee['id'])}")
 
     # Fine-tuning, not reconstruction: on this small model the post-training re-fit plus
     # merging lost 1.7 test points for no size gain (2026-11-22); on FashionMNIST it is
     # the best post-training step (BENCHMARKS.md).
-    c.rule("4. refine (2 distillation epochs, then bin merging within 0.5 points)")
+    c.rule("4. refine (2 distillation epochs; then bin merging within the budget left)")
     ctx = RunContext(out)
-    ref = refine(ctx, int(best["id"]), merge=True, tolerance=0.5, finetune_epochs=2)
-    c.print(f"{ref.key}: levels {sum(ref.levels_before.values())} -> "
-            f"{sum(ref.levels_after.values())}, test {ref.test_metric:.2f} %, {ref.ratio:.1f}x")
+    tuned = refine(ctx, int(best["id"]), finetune_epochs=2)
+    for o in tuned.steps:
+        c.print(f"{tuned.key}: {o.line()}")
+    left = max(0.0, DEMO_DROP - tuned.val_measure)
+    ref = refine(ctx, tuned.key, merge=True, tolerance=left)
+    for o in ref.steps:
+        c.print(f"{ref.key}: {o.line()}")
+    c.print(f"{ref.key} (from {ref.parent}, searched solution {ref.root}): validation drop "
+            f"{ref.val_drop:.2f}, test {ref.test_metric:.2f} %, {ref.file_bytes:,} bytes, "
+            f"{ref.ratio:.1f}x")
 
     c.rule("5. export, decode, verify")
     exp = export_solution(ctx, ref.key, safetensors=True, onnx=True)
@@ -93,8 +107,16 @@ def run_demo(out: Path, *, budget: int | None = None, fresh: bool = False,
             f"(teacher {exp.teacher_test_metric:.2f} %); decoded file reproduces the solution "
             "exactly")
 
+    c.rule(f"6. the same in one command: compress --max-drop {DEMO_DROP} "
+           f"(reconstruction, {DEMO_CANDIDATES} candidates)")
+    comp = compress(ctx, out=out / "compress", max_drop=DEMO_DROP,
+                    candidates=DEMO_CANDIDATES, calibration=1024, progress=True)
+    c.print(f"{comp.file}: {comp.bytes:,} bytes, {comp.ratio:.1f}x vs fp32; validation drop "
+            f"{comp.val_drop:.2f}, test drop {comp.test_drop:.2f} points; "
+            f"{len(comp.candidates)} candidates -> {comp.out / 'compress.json'}")
+
     if compare:
-        c.rule("6. compare with single-objective Directed Evolution")
+        c.rule("7. compare with single-objective Directed Evolution")
         cmp = compare_with_de(out)
         row = cmp.summary.set_index("method")
         budget = int(row.loc["search front", "budget"])
@@ -104,11 +126,12 @@ def run_demo(out: Path, *, budget: int | None = None, fresh: bool = False,
                 f" {len(cmp.de)} DE points, DE dominates {cmp.de_dominates_front} front points"
                 f" -> {cmp.files['markdown']}")
 
-    c.rule("7. plots and report")
+    c.rule("8. plots and report")
     plots = plot_run(out, picks=picks)
     report = write_report(out)
     for p in plots:
         c.print(f"plot   {p}")
     c.print(f"report {report}")
     c.print(f"[bold green]done in {time.perf_counter() - t0:.0f} s[/]")
-    return DemoResult(out, exp.mcz, report, exp.ratio, exp.test_metric, exp.teacher_test_metric)
+    return DemoResult(out, exp.mcz, report, exp.ratio, exp.test_metric, exp.teacher_test_metric,
+                      comp.file, comp.ratio)

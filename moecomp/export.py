@@ -9,6 +9,7 @@ import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors.torch import save_model
@@ -17,9 +18,11 @@ from moecomp import inputs as inputs_mod
 from moecomp import outputs
 from moecomp.codec import read_mcz, write_mcz
 from moecomp.errors import ConfigError, MoecompError
+from moecomp.fold import close, folds_of
 from moecomp.inputs import Inputs
 from moecomp.solution import RunContext, dense_tensors, student_model
-from moecomp.target import Fidelity
+from moecomp.structured import shrink
+from moecomp.target import Fidelity, Target
 from moecomp.train import teacher_paths
 
 
@@ -45,11 +48,16 @@ class ExportResult:
     teacher_test_metric: float
     val_divergence: float
     test_divergence: float
+    # --structured: the shrunk dense model (units nobody reads removed, moecomp.structured)
+    structured_safetensors: Path | None = None
+    structured_json: Path | None = None
+    structured_onnx: Path | None = None
+    structured_params: int | None = None  # parameters of the shrunk model (all of them)
 
 
 def export_solution(run: RunContext | str | os.PathLike[str], solution: str | int, *,
                     out: Path | None = None,
-                    safetensors: bool = False, onnx: bool = False,
+                    safetensors: bool = False, onnx: bool = False, structured: bool = False,
                     progress: bool = False) -> ExportResult:
     """Write and verify the files of one solution. ``out``: the .mcz path (default
     ``RUN/exports/<key>/<key>.mcz``); plan.json and the optional files go beside it.
@@ -58,6 +66,13 @@ def export_solution(run: RunContext | str | os.PathLike[str], solution: str | in
     and test inputs (an :class:`ExportMismatch` otherwise). The dense safetensors holds each
     tied tensor once (``safetensors.torch.save_model``; ``load_model`` ties it back); the ONNX
     graph has the model's inputs by name (the keyword names, or ``input_0``, ...).
+
+    structured: also write the decoded model with its removable units and filters removed
+    physically (:func:`moecomp.structured.shrink`): ``<stem>.structured.safetensors``, the
+    record of kept units and new parameter shapes ``<stem>.structured.json`` (load with
+    :func:`moecomp.structured.resize` on a fresh model of the original class), and with
+    ``onnx`` ``<stem>.structured.onnx``. Its outputs must equal the decoded model's to float
+    tolerance on the calibration and test inputs (an :class:`ExportMismatch` otherwise).
     """
     ctx = run if isinstance(run, RunContext) else RunContext(run, progress=progress)
     sol = ctx.solution(solution)
@@ -69,7 +84,7 @@ def export_solution(run: RunContext | str | os.PathLike[str], solution: str | in
     plan_json = mcz.with_name(mcz.stem + ".plan.json")
     plan_json.write_text(sol.plan.to_json())
     meta = {"problem": ctx.problem.name, "solution": sol.key, "parent": sol.parent,
-            "tied": target.tied}
+            "tied": target.tied, "folded": folds_of(target.teacher)}
     size = write_mcz(mcz, sol.layers, dense_tensors(sol.state, sol.layers,
                                                       dtype=target.dense_torch_dtype),
                      plan=sol.plan.to_dict(), meta=meta, order=list(sol.state))
@@ -102,6 +117,8 @@ def export_solution(run: RunContext | str | os.PathLike[str], solution: str | in
         export_onnx(model, inputs_mod.head(target.calib.inputs, 1), onnx_path,
                     output=target.output)
 
+    shrunk = _structured(target, model, mcz, onnx=onnx) if structured else {}
+
     fp32 = 4 * sum(int(v.numel()) for v in sol.state.values() if v.is_floating_point())
     teacher_file = None
     if ctx.problem.model.zoo is not None and ctx.problem.model.weights is None:
@@ -112,11 +129,40 @@ def export_solution(run: RunContext | str | os.PathLike[str], solution: str | in
                           fp32 / size, target.metric_name, m.unit if m is not None else "",
                           val.metric, test.metric,
                           target.teacher_metric("test") if target.test is not None else math.nan,
-                          val.divergence, test.divergence)
+                          val.divergence, test.divergence, **shrunk)
     mcz.with_name(mcz.stem + ".export.json").write_text(json.dumps(
         {k: (str(v) if isinstance(v, Path) else v) for k, v in result.__dict__.items()},
         indent=2))
     return result
+
+
+def _structured(target: Target, model: torch.nn.Module, mcz: Path, *, onnx: bool
+                ) -> dict[str, Any]:
+    """Write the shrunk dense model of ``--structured``; its ExportResult fields."""
+    shrunk, record = shrink(model, target.calib.inputs)
+    checks = [("calibration", target.calib.inputs)]
+    if target.test is not None:
+        checks.append(("test", target.test.inputs))
+    for what, x in checks:
+        if not close(target.run(model, x), target.run(shrunk, x)):
+            raise ExportMismatch(f"the structured model of {mcz} differs from the decoded "
+                                 f"one on the {what} inputs")
+    stem = mcz.with_suffix("")
+    st = stem.with_name(stem.name + ".structured.safetensors")
+    save_model(shrunk, str(st))
+    js = stem.with_name(stem.name + ".structured.json")
+    js.write_text(json.dumps({
+        "about": "moecomp structured export: the decoded model with units and filters nobody "
+                 "reads removed. Load: model = <original class>(); moecomp.fold.apply_folds("
+                 "model, folded); moecomp.structured.resize(model, shapes); "
+                 "safetensors.torch.load_model(model, <this stem>.structured.safetensors)",
+        "folded": folds_of(target.teacher), **record.to_dict()}, indent=2))
+    path = None
+    if onnx:
+        path = stem.with_name(stem.name + ".structured.onnx")
+        export_onnx(shrunk, inputs_mod.head(target.calib.inputs, 1), path, output=target.output)
+    return {"structured_safetensors": st, "structured_json": js, "structured_onnx": path,
+            "structured_params": record.params_after}
 
 
 class _Graph(torch.nn.Module):

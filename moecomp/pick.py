@@ -10,8 +10,12 @@ The stage *Pick* of DESIGN.md. The rules are pure functions on a front (objectiv
   decomposition or ``PseudoWeights``).
 
 :func:`choose` applies a set of rules to a front frame; :func:`pick` does so for a run
-folder, re-evaluates the chosen solutions on the full validation and test splits (the
-search only saw the calibration subset) and writes ``picks.csv``.
+folder. Its bounds on the metric's drop and the divergence are checked on the **validation**
+split (the search measured on calibration samples, which for the built-in data sets are
+training images the teacher scores almost perfectly on): each front solution is measured there
+once and cached in ``RUN/validation.csv`` (:func:`validation_measures`). The chosen solutions
+are then re-evaluated on the calibration, validation and test splits (test is reported, never
+chosen on) and appended to ``picks.csv`` with a pick number.
 """
 
 from __future__ import annotations
@@ -28,7 +32,7 @@ import torch
 
 from moecomp.errors import ConfigError, MoecompError, RunError
 from moecomp.plan import CompressionPlan
-from moecomp.runs import METRICS, atomic_write_csv
+from moecomp.runs import METRICS, atomic_write_csv, read_table
 from moecomp.solution import RunContext
 from moecomp.target import Target
 
@@ -42,8 +46,17 @@ CALIBRATION_RTOL = 0.02
 CALIBRATION_ATOL = 1e-4
 
 
-_SHOWN = {"metric_drop": "drop"}
-"""How a bound's column reads in a rule ("best ratio within drop <= 1")."""
+_SHOWN = {"metric_drop": "drop", "val_drop": "val drop", "val_divergence": "val divergence"}
+"""How a bound's column reads in a rule ("best ratio within val drop <= 1")."""
+
+BOUND_SPLITS = ("validation", "calibration")
+"""Where bounds on the drop and the divergence are checked: the validation columns
+(``val_drop``, ``val_divergence``) or the search's calibration columns."""
+
+VALIDATION_FILE = "validation.csv"
+"""The run folder's cache of front solutions measured on the validation split."""
+
+VALIDATION_COLUMNS = ("val_divergence", "val_metric", "val_drop")
 
 
 class NoFeasibleSolution(MoecompError):
@@ -89,15 +102,18 @@ def by_constraints(
     max_drop: float | None = None,
     max_divergence: float | None = None,
     min_ratio: float | None = None,
+    split: str = "calibration",
 ) -> pd.DataFrame:
     """The rows of a metric frame with ``metric_drop <= max_drop``, ``divergence <=
     max_divergence`` and ``ratio >= min_ratio`` (a bound of None is off), best compression
     ratio first (ties: smaller divergence).
 
+    split: "calibration" reads the drop and divergence from ``metric_drop`` and
+        ``divergence``, "validation" from ``val_drop`` and ``val_divergence``.
     Raises :class:`NoFeasibleSolution` when no row meets them all; the message names the
     bound that fails and the best value available.
     """
-    bounds = _bounds(max_drop, max_divergence, min_ratio)
+    bounds = _bounds(max_drop, max_divergence, min_ratio, split)
     keep = np.ones(len(df), dtype=bool)
     for col, op, value, _ in bounds:
         vals = df[col].to_numpy(float)
@@ -109,13 +125,17 @@ def by_constraints(
 
 
 def _bounds(
-    max_drop: float | None, max_divergence: float | None, min_ratio: float | None
+    max_drop: float | None, max_divergence: float | None, min_ratio: float | None,
+    split: str = "calibration",
 ) -> list[tuple[str, str, float, str]]:
     """(column, operator, value, option name) of the bounds that are on."""
+    if split not in BOUND_SPLITS:
+        raise ConfigError("split", f"must be one of {', '.join(BOUND_SPLITS)}, got {split!r}")
+    val = split == "validation"
     out = []
     for col, op, value, name in (
-        ("metric_drop", "<=", max_drop, "max_drop"),
-        ("divergence", "<=", max_divergence, "max_divergence"),
+        ("val_drop" if val else "metric_drop", "<=", max_drop, "max_drop"),
+        ("val_divergence" if val else "divergence", "<=", max_divergence, "max_divergence"),
         ("ratio", ">=", min_ratio, "min_ratio"),
     ):
         if value is None:
@@ -253,6 +273,7 @@ def choose(
     weights: Sequence[float] | None = None,
     method: str = "asf",
     max_knees: int = 3,
+    split: str = "calibration",
 ) -> pd.DataFrame:
     """Apply pick rules to a front's metric frame; one row per (rule, chosen solution), with a
     ``rule`` column after ``id``.
@@ -266,15 +287,17 @@ def choose(
 
     objectives: metric frame -> ``F (n, n_obj)``, the minimised objectives that knee and
     weights work on (default: density, bits, divergence).
+    split: where the drop and divergence bounds are read (see :func:`by_constraints`).
     """
-    bounds = _bounds(max_drop, max_divergence, min_ratio)
+    bounds = _bounds(max_drop, max_divergence, min_ratio, split)
     if max_knees < 1:
         raise ConfigError("max_knees", f"must be >= 1, got {max_knees}")
     if method not in METHODS:
         raise ConfigError("method", f"must be one of {', '.join(METHODS)}; got {method!r}")
     default = not bounds and not knee_point and weights is None
     pool = by_constraints(
-        front, max_drop=max_drop, max_divergence=max_divergence, min_ratio=min_ratio
+        front, max_drop=max_drop, max_divergence=max_divergence, min_ratio=min_ratio,
+        split=split,
     )
     within = " within " + ", ".join(f"{_SHOWN.get(c, c)} {op} {v:g}" for c, op, v, _ in bounds) \
         if bounds else ""
@@ -344,6 +367,86 @@ def holdout_fidelity(
     return pd.DataFrame(rows)
 
 
+def validation_measures(
+    ctx: RunContext, ids: Sequence[int], *, progress: bool = False, chunk: int = 16
+) -> pd.DataFrame:
+    """Solutions ``ids`` of a run measured on the full validation split: one row per id (in
+    the given order) with ``id``, ``val_divergence``, ``val_metric``, ``val_drop`` (NaN
+    without a metric).
+
+    Cached in ``RUN/validation.csv``: a solution measured before is read from there, the
+    others are measured now (``chunk`` at a time, each chunk added to the file as it
+    finishes). A cache written for another validation split size is measured again.
+    """
+    from moecomp.apply import apply_plan, student_state_dict
+    from moecomp.target import load_state
+
+    target = ctx.target
+    if target.val is None:
+        raise RunError(f"{ctx.run.path}: this target has no validation split")
+    path = ctx.run.file(VALIDATION_FILE)
+    n_val = len(target.val)
+    cache = read_table(path) if path.is_file() else pd.DataFrame()
+    if not cache.empty and ("val_samples" not in cache.columns
+                            or not (cache["val_samples"] == n_val).all()):
+        cache = pd.DataFrame()  # measured on another validation split
+    have = set(cache["id"].astype(int)) if not cache.empty else set()
+    todo = [int(i) for i in dict.fromkeys(int(i) for i in ids) if int(i) not in have]
+    if todo:
+        from tqdm.auto import tqdm
+
+        weights, base = target.weights(), target.student_base()
+        student = copy.deepcopy(target.teacher)
+        rows: list[dict[str, float]] = []
+        bar = tqdm(todo, desc="validation", disable=not progress, leave=False)
+        for k, sid in enumerate(bar):
+            layers = apply_plan(ctx.run.plan(sid), weights, ctx.ranks)
+            load_state(student, student_state_dict(base, layers))
+            f = target.fidelity(student, "validation")
+            rows.append({"id": sid, "val_divergence": f.divergence, "val_metric": f.metric,
+                         "val_drop": f.metric_drop, "val_samples": n_val})
+            if len(rows) == chunk or k == len(todo) - 1:
+                cache = pd.concat([cache, pd.DataFrame(rows)], ignore_index=True)
+                atomic_write_csv(path, cache)
+                rows = []
+        bar.close()
+    by_id = cache.drop_duplicates("id", keep="last")
+    by_id.index = pd.Index(by_id["id"].astype(int).to_numpy())
+    out = by_id.loc[[int(i) for i in ids], ["id", *VALIDATION_COLUMNS]]
+    return out.reset_index(drop=True).astype({"id": int})
+
+
+def with_validation(ctx: RunContext, front: pd.DataFrame, *, first_feasible: bool = False,
+                    max_drop: float | None = None, max_divergence: float | None = None,
+                    min_ratio: float | None = None, progress: bool = False) -> pd.DataFrame:
+    """The front with its validation columns (:func:`validation_measures`), restricted to
+    ``ratio >= min_ratio``. first_feasible: measure in order of ratio, best first, only until
+    a solution within ``max_drop`` / ``max_divergence`` is found (all a "best ratio within"
+    rule needs); the rows measured are returned."""
+    pool = front if min_ratio is None else front[front["ratio"].to_numpy(float) >= min_ratio]
+    if pool.empty:
+        return pool.assign(**{c: pd.Series(dtype=float) for c in VALIDATION_COLUMNS})
+    pool = pool.sort_values(["ratio", "divergence"], ascending=[False, True], kind="stable")
+    ids = pool["id"].astype(int).tolist()
+    if not first_feasible:
+        vals = validation_measures(ctx, ids, progress=progress)
+    else:
+        parts, step = [], 8
+        for lo in range(0, len(ids), step):
+            part = validation_measures(ctx, ids[lo:lo + step], progress=progress)
+            parts.append(part)
+            ok = np.ones(len(part), dtype=bool)
+            if max_drop is not None:
+                ok &= part["val_drop"].to_numpy(float) <= max_drop
+            if max_divergence is not None:
+                ok &= part["val_divergence"].to_numpy(float) <= max_divergence
+            if ok.any():
+                break
+        vals = pd.concat(parts, ignore_index=True)
+    pool = pool.iloc[: len(vals)].reset_index(drop=True)
+    return pd.concat([pool, vals.drop(columns="id")], axis=1)
+
+
 def pick(
     run_dir: RunContext | str | os.PathLike[str],
     *,
@@ -355,16 +458,26 @@ def pick(
     method: str = "asf",
     max_knees: int = 3,
     reevaluate: bool = True,
+    split: str = "validation",
     progress: bool = False,
 ) -> pd.DataFrame:
     """Choose solutions from a run's front (see :func:`choose` for the rules), re-evaluate
-    them on the full validation and test splits, and write ``RUN/picks.csv``.
+    them on the calibration, validation and test splits, and append them to
+    ``RUN/picks.csv``.
 
-    Columns: ``id``, ``rule``, ``gen``, the search's metrics (``accuracy`` and ``metric_drop``
-    are on the calibration data), with ``reevaluate`` also ``val_metric``, ``val_drop``,
-    ``test_metric``, ``test_drop`` (drops from the teacher on the same split, in points) and
-    the teacher's accuracies, then the genes (``s:<tensor>``, ``b:<tensor>``).
+    split: where ``max_drop`` and ``max_divergence`` are checked: "validation" (default; the
+        front's solutions measured there once, cached in ``RUN/validation.csv``) or
+        "calibration" (the search's own numbers). A target without a validation split is
+        checked on calibration. Knee and weights work on the search's objectives.
+
+    Columns: ``pick`` (1, 2, ... over the run's picks), ``id``, ``rule``, ``bounds_on`` (the
+    split the bounds were checked on), ``gen``, the search's metrics (``metric`` and
+    ``metric_drop`` are on the calibration samples), with ``reevaluate`` also ``val_*`` and
+    ``test_*`` (drops from the teacher on the same split, in the metric's units) and the
+    teacher's values, then the genes (``s:<tensor>``, ``b:<tensor>``).
     """
+    if split not in BOUND_SPLITS:
+        raise ConfigError("split", f"must be one of {', '.join(BOUND_SPLITS)}, got {split!r}")
     ctx = run_dir if isinstance(run_dir, RunContext) else RunContext(run_dir, progress=progress)
     run = ctx.run
     problem = ctx.problem
@@ -380,6 +493,15 @@ def pick(
             f"needs {len(space.names)} numbers, one per objective of this run "
             f"({', '.join(space.names)}); got {len(weights)}",
         )
+    _bounds(max_drop, max_divergence, min_ratio)  # bad bounds fail before anything is measured
+    measured_bounds = max_drop is not None or max_divergence is not None
+    if split == "validation" and measured_bounds and ctx.target.val is None:
+        split = "calibration"
+    if split == "validation" and measured_bounds:
+        only_bounds = not knee and weights is None
+        front = with_validation(ctx, front, first_feasible=only_bounds, max_drop=max_drop,
+                                max_divergence=max_divergence, min_ratio=min_ratio,
+                                progress=progress)
     picks = choose(
         front,
         objectives=space.matrix,
@@ -390,15 +512,25 @@ def pick(
         weights=weights,
         method=method,
         max_knees=max_knees,
+        split=split if measured_bounds else "calibration",
     )
+    picks = picks.drop(columns=[c for c in VALIDATION_COLUMNS if c in picks.columns])
     genes = [c for c in picks.columns if c.startswith(("s:", "b:"))]
-    head = ["id", "rule", "gen", *METRICS]
+    head = ["pick", "id", "rule", "bounds_on", "gen", *METRICS]
     if reevaluate:
         held = _reevaluate(ctx, picks)
         picks = pd.concat([picks.reset_index(drop=True), held], axis=1)
         head += [c for c in held.columns if not c.startswith("calib_")]
+    path = run.file("picks.csv")
+    old = read_table(path) if path.is_file() else pd.DataFrame()
+    number = int(old["pick"].max()) + 1 if "pick" in old.columns and len(old) else (
+        1 if old.empty else 2)  # a picks.csv from before pick numbers was pick 1
+    if not old.empty and "pick" not in old.columns:
+        old.insert(0, "pick", 1)
+    picks = picks.assign(pick=number, bounds_on=split if measured_bounds else "")
     picks = picks[head + genes]
-    atomic_write_csv(run.file("picks.csv"), picks)
+    atomic_write_csv(path, pd.concat([old, picks], ignore_index=True) if not old.empty
+                     else picks)
     return picks
 
 

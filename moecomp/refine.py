@@ -1,15 +1,27 @@
 """Refine one chosen solution: reconstruction, distillation fine-tuning, bin merging.
 
 Only picked solutions are refined (it costs far more per solution than the search's
-evaluation). Three optional steps, in this order: layer-wise reconstruction (``reconstruct``:
-least-squares re-fit of the survivors and GPTQ rounding on calibration samples, no gradient
-training); fine-tuning, distillation from the teacher with the target's own divergence (plus
-cross-entropy on labels for classifiers) that keeps the masks fixed and quantises in the loop
-(straight-through estimator); bin merging (seed 2), which merges neighbouring levels while
-the validation measure (the metric's drop, or the divergence) stays within a tolerance. All
-of it reads the calibration split only; no labels are needed. The refined solution is written
-to the run folder as ``refined/rN.mcz`` with a row in ``refined.csv`` that records its
-lineage.
+evaluation). Three optional steps, each asked for explicitly, in this order:
+
+- **reconstruction** (``reconstruct``): least-squares re-fit of the survivors and GPTQ rounding
+  on calibration samples, layer by layer (a layer keeps its old weights when its re-fit is not
+  better in calibration MSE); no gradient training;
+- **fine-tuning** (``finetune_epochs > 0``): distillation from the teacher with the target's
+  own divergence (plus cross-entropy on labels for classifiers), ``moecomp.finetune``;
+- **bin merging** (``merge``, seed 2): neighbouring levels merged along one merge path as far
+  as the validation measure stays within ``tolerance`` of its value before merging
+  (``moecomp.merge``).
+
+**A step is kept only if the end-to-end validation measure does not get worse** (the metric's
+drop, or the mean divergence for a target without a metric; on the calibration split when
+the target has no validation split): reconstruction and fine-tuning must not raise it at
+all, merging must stay within its tolerance (default 0). A dropped step leaves the solution
+as it was before it, and the result says which steps were kept, which were dropped and why.
+Training reads the calibration side only; no step sees the test split.
+
+The refined solution is written to the run folder as ``refined/rN.mcz`` with a row in
+``refined.csv`` that records its lineage (parent, the searched solution it comes from, each
+step with its outcome).
 """
 
 from __future__ import annotations
@@ -24,6 +36,7 @@ from dataclasses import dataclass
 import pandas as pd
 import torch
 
+from moecomp import outputs
 from moecomp.apply import SINGLE_QUANTIZERS, QuantizedLayer, student_state_dict
 from moecomp.codec import write_mcz
 from moecomp.data import Split
@@ -33,37 +46,81 @@ from moecomp.merge import merge_bins
 from moecomp.reconstruct import reconstruct as reconstruct_layers
 from moecomp.runs import atomic_write_csv, read_table
 from moecomp.solution import RunContext, Solution, dense_tensors, student_model
-from moecomp.target import Fidelity, load_state
+from moecomp.target import Fidelity, Target, load_state
 
 FIDELITY_KINDS = ("metric", "divergence")
-"""What bin merging's tolerance is in: the metric's drop on validation (its units, points for
-accuracy), or the mean divergence on validation."""
+"""What the validation measure is: the metric's drop (its units, points for accuracy), or the
+mean divergence."""
+
+GUIDE_SAMPLES = 512
+"""Calibration samples whose divergence orders the merges (the merge path's guide)."""
+
+
+@dataclass(frozen=True)
+class StepOutcome:
+    """One refine step: ``step`` ("reconstruct", "finetune", "merge"), whether it was
+    ``kept``, the validation measure ``before`` and ``after`` it (``after``: what the step
+    gave, kept or not), and ``note``: what it did and why it was kept or dropped."""
+
+    step: str
+    kept: bool
+    before: float
+    after: float
+    note: str
+
+    def line(self) -> str:
+        return f"{self.step}: {'kept' if self.kept else 'dropped'} ({self.note})"
 
 
 @dataclass(frozen=True)
 class RefineResult:
+    """A refined solution.
+
+    key: its key (``rN``); parent: the solution it was refined from; root: the searched
+    solution at the start of its lineage. steps: the outcome of each asked step.
+    fidelity_metric / fidelity_split: what the validation measure is and where it was measured;
+    start_measure: the parent's; fidelity_before / fidelity_after: before and after merging
+    (equal without merging). levels_before / levels_after: per layer, before and after
+    merging. file_bytes: the size of ``path`` on disk; ratio: fp32 bytes of all parameters /
+    file_bytes.
+    """
+
     key: str
     parent: str
+    root: str
+    steps: tuple[StepOutcome, ...]
     levels_before: dict[str, int]
     levels_after: dict[str, int]
     fidelity_metric: str
+    fidelity_split: str
+    start_measure: float
     fidelity_before: float
     fidelity_after: float
     tolerance: float
     finetune_epochs: int
     reconstructed: bool
+    finetuned: bool
+    merged: bool
     val_metric: float
     test_metric: float
     val_divergence: float
     test_divergence: float
+    val_drop: float
+    test_drop: float
     metric_name: str
     metric_unit: str
     file_bytes: int
     ratio: float
     path: str
 
+    @property
+    def val_measure(self) -> float:
+        """The refined solution's validation measure (the one steps were kept by)."""
+        return self.fidelity_after
 
-def _reconstructed(ctx: RunContext, sol: Solution, pool: Split, n_images: int, seed: int,
+
+def _reconstructed(ctx: RunContext, sol: Solution, layers: dict[str, QuantizedLayer],
+                   state: dict[str, torch.Tensor], pool: Split, n_images: int, seed: int,
                    progress: bool) -> tuple[dict[str, QuantizedLayer], dict[str, torch.Tensor]]:
     """The solution after layer-wise reconstruction on ``n_images`` calibration-side
     samples of ``pool``; a layer of a shared codebook keeps that codebook, any other gets
@@ -72,65 +129,125 @@ def _reconstructed(ctx: RunContext, sol: Solution, pool: Split, n_images: int, s
 
     def grid(name: str, values: torch.Tensor) -> torch.Tensor:
         if plan[name].quantizer == "shared":
-            return sol.layers[name].codebook
+            return layers[name].codebook
         return SINGLE_QUANTIZERS[plan[name].quantizer](values, plan[name].bits)[1]
 
     gen = torch.Generator().manual_seed(seed)
     pick = torch.randperm(len(pool), generator=gen)[:n_images]
-    layers, state, _ = reconstruct_layers(ctx.target.teacher, sol.state, sol.layers, grid,
-                                          pool.take(pick).inputs,
-                                          batch_size=ctx.target.batch_size, progress=progress)
-    return layers, state
+    new_layers, new_state, _ = reconstruct_layers(ctx.target.teacher, state, layers, grid,
+                                                  pool.take(pick).inputs,
+                                                  batch_size=ctx.target.batch_size,
+                                                  progress=progress)
+    return new_layers, new_state
 
 
-# --- the refine step ---------------------------------------------------------------------
+# --- measures ------------------------------------------------------------------------------
+def measure_split(target: Target) -> str:
+    """Where refine (and compress) decide: validation, or calibration without it."""
+    return "validation" if target.val is not None else "calibration"
 
-def _fidelity(ctx: RunContext, base_state: dict[str, torch.Tensor], metric: str
-              ) -> Callable[[dict[str, QuantizedLayer]], float]:
-    target = ctx.target
+
+def measure_of(f: Fidelity, metric: str) -> float:
+    """The validation measure of a Fidelity: the metric's drop or the divergence."""
+    return f.metric_drop if metric == "metric" else f.divergence
+
+
+def _layers_fidelity(target: Target, base_state: dict[str, torch.Tensor], split: str,
+                     metric: str) -> Callable[[dict[str, QuantizedLayer]], float]:
+    """layers -> the measure on ``split`` of the student with these layers over ``base_state``."""
     model = student_model(target.teacher, base_state)
-    split = "validation" if target.val is not None else "calibration"
 
     def measure(layers: dict[str, QuantizedLayer]) -> float:
         load_state(model, student_state_dict(base_state, layers))
-        f = target.fidelity(model, split)
-        return f.metric_drop if metric == "metric" else f.divergence
+        return measure_of(target.fidelity(model, split), metric)
 
     return measure
 
 
+def _guide(target: Target, base_state: dict[str, torch.Tensor], n: int
+           ) -> Callable[[dict[str, QuantizedLayer]], float]:
+    """layers -> mean divergence on the first ``n`` calibration samples: the cheap measure
+    that orders merges across layers."""
+    model = student_model(target.teacher, base_state)
+    n = min(n, len(target.calib))
+    x = target.calib.take(slice(0, n)).inputs
+    t = outputs.take(target.teacher_out, slice(0, n))
+
+    def guide(layers: dict[str, QuantizedLayer]) -> float:
+        load_state(model, student_state_dict(base_state, layers))
+        return float(target.divergence(t, target.run(model, x)).double().mean())
+
+    return guide
+
+
+def drop_unit(target: Target) -> str:
+    """The unit of the target's metric drop: ``points`` for a percentage, else its own."""
+    if target.metric is None:
+        return ""
+    return "points" if target.metric.unit == "%" else target.metric.unit
+
+
+def _fmt(value: float, metric: str, unit: str) -> str:
+    if metric == "metric":
+        return f"{value:.3f}{' ' + unit if unit else ''}"
+    return f"{value:.4g}"
+
+
+# --- the refine step ---------------------------------------------------------------------
 def next_key(ctx: RunContext) -> str:
     folder = ctx.run.path / "refined"
     used = {int(p.stem[1:]) for p in folder.glob("r*.mcz") if p.stem[1:].isdigit()}
     return f"r{max(used, default=0) + 1}"
 
 
-def refine(run: RunContext | str | os.PathLike[str], solution: str | int, *, merge: bool = True,
-           tolerance: float = 0.5, metric: str | None = None,
-           finetune_epochs: int = 0, lr: float = 2e-3, seed: int = 0,
-           reconstruct: bool = False, calibration: int = 8192,
+def root_of(ctx: RunContext, sol: Solution) -> str:
+    """The searched solution at the start of ``sol``'s lineage (its own id if searched)."""
+    if not sol.key.startswith("r"):
+        return sol.key
+    csv = ctx.run.path / "refined.csv"
+    if csv.is_file():
+        df = read_table(csv)
+        row = df[df["key"].astype(str) == sol.key]
+        if not row.empty:
+            col = "root" if "root" in row.columns and pd.notna(row["root"].iloc[0]) else "parent"
+            return str(row[col].iloc[0])
+    return str(sol.parent) if sol.parent is not None else sol.key
+
+
+def refine(run: RunContext | str | os.PathLike[str], solution: str | int, *,
+           reconstruct: bool = False, finetune_epochs: int = 0, merge: bool = False,
+           tolerance: float = 0.0, metric: str | None = None, lr: float = 2e-3,
+           seed: int = 0, calibration: int = 8192, guide_samples: int = GUIDE_SAMPLES,
            progress: bool = True) -> RefineResult:
     """Refine one solution of a run and add it to the run as ``refined/rN.mcz``.
 
     reconstruct: re-fit survivors and biases layer by layer on ``calibration`` samples of
-        the calibration split first (see ``moecomp.reconstruct``); no gradient training.
+        the calibration side first (see ``moecomp.reconstruct``); no gradient training.
+    finetune_epochs: distillation epochs (0: none), ``lr`` and ``seed`` for it; fine-tunes
+        the reconstructed solution when reconstruction was kept.
+    merge: merge bins; ``tolerance``: how much worse than before merging the validation
+        measure may end, in units of ``metric`` (points for accuracy, or divergence).
+    metric: the validation measure steps are kept by: "metric" (the metric's drop) or
+        "divergence"; default "metric" when the target has one.
 
-    tolerance: how much worse than the unmerged (fine-tuned) solution the merged one may be,
-        in units of ``metric`` on the validation split: the metric's drop ("metric", points
-        for accuracy) or the mean divergence ("divergence"); default: "metric" when the
-        target has one. The result never exceeds it.
+    Every step is kept only if the validation measure does not get worse (merging: not more
+    than ``tolerance``); ``result.steps`` says what was kept and why. Without any step the
+    solution is stored as it is.
     """
     if metric == "accuracy":  # the name before metrics were generic
         metric = "metric"
     if metric is not None and metric not in FIDELITY_KINDS:
         raise ConfigError("metric", f"must be one of {', '.join(FIDELITY_KINDS)}, got "
                           f"{metric!r}")
-    if not tolerance >= 0:
-        raise ConfigError("tolerance", f"must be >= 0, got {tolerance!r}")
+    if isinstance(tolerance, bool) or not isinstance(tolerance, int | float) or not (
+            math.isfinite(tolerance) and tolerance >= 0):
+        raise ConfigError("tolerance", f"must be a finite number >= 0, got {tolerance!r}")
     if finetune_epochs < 0:
         raise ConfigError("finetune_epochs", f"must be >= 0, got {finetune_epochs!r}")
     if reconstruct and not calibration >= 1:
         raise ConfigError("calibration", f"must be >= 1 samples, got {calibration!r}")
+    if not guide_samples >= 1:
+        raise ConfigError("guide_samples", f"must be >= 1 samples, got {guide_samples!r}")
     ctx = run if isinstance(run, RunContext) else RunContext(run, progress=progress)
     if metric is None:
         metric = "metric" if ctx.target.metric is not None else "divergence"
@@ -143,72 +260,126 @@ def refine(run: RunContext | str | os.PathLike[str], solution: str | int, *, mer
                           "plan with the shared quantizer can be reconstructed and merged, "
                           "not fine-tuned (use --finetune-epochs 0)")
     target = ctx.target
+    split = measure_split(target)
+    unit = drop_unit(target) if metric == "metric" else ""
+    what = (f"{target.metric_name} drop" if metric == "metric" else "divergence") + f" on {split}"
     bits = {n: lp.bits for n, lp in sol.plan.layers.items()}
-    layers, state = sol.layers, sol.state
+    kinds = {n: lp.quantizer for n, lp in sol.plan.layers.items()}
     t0 = time.perf_counter()
     pool = target.pool if target.pool is not None else target.calib
+    model = student_model(target.teacher, sol.state)
+
+    def measure(state: dict[str, torch.Tensor]) -> float:
+        load_state(model, state)
+        return measure_of(target.fidelity(model, split), metric)
+
+    layers, state = sol.layers, target.round_dense(sol.state)
+    start = now = measure(state)
+    outcomes: list[StepOutcome] = []
+
+    def judge(step: str, after: float, detail: str) -> bool:
+        kept = after <= now
+        verdict = "not worse" if kept else "worse"
+        note = f"{what} {_fmt(now, metric, unit)} -> {_fmt(after, metric, unit)}, {verdict}"
+        outcomes.append(StepOutcome(step, kept, now, after,
+                                    f"{detail}; {note}" if detail else note))
+        return kept
+
     if reconstruct:
-        layers, state = _reconstructed(ctx, sol, pool, calibration, seed, progress)
+        new_layers, new_state = _reconstructed(ctx, sol, layers, state, pool, calibration,
+                                               seed, progress)
+        new_state = target.round_dense(new_state)
+        after = measure(new_state)
+        if judge("reconstruct", after, f"{min(calibration, len(pool))} calibration samples"):
+            layers, state, now = new_layers, new_state, after
     if finetune_epochs > 0:
-        model = student_model(target.teacher, state)
-        kinds = {n: lp.quantizer for n, lp in sol.plan.layers.items()}
-        trained = finetune(model, target, layers, bits, pool,
+        trained = finetune(student_model(target.teacher, state), target, layers, bits, pool,
                            epochs=finetune_epochs, lr=lr, seed=seed, quantizers=kinds,
                            progress=progress)
-        layers = requantize(trained, layers, bits, kinds)
-        state = student_state_dict({k: trained.get(k, v) for k, v in state.items()}, layers)
-    # re-fitted and fine-tuned biases are rounded as they will be stored
-    state = target.round_dense(state)
-    fidelity = _fidelity(ctx, state, metric)
-    before = {n: ql.n_levels for n, ql in layers.items()}
-    f_before = fidelity(layers)
-    f_after = f_before
+        new_layers = requantize(trained, layers, bits, kinds)
+        # fine-tuned biases are rounded as they will be stored
+        new_state = target.round_dense(
+            student_state_dict({k: trained.get(k, v) for k, v in state.items()}, new_layers))
+        after = measure(new_state)
+        if judge("finetune", after, f"{finetune_epochs} epoch(s)"):
+            layers, state, now = new_layers, new_state, after
+    before_merge = now
+    levels_before = {n: ql.n_levels for n, ql in layers.items()}
     if merge:
-        result = merge_bins(layers, fidelity, tolerance=tolerance, baseline=f_before)
-        layers, f_after = result.layers, result.fidelity_after
-    state = student_state_dict(state, layers)
-    model = student_model(target.teacher, state)
+        result = merge_bins(layers, _layers_fidelity(target, state, split, metric),
+                            tolerance=float(tolerance), baseline=now,
+                            guide=_guide(target, state, guide_samples), progress=progress)
+        n0, n1 = sum(levels_before.values()), sum(result.levels_after.values())
+        detail = (f"{n0} -> {n1} levels in {result.rounds} of {result.path_length} merges of "
+                  f"the path, {result.evaluations} measurements; tolerance "
+                  f"{_fmt(float(tolerance), metric, unit)}")
+        kept = result.rounds > 0
+        note = (f"{detail}; {what} {_fmt(now, metric, unit)} -> "
+                f"{_fmt(result.fidelity_after, metric, unit)}"
+                if kept else f"{detail}; no merge stays within the tolerance")
+        outcomes.append(StepOutcome("merge", kept, now, result.fidelity_after, note))
+        if kept:
+            layers, now = result.layers, result.fidelity_after
+            state = student_state_dict(state, layers)
+
     key = next_key(ctx)
     folder = ctx.run.path / "refined"
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"{key}.mcz"
-    meta = {"parent": sol.key, "problem": ctx.problem.name, "reconstruct": reconstruct,
-            "finetune_epochs": finetune_epochs, "merge": merge, "tolerance": tolerance,
-            "metric": metric, "tied": target.tied}
-    size = write_mcz(path, layers, dense_tensors(state, layers,
-                                                 dtype=target.dense_torch_dtype),
-                     plan=sol.plan.to_dict(),
-                     meta=meta, order=list(state))
+    root = root_of(ctx, sol)
+    # the file says where it comes from; what each step did is in refined.csv (a few hundred
+    # bytes of notes would be a tenth of a small model's file)
+    meta = {"parent": sol.key, "root": root, "problem": ctx.problem.name,
+            "steps": [o.step for o in outcomes if o.kept], "tied": target.tied}
+    write_mcz(path, layers, dense_tensors(state, layers, dtype=target.dense_torch_dtype),
+              plan=sol.plan.to_dict(), meta=meta, order=list(state))
+    size = path.stat().st_size
+    final = student_model(target.teacher, state)
     n_params = sum(int(v.numel()) for v in state.values() if v.is_floating_point())
-    val, test = (target.fidelity(model, name) if target.split(name) is not None
+    val, test = (target.fidelity(final, name) if target.split(name) is not None
                  else Fidelity(math.nan, math.nan, math.nan) for name in ("validation", "test"))
+    kept_steps = {o.step for o in outcomes if o.kept}
     res = RefineResult(
-        key=key, parent=sol.key, levels_before=before,
+        key=key, parent=sol.key, root=root, steps=tuple(outcomes),
+        levels_before=levels_before,
         levels_after={n: ql.n_levels for n, ql in layers.items()}, fidelity_metric=metric,
-        fidelity_before=f_before, fidelity_after=f_after, tolerance=tolerance,
-        finetune_epochs=finetune_epochs, reconstructed=reconstruct,
+        fidelity_split=split, start_measure=start, fidelity_before=before_merge,
+        fidelity_after=now, tolerance=float(tolerance), finetune_epochs=finetune_epochs,
+        reconstructed="reconstruct" in kept_steps, finetuned="finetune" in kept_steps,
+        merged="merge" in kept_steps,
         val_metric=val.metric, test_metric=test.metric, val_divergence=val.divergence,
-        test_divergence=test.divergence, metric_name=target.metric_name,
+        test_divergence=test.divergence, val_drop=val.metric_drop, test_drop=test.metric_drop,
+        metric_name=target.metric_name,
         metric_unit=target.metric.unit if target.metric is not None else "",
-        file_bytes=size, ratio=4 * n_params / size,
-        path=str(path))
+        file_bytes=size, ratio=4 * n_params / size, path=str(path))
     _record(ctx, res, seconds=time.perf_counter() - t0)
     return res
+
+
+def _status(res: RefineResult, step: str) -> str:
+    for o in res.steps:
+        if o.step == step:
+            return "kept" if o.kept else "dropped"
+    return ""
 
 
 def _record(ctx: RunContext, res: RefineResult, *, seconds: float) -> None:
     csv = ctx.run.path / "refined.csv"
     row = {
-        "key": res.key, "parent": res.parent, "reconstructed": res.reconstructed,
-        "finetune_epochs": res.finetune_epochs,
-        "tolerance_in": res.fidelity_metric, "tolerance": res.tolerance,
+        "key": res.key, "parent": res.parent, "root": res.root,
+        "reconstruct": _status(res, "reconstruct"), "finetune": _status(res, "finetune"),
+        "finetune_epochs": res.finetune_epochs, "merge": _status(res, "merge"),
+        "measure": res.fidelity_metric, "split": res.fidelity_split,
+        "tolerance": res.tolerance, "start_measure": res.start_measure,
         "fidelity_before": res.fidelity_before, "fidelity_after": res.fidelity_after,
         "levels_before": json.dumps(res.levels_before),
         "levels_after": json.dumps(res.levels_after),
         "val_metric": res.val_metric, "test_metric": res.test_metric,
+        "val_drop": res.val_drop, "test_drop": res.test_drop,
         "val_divergence": res.val_divergence, "test_divergence": res.test_divergence,
         "file_bytes": res.file_bytes,
-        "ratio": res.ratio, "seconds": round(seconds, 2), "path": res.path,
+        "ratio": res.ratio, "seconds": round(seconds, 2),
+        "steps": " | ".join(o.line() for o in res.steps), "path": res.path,
     }
     old = read_table(csv) if csv.is_file() else pd.DataFrame()
     atomic_write_csv(csv, pd.concat([old, pd.DataFrame([row])], ignore_index=True))

@@ -314,7 +314,7 @@ def _picks_section(run: RunFolder, metric: MetricInfo | None) -> list[str]:
     if not path.is_file():
         return out + ["No picks yet: run `moecomp pick RUN` (e.g. `--knee` or `--max-drop 1`).", ""]
     picks = read_table(path)
-    cols = ["id", "rule", "ratio", "density", "bits", "divergence"]
+    cols = ["pick", "id", "rule", "ratio", "density", "bits", "divergence"]
     if metric is None:
         cols += ["val_divergence", "test_divergence"]
     else:
@@ -323,6 +323,15 @@ def _picks_section(run: RunFolder, metric: MetricInfo | None) -> list[str]:
         columns={"metric": "calib_metric", "metric_drop": "calib_drop"}
     )
     table, fmt = shown(table, metric)
+    on = picks["bounds_on"].dropna().astype(str) if "bounds_on" in picks.columns else None
+    if on is not None and (on != "").any():
+        splits = ", ".join(sorted(set(on[on != ""])))
+        out += [
+            f"Bounds on the drop and the divergence (a rule's \"within\") were checked on the "
+            f"{splits} split: the front's solutions measured there once (`validation.csv`); "
+            "test is reported, never chosen on. Every pick is kept, numbered in `pick`.",
+            "",
+        ]
     if metric is None:
         split = {f"{s}_divergence": f"{s} divergence" for s in ("val", "test")}
         table = table.rename(columns={"divergence": "calib divergence"} | split)

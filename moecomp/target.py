@@ -36,6 +36,7 @@ from moecomp.config import LayersConfig, ObjectivesConfig, ProblemConfig, resolv
 from moecomp.data import Split, Splits, calibration_indices, load_splits
 from moecomp.divergence import Divergence, PerSample
 from moecomp.errors import ConfigError, TargetError
+from moecomp.fold import fold_batchnorm
 from moecomp.inputs import Inputs
 from moecomp.metric import Metric, MetricFn, builtin_accuracy, classifies
 
@@ -536,6 +537,8 @@ def _assemble(teacher: nn.Module, data: Splits, div: Divergence, met: Metric | s
     named = {"calibration": data.calibration, "validation": data.validation,
              "test": data.test}
     metric = _preflight(teacher, named, output, div, met)
+    if layers.fold_batchnorm:  # the teacher compressed is the folded one (moecomp.fold)
+        teacher, _ = fold_batchnorm(teacher, data.calibration.inputs)
     idx = calibration_indices(len(data.calibration), calibration, seed=seed)
     try:
         return Target(

@@ -64,7 +64,7 @@ def test_decode_and_inspect_work_and_say_what_they_checked(cli, mcz, tmp_path):
         (["study", "{missing}"], ["no such file"]),
         (["pick", "{missing}", "--knee"], ["does not exist"]),
         (["pick", "{mcz}", "--knee"], ["is a file"]),
-        (["refine", "{missing}", "--solution", "1"], ["does not exist"]),
+        (["refine", "{missing}", "--solution", "1"], ["no such folder"]),
         (["export", "{missing}", "--solution", "1"], ["does not exist"]),
         (["export", "{tmp}", "--solution", "1", "--out", "{tmp}"], ["is a folder"]),
         (["compare", "{missing}"], ["does not exist"]),

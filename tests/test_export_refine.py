@@ -38,25 +38,66 @@ def test_unknown_solution_is_a_clear_error(run_ctx):
 
 @pytest.mark.parametrize("tolerance", [0.0, 1.0])
 def test_refine_never_exceeds_tolerance(run_ctx, tolerance):
-    r = refine(run_ctx, 0, tolerance=tolerance, metric="accuracy", progress=False)
+    r = refine(run_ctx, 0, merge=True, tolerance=tolerance, metric="accuracy", progress=False)
     assert r.fidelity_after <= r.fidelity_before + tolerance + 1e-9
     assert all(r.levels_after[n] <= r.levels_before[n] for n in r.levels_before)
-    # the stored solution is what was measured
+    assert [o.step for o in r.steps] == ["merge"] and r.steps[0].kept == r.merged
+    # the stored solution is what was measured, on the validation split
+    assert r.fidelity_split == "validation"
     sol = run_ctx.solution(r.key)
     model = student_model(run_ctx.target.teacher, sol.state)
     teacher_acc = accuracy(run_ctx.target.teacher, run_ctx.target.val)
     assert teacher_acc - accuracy(model, run_ctx.target.val) == pytest.approx(r.fidelity_after)
-    assert sol.parent == "0"
+    assert sol.parent == "0" and r.root == "0"
+    assert r.file_bytes == (run_ctx.run.path / "refined" / f"{r.key}.mcz").stat().st_size
 
 
 def test_refine_with_finetuning_keeps_masks(run_ctx):
-    r = refine(run_ctx, 2, merge=False, finetune_epochs=1, progress=False)
+    r = refine(run_ctx, 2, finetune_epochs=1, progress=False)
     parent, child = run_ctx.solution(2), run_ctx.solution(r.key)
     for n, ql in parent.layers.items():
         assert torch.equal(ql.mask, child.layers[n].mask)
         assert child.layers[n].n_levels <= 2 ** parent.plan.layers[n].bits
     rows = run_ctx.run.path / "refined.csv"
     assert rows.is_file() and r.key in rows.read_text()
+
+
+def test_refine_drops_a_step_that_makes_validation_worse(run_ctx):
+    import pandas as pd
+
+    # a learning rate far too large: the fine-tuned student is much worse on validation
+    r = refine(run_ctx, 0, finetune_epochs=1, lr=50.0, progress=False)
+    (step,) = r.steps
+    assert step.step == "finetune" and not step.kept and step.after > step.before
+    assert "worse" in step.note and not r.finetuned
+    assert r.fidelity_after == r.start_measure == step.before
+    parent, child = run_ctx.solution(0), run_ctx.solution(r.key)
+    for n, ql in parent.layers.items():  # stored as it was
+        assert torch.equal(ql.dequantize(), child.layers[n].dequantize())
+    row = pd.read_csv(run_ctx.run.path / "refined.csv").set_index("key").loc[r.key]
+    assert row["finetune"] == "dropped" and row["reconstruct"] != "kept"
+    assert "finetune: dropped" in row["steps"]
+
+    # a step kept is one that does not make validation worse; a refined solution's lineage
+    # goes back to the searched one
+    again = refine(run_ctx, r.key, reconstruct=True, calibration=256, progress=False)
+    (rec,) = again.steps
+    assert rec.kept == (rec.after <= rec.before) and again.reconstructed == rec.kept
+    assert again.fidelity_after <= again.start_measure
+    assert again.parent == r.key and again.root == "0"
+
+
+def test_cli_refine_reports_kept_and_dropped_steps(run_ctx, cli, one_line_error):
+    run = str(run_ctx.run.path)
+    code, out, err = cli("refine", run, "--solution", "0", "--finetune-epochs", "1",
+                         "--lr", "50", "--merge-bins")
+    assert code == 0, err
+    assert "finetune: dropped" in out and "worse" in out
+    assert "merge: " in out and "bytes on disk" in out
+    code, _, err = cli("refine", run, "--solution", "0")
+    one_line_error(code, err, "no step asked")
+    code, _, err = cli("refine", run, "--solution", "0", "--reconstruct", "--tolerance", "1")
+    one_line_error(code, err, "--tolerance", "--merge-bins")
 
 
 def test_cli_inspect_refuses_a_truncated_file(run_ctx, tmp_path):

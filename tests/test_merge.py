@@ -1,6 +1,9 @@
-"""merge: greedy merging of neighbouring levels never breaks the fidelity tolerance."""
+"""merge: merging neighbouring levels never breaks the fidelity tolerance, and a larger
+tolerance never ends with fewer merges (a larger file) than a smaller one."""
 
 from __future__ import annotations
+
+import math
 
 import pytest
 import torch
@@ -9,7 +12,7 @@ from hypothesis import strategies as st
 
 from moecomp.apply import QuantizedLayer, apply_layer, apply_plan
 from moecomp.errors import ConfigError
-from moecomp.merge import Fidelity, infer_groups, merge_bins
+from moecomp.merge import Fidelity, infer_groups, merge_bins, merge_path
 from moecomp.plan import CompressionPlan, LayerPlan
 
 SHAPES = {"a": (12, 10), "b": (6, 12), "c": (3, 6)}
@@ -127,8 +130,12 @@ def test_sensitive_fidelity_stops_immediately() -> None:
     assert result.levels_after == result.levels_before
     for n, layer in result.layers.items():
         assert torch.equal(layer.dequantize(), layers[n].dequantize())
-    # one call for the input plus one per candidate of the single round
-    assert result.evaluations == 1 + sum(min(3, k - 1) for k in result.levels_before.values())
+    # the input, the grid (every ceil(sqrt(M))-th point of the path) and the points up to
+    # the next grid point
+    m = result.path_length
+    assert m == sum(k - 1 for k in result.levels_before.values())
+    step = math.ceil(math.sqrt(m))
+    assert result.evaluations <= 1 + (m // step + 2) + (step - 1)
 
 
 def test_unused_levels_are_dropped_for_free() -> None:
@@ -181,3 +188,71 @@ def test_empty_layer_keeps_one_level() -> None:
     empty = apply_layer(w, ranks_of(w), sparsity=1.0, bits=2)
     result = merge_bins({"e": empty}, lambda _: 0.0, tolerance=0.0)
     assert result.layers["e"].n_levels == 1 and result.layers["e"].n_kept == 0
+
+
+def noisy_error(weights: dict[str, torch.Tensor], seed: int) -> Fidelity:
+    """A fidelity that is not monotone along a path: the weight error plus a deterministic
+    jitter of the level counts (as a validation accuracy jitters from merge to merge)."""
+    base = weight_error(weights)
+
+    def fidelity(layers: dict[str, QuantizedLayer]) -> float:
+        key = tuple(layer.n_levels for layer in layers.values())
+        jitter = (hash((seed, key)) % 1000) / 1000.0
+        return base(layers) * (1.0 + jitter)
+
+    return fidelity
+
+
+@settings(max_examples=20, deadline=None)
+@given(bits=st.integers(2, 5), sparsity=st.floats(0.0, 0.9), seed=st.integers(0, 1000),
+       guided=st.booleans(), tolerances=st.lists(st.floats(0.0, 50.0), min_size=2, max_size=6))
+def test_a_larger_tolerance_never_ends_with_fewer_merges(
+    bits: int, sparsity: float, seed: int, guided: bool, tolerances: list[float]
+) -> None:
+    layers, weights = make_layers(bits=bits, sparsity=sparsity, seed=seed)
+    fidelity = noisy_error(weights, seed)
+    guide = weight_error(weights) if guided else None
+    measured = merge_path(layers, guide=guide).measure(fidelity)
+    results = [measured.within(t) for t in sorted(tolerances)]
+    for r, t in zip(results, sorted(tolerances), strict=True):
+        assert r.fidelity_after <= r.fidelity_before + t
+        assert fidelity(r.layers) == r.fidelity_after
+        check_layers(layers, r.layers)
+    for small, large in zip(results, results[1:], strict=False):
+        assert large.rounds >= small.rounds
+        assert sum(large.levels_after.values()) <= sum(small.levels_after.values())
+    # separate calls compute the same path and the same answer
+    one = merge_bins(layers, fidelity, tolerance=sorted(tolerances)[-1], guide=guide)
+    assert one.rounds == results[-1].rounds
+    assert one.levels_after == results[-1].levels_after
+
+
+def test_every_merge_of_the_path_removes_one_level() -> None:
+    layers, _ = make_layers(bits=3)
+    path = merge_path(layers)
+    total = sum(q.n_levels for q in path.start.values())  # unused levels dropped up front
+    assert total <= sum(q.n_levels for q in layers.values())
+    assert len(path) == total - len(layers)
+    for i in (0, 1, len(path) // 2, len(path)):
+        assert sum(q.n_levels for q in path.layers_at(i).values()) == total - i
+    assert all(q.n_levels == 1 for q in path.layers_at(len(path)).values())
+    with pytest.raises(IndexError):
+        path.layers_at(len(path) + 1)
+
+
+def test_the_guide_decides_which_group_merges_first() -> None:
+    layers, weights = make_layers(bits=3)
+    error = weight_error(weights)
+    k_a = layers["a"].n_levels
+
+    def guide(ls: dict[str, QuantizedLayer]) -> float:  # any merge of "a" is very costly
+        return 1e6 * (k_a - ls["a"].n_levels) + error(ls)
+
+    path = merge_path(layers, guide=guide)
+    groups = [r.group for r in path.records]
+    n_a = path.start["a"].n_levels - 1
+    assert groups[-n_a:] == [("a",)] * n_a and ("a",) not in groups[:-n_a]
+    # the recorded guide values are the guide at each point of the path
+    for i in (1, len(path) // 2, len(path)):
+        assert path.records[i - 1].guide == pytest.approx(guide(path.layers_at(i)))
+    assert path.guide_evaluations >= len(path)

@@ -224,10 +224,13 @@ def test_pick_reevaluates_on_val_and_test(tiny_run, digits_target):
     picks = pick(run.path, max_drop=5.0, weights=(1, 1, 1))
     assert (run.path / "picks.csv").is_file()
     saved = pd.read_csv(run.path / "picks.csv")
+    saved = saved[saved["pick"] == picks["pick"].iloc[0]]
     assert saved["id"].tolist() == picks["id"].tolist()
     head = [
+        "pick",
         "id",
         "rule",
+        "bounds_on",
         "gen",
         "density",
         "bits",
@@ -245,8 +248,8 @@ def test_pick_reevaluates_on_val_and_test(tiny_run, digits_target):
     ]
     assert list(saved.columns[: len(head)]) == head
     assert any(c.startswith("s:") for c in saved.columns)
-    front = run.front()
-    assert by_constraints(front, max_drop=5.0)["id"].iloc[0] == picks["id"].iloc[0]
+    assert (picks["bounds_on"] == "validation").all()
+    assert "val drop <= 5" in picks["rule"].iloc[0]
 
     # Oracle: the Evaluator's metrics with the test split as its "calibration" data.
     t = digits_target
@@ -259,6 +262,67 @@ def test_pick_reevaluates_on_val_and_test(tiny_run, digits_target):
         assert np.allclose(picks[f"{col}_metric"], m.metric)
         assert np.allclose(picks[f"{col}_drop"], m.metric_drop)
         assert np.allclose(picks[f"{col}_divergence"], m.divergence, rtol=1e-4)
+
+    # the bound is on validation: the best ratio among the front's validation drops <= 5
+    front = run.front()
+    on_val = front.assign(**holdout_fidelity(t, ranks, [run.plan(int(i)) for i in front["id"]])
+                          [["val_drop", "val_divergence"]].to_dict("list"))
+    best = by_constraints(on_val, max_drop=5.0, split="validation")["id"].iloc[0]
+    assert picks["id"].iloc[0] == best and picks["val_drop"].iloc[0] <= 5.0
+
+
+def test_pick_bounds_on_validation_are_cached_and_picks_are_appended(tiny_run, digits_target,
+                                                                     tmp_path, monkeypatch):
+    import shutil
+
+    from moecomp.solution import RunContext
+
+    run, _ = tiny_run
+    folder = tmp_path / "run"
+    shutil.copytree(run.path, folder)
+    for name in ("picks.csv", "validation.csv"):
+        (folder / name).unlink(missing_ok=True)
+    calls: list[str] = []
+    measure = digits_target.fidelity
+
+    def counted(model, name):
+        calls.append(name)
+        return measure(model, name)
+
+    monkeypatch.setattr(digits_target, "fidelity", counted)
+    ctx = RunContext(folder, target=digits_target)
+    first = pick(ctx, max_drop=2.0)
+    cache = pd.read_csv(folder / "validation.csv")
+    n_front = len(run.front())
+    # "best ratio within" alone measures the front best ratio first, only until one fits
+    assert 1 <= len(cache) <= n_front and set(first["id"]) <= set(cache["id"])
+    assert (cache["val_samples"] == len(digits_target.val)).all()
+    measured = calls.count("validation")
+    assert measured == len(cache) + len(first)  # the front's solutions, then the pick
+
+    calls.clear()
+    second = pick(ctx, max_drop=2.0, knee=True)  # knee needs every feasible solution
+    cache2 = pd.read_csv(folder / "validation.csv")
+    assert len(cache2) == n_front and cache2["id"].is_unique
+    assert calls.count("validation") == n_front - len(cache) + len(second)
+
+    calls.clear()
+    third = pick(ctx, max_drop=2.0)
+    assert calls.count("validation") == len(third)  # only the re-evaluation of the pick
+    assert third["id"].tolist() == first["id"].tolist()
+
+    # a cached value is what the bound reads
+    cache2.loc[cache2["id"] == cache2["id"].iloc[0], "val_drop"] = -1.0
+    top = int(run.front().sort_values("ratio", ascending=False)["id"].iloc[0])
+    cache2.loc[cache2["id"] == top, "val_drop"] = -1.0
+    cache2.to_csv(folder / "validation.csv", index=False)
+    fourth = pick(ctx, max_drop=0.0, reevaluate=False)
+    assert fourth["id"].iloc[0] == top
+
+    saved = pd.read_csv(folder / "picks.csv")
+    assert saved["pick"].drop_duplicates().tolist() == [1, 2, 3, 4]
+    assert saved[saved["pick"] == 1]["id"].tolist() == first["id"].tolist()
+    assert (saved["bounds_on"] == "validation").all()
 
 
 def test_pick_without_reevaluation_has_no_holdout_columns(tiny_run):
@@ -311,6 +375,7 @@ def test_cli_pick_prints_table_and_paths(tiny_run):
     best = int(run.front().sort_values("divergence")["id"].iloc[0])
     assert "weights 0,0,1" in res.output and f"{best}" in res.output
     assert str(run.path / "picks.csv") in res.output.replace("\n", "")
+    assert "val = the full validation split" in " ".join(res.output.split())
 
 
 def test_cli_pick_bad_weights_and_infeasible_bounds_are_errors(tiny_run):

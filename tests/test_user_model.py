@@ -144,14 +144,17 @@ def test_tied_student_matches_the_naive_loop_and_stays_tied(lm_target):
 
 
 # --- dataclass outputs, BatchNorm ------------------------------------------------------------
-@pytest.mark.parametrize("output", [None, "logits"])
-def test_dataclass_output_and_batchnorm(output):
+@pytest.mark.parametrize(("output", "fold"), [(None, True), ("logits", True), (None, False)])
+def test_dataclass_output_and_batchnorm(output, fold):
+    layers = LayersConfig(fold_batchnorm=fold)
     with pytest.warns(RuntimeWarning, match="vmap") if output is None else _no_warning():
-        t = make_target(usermodels.bn_net(), userdata.image_splits(), output=output)
+        t = make_target(usermodels.bn_net(), userdata.image_splits(), output=output,
+                        layers=layers)
         ev = Evaluator(t, magnitude_ranks(t))
     assert t.metric is not None and t.metric.name == "accuracy"  # the "logits" part
     assert [r.name for r in t.layers] == ["conv.weight", "fc.weight"]
-    assert "bn.running_var" in t.state_dict()  # buffers are kept as they are
+    # folded by default (no BatchNorm tensor left to store), kept as they are when asked
+    assert ("bn.running_var" in t.state_dict()) is not fold
     s, b, plans = random_plans(t, 5, seed=2)
     m = ev.evaluate(s, b)
     div, met = naive(t, magnitude_ranks(t), plans)

@@ -21,8 +21,8 @@ app = typer.Typer(
 )
 
 # Order is the user's path through the pipeline (shared/DESIGN.md, "Command line").
-COMMAND_MODULES = ("demo", "train", "search", "study", "pick", "refine", "export", "codec",
-                   "compare", "report")
+COMMAND_MODULES = ("demo", "train", "search", "study", "pick", "refine", "export", "compress",
+                   "codec", "compare", "report")
 
 for _name in COMMAND_MODULES:
     importlib.import_module(f"moecomp.cli.{_name}").register(app)

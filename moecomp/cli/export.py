@@ -33,12 +33,19 @@ def register(app: typer.Typer) -> None:
         safetensors: bool = typer.Option(False, "--safetensors",
                                          help="Also write the decoded dense weights."),
         onnx: bool = typer.Option(False, "--onnx", help="Also write an ONNX model."),
+        structured: bool = typer.Option(
+            False, "--structured",
+            help="Also write the decoded model with the units and filters nobody reads "
+                 "removed (smaller matrices, same outputs): STEM.structured.safetensors, "
+                 "STEM.structured.json (kept units, new shapes) and, with --onnx, "
+                 "STEM.structured.onnx."),
     ) -> None:
         """Write a solution's configuration and compressed file; check the file decodes to the
         same model; print size and ratio vs the fp32 teacher."""
         if out is not None and out.is_dir():
             raise PathError(f"--out {out}: is a folder, expected the .mcz file's name")
-        r = export_solution(run, solution, out=out, safetensors=safetensors, onnx=onnx)
+        r = export_solution(run, solution, out=out, safetensors=safetensors, onnx=onnx,
+                            structured=structured)
         c = Console()
         c.print(f"[bold]solution {r.key}[/]")
         c.print(f"  file          {r.mcz}  ({r.file_bytes:,} bytes)")
@@ -47,6 +54,11 @@ def register(app: typer.Typer) -> None:
             c.print(f"  safetensors   {r.safetensors}")
         if r.onnx:
             c.print(f"  onnx          {r.onnx}")
+        if r.structured_safetensors:
+            c.print(f"  structured    {r.structured_safetensors}  ({r.structured_params:,} "
+                    f"parameters; shapes in {r.structured_json})")
+        if r.structured_onnx:
+            c.print(f"                {r.structured_onnx}")
         c.print(f"  ratio         {r.ratio:.1f}x vs fp32 of all parameters "
                 f"({r.fp32_bytes:,} bytes)")
         if r.teacher_file_bytes:

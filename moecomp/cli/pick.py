@@ -1,5 +1,5 @@
-"""`moecomp pick RUN`: choose solutions from a run's front, re-evaluate them on held-out
-data, write picks.csv and draw the figures."""
+"""`moecomp pick RUN`: choose solutions from a run's front (bounds checked on the validation
+split), re-evaluate them on held-out data, append them to picks.csv and draw the figures."""
 
 from __future__ import annotations
 
@@ -36,7 +36,8 @@ def picks_table(picks: pd.DataFrame, metric: str = "accuracy", unit: str = "%") 
         cols = [("calib", "metric", "metric_drop"), ("val", "val_metric", "val_drop"),
                 ("test", "test_metric", "test_drop")]
     splits = [c for c in cols if c[1] in picks.columns]
-    table = Table(title="picks", box=box.SIMPLE_HEAD)
+    number = f" (pick {int(picks['pick'].iloc[0])})" if "pick" in picks.columns else ""
+    table = Table(title="picks" + number, box=box.SIMPLE_HEAD)
     table.add_column("id", justify="right")
     table.add_column("rule")
     for header in ("ratio", "density", "bits", "diverg."):
@@ -67,11 +68,12 @@ def register(app: typer.Typer) -> None:
         run: Path = typer.Argument(..., help="Run folder written by `moecomp search`."),
         max_drop: float | None = typer.Option(
             None, "--max-drop",
-            help="Max drop of the metric from the teacher's (its units, points for accuracy; "
-            "calibration set).",
+            help="Max drop of the metric from the teacher's (its units, points for accuracy), "
+            "on the validation split.",
         ),
         max_divergence: float | None = typer.Option(
-            None, "--max-divergence", help="Max divergence (e.g. KL nats)."
+            None, "--max-divergence", help="Max divergence (e.g. KL nats), on the validation "
+            "split."
         ),
         min_ratio: float | None = typer.Option(
             None, "--min-ratio", help="Min compression ratio vs fp32."
@@ -91,12 +93,22 @@ def register(app: typer.Typer) -> None:
             help="Re-evaluate the picks on the full validation and test splits.",
         ),
         plots: bool = typer.Option(True, "--plots/--no-plots", help="Draw the figures."),
+        bounds_on: str = typer.Option(
+            "validation", "--bounds-on",
+            help="Where --max-drop and --max-divergence are checked: validation (each front "
+            "solution measured once, cached in RUN/validation.csv) | calibration (the "
+            "search's own numbers).",
+        ),
     ) -> None:
         """Choose solutions by bounds (best ratio within them), knee or weights. With no rule:
         the knee points and equal weights."""
+        from moecomp.pick import BOUND_SPLITS
         from moecomp.pick import pick as pick_solutions
         from moecomp.plots import plot_run
 
+        if bounds_on not in BOUND_SPLITS:
+            raise ConfigError("--bounds-on", f"must be one of {', '.join(BOUND_SPLITS)}, got "
+                              f"{bounds_on!r}")
         picks = pick_solutions(
             run,
             max_drop=max_drop,
@@ -107,24 +119,30 @@ def register(app: typer.Typer) -> None:
             method=method,
             max_knees=max_knees,
             reevaluate=reevaluate,
+            split=bounds_on,
             progress=True,
         )
         c = Console()
         rule = str(picks["rule"].iloc[0])
+        on = str(picks["bounds_on"].iloc[0]) if pd.notna(picks["bounds_on"].iloc[0]) else ""
         if " within " in rule:
-            c.print("all picks are within " + rule.split(" within ", 1)[1])
+            where = f" (checked on the {on} split)" if on else ""
+            c.print("all picks are within " + rule.split(" within ", 1)[1] + where)
         from moecomp.runs import RunFolder, metric_info
 
         info = metric_info(RunFolder(run))
         if info is None:
             c.print(picks_table(picks, "none", ""))
-            c.print("no metric: this target is measured by its divergence alone; calib = the "
-                    "search's calibration samples")
+            c.print("no metric: this target is measured by its divergence alone")
         else:
             c.print(picks_table(picks, info.name, info.unit))
             c.print(f"{info.name}; drops from the teacher on the same data, in "
-                    f"{info.drop_unit or 'its units'}; calib = the search's calibration samples")
-        c.print(f"picks: {run / 'picks.csv'}")
+                    f"{info.drop_unit or 'its units'}")
+        c.print("splits: calib = the search's calibration samples, val = the full validation "
+                "split (where bounds are checked), test = the test split (reported, never "
+                "chosen on)")
+        c.print(f"picks: {run / 'picks.csv'} (pick {int(picks['pick'].iloc[0])}; earlier picks "
+                "kept)")
         if plots:
             for p in plot_run(run, picks):
                 c.print(f"plot:  {p}")

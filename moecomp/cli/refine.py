@@ -1,4 +1,5 @@
-"""`moecomp refine RUN --solution ID`: reconstruct, fine-tune and/or merge bins of one solution."""
+"""`moecomp refine RUN --solution ID`: reconstruct, fine-tune and/or merge bins of one solution;
+each step is kept only if the validation measure does not get worse, and the output says so."""
 
 from __future__ import annotations
 
@@ -8,6 +9,8 @@ import typer
 from rich.console import Console
 
 from moecomp.cli.export import fidelity_line
+from moecomp.errors import ConfigError
+from moecomp.paths import input_folder
 from moecomp.refine import refine as refine_solution
 
 
@@ -16,15 +19,6 @@ def register(app: typer.Typer) -> None:
     def refine(
         run: Path = typer.Argument(..., help="Run folder written by `moecomp search`."),
         solution: str = typer.Option(..., "--solution", "-s", help="Solution id or refined key."),
-        merge_bins: bool = typer.Option(True, "--merge-bins/--no-merge-bins",
-                                        help="Iteratively merge neighbouring bins."),
-        tolerance: float = typer.Option(0.5, "--tolerance",
-                                        help="Allowed loss of merging on validation: the "
-                                             "metric's drop (points for accuracy) or the "
-                                             "divergence."),
-        metric: str | None = typer.Option(None, "--metric",
-                                          help="What --tolerance is in: metric | divergence "
-                                               "(default: metric when the target has one)."),
         reconstruct: bool = typer.Option(False, "--reconstruct",
                                          help="Re-fit survivors and biases layer by layer "
                                               "(least squares + GPTQ rounding on calibration "
@@ -35,18 +29,42 @@ def register(app: typer.Typer) -> None:
                                             help="Distillation epochs (masks kept, "
                                                  "quantisation in the loop)."),
         lr: float = typer.Option(2e-3, "--lr", help="Fine-tuning learning rate."),
+        merge_bins: bool = typer.Option(False, "--merge-bins/--no-merge-bins",
+                                        help="Merge neighbouring bins (levels) as far as the "
+                                             "validation measure stays within --tolerance."),
+        tolerance: float = typer.Option(0.0, "--tolerance",
+                                        help="How much worse merging may make the validation "
+                                             "measure: the metric's drop (points for "
+                                             "accuracy) or the divergence. Default 0."),
+        metric: str | None = typer.Option(None, "--metric",
+                                          help="The validation measure steps are kept by: "
+                                               "metric | divergence (default: metric when "
+                                               "the target has one)."),
         seed: int = typer.Option(0, "--seed"),
     ) -> None:
-        """Refine a solution; the result is added to the run as refined/rN.mcz."""
-        r = refine_solution(run, solution, merge=merge_bins, tolerance=tolerance, metric=metric,
-                            finetune_epochs=finetune_epochs, lr=lr, seed=seed,
-                            reconstruct=reconstruct, calibration=calibration)
+        """Refine a solution; the result is added to the run as refined/rN.mcz. A step is kept
+        only if the validation measure does not get worse (merging: within --tolerance)."""
+        input_folder(run, "RUN")
+        if tolerance != 0.0 and not merge_bins:
+            raise ConfigError("--tolerance", "applies to bin merging only: add --merge-bins")
+        if not (reconstruct or finetune_epochs > 0 or merge_bins):
+            raise ConfigError("refine", "no step asked: give --reconstruct, "
+                              "--finetune-epochs N and/or --merge-bins")
+        r = refine_solution(run, solution, reconstruct=reconstruct, calibration=calibration,
+                            finetune_epochs=finetune_epochs, lr=lr, merge=merge_bins,
+                            tolerance=tolerance, metric=metric, seed=seed)
         c = Console()
-        c.print(f"[bold]{r.key}[/] (from solution {r.parent}): {r.path}")
-        for n in r.levels_before:
-            c.print(f"  {n}: {r.levels_before[n]} -> {r.levels_after[n]} levels")
-        c.print(f"  {r.fidelity_metric}: {r.fidelity_before:.4f} -> {r.fidelity_after:.4f} "
-                f"(tolerance {r.tolerance})")
+        origin = f"; searched solution {r.root}" if r.root != r.parent else ""
+        c.print(f"[bold]{r.key}[/] (from solution {r.parent}){origin}: {r.path}")
+        for o in r.steps:
+            colour = "green" if o.kept else "yellow"
+            c.print(f"  [{colour}]{o.step}: {'kept' if o.kept else 'dropped'}[/] ({o.note})")
+        if not any(o.kept for o in r.steps):
+            c.print(f"  no step kept: {r.key} is solution {r.parent} as it was")
+        if r.merged:
+            changed = [n for n in r.levels_before if r.levels_after[n] != r.levels_before[n]]
+            for n in changed:
+                c.print(f"    {n}: {r.levels_before[n]} -> {r.levels_after[n]} levels")
         c.print("  " + fidelity_line(r.metric_name, r.metric_unit, r.val_metric,
                                      r.test_metric, r.val_divergence, r.test_divergence))
-        c.print(f"  file {r.file_bytes:,} bytes, {r.ratio:.1f}x vs fp32")
+        c.print(f"  file {r.file_bytes:,} bytes on disk, {r.ratio:.1f}x vs fp32")

@@ -1,0 +1,136 @@
+"""compress: from a drop budget to the smallest file, on digits at a tiny budget: the command
+writes compress.json, the chosen file decodes and is within the budget on validation, the test
+drop is what the decoded file gives, and a stopped compress continues without redoing the
+candidates it finished."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from moecomp.codec import read_mcz
+from moecomp.compress import _Strategy, compress, ratio_bins
+from moecomp.solution import RunContext, student_model
+
+BUDGET = 160  # search evaluations: a few seconds on digits
+
+
+@pytest.fixture(scope="module")
+def compressed(tmp_path_factory, repo):
+    """`moecomp compress` through the CLI: searches digits into OUT, then refines."""
+    import sys
+
+    from moecomp.cli import main
+
+    out = tmp_path_factory.mktemp("compress") / "digits"
+    argv = sys.argv
+    sys.argv = ["moecomp", "compress", str(repo / "problems" / "digits-mlp.toml"),
+                "--max-drop", "1.0", "--budget", str(BUDGET), "--out", str(out),
+                "--candidates", "5", "--calibration", "256", "--no-progress"]
+    try:
+        with pytest.raises(SystemExit) as e:
+            main()
+    finally:
+        sys.argv = argv
+    assert e.value.code in (0, None)
+    return out
+
+
+def test_compress_writes_the_smallest_file_within_the_budget(compressed, digits_target):
+    info = json.loads((compressed / "compress.json").read_text())
+    assert info["status"] == "done" and info["split"] == "validation"
+    assert info["measure"] == "metric_drop" and info["limit"] == 1.0
+    for key in ("file", "bytes", "ratio", "val_drop", "test_drop", "candidates"):
+        assert key in info, key
+    # the chosen file: real, decodes, and its validation drop is within the budget
+    path = compressed / info["file"].split("/")[-1]
+    assert path.is_file() and path.stat().st_size == info["bytes"]
+    decoded = read_mcz(path)
+    model = student_model(digits_target.teacher, {
+        k: v.to(digits_target.state_dict()[k].dtype) for k, v in decoded.state_dict.items()})
+    val = digits_target.fidelity(model, "validation")
+    test = digits_target.fidelity(model, "test")
+    assert val.metric_drop == pytest.approx(info["val_drop"]) and val.metric_drop <= 1.0
+    assert test.metric_drop == pytest.approx(info["test_drop"])
+    assert info["ratio"] == pytest.approx(4 * digits_target.n_params / info["bytes"])
+    # every candidate tried is in the table; the chosen one is the smallest within the budget
+    table = pd.DataFrame(info["candidates"])
+    assert len(table) <= 5 and {"search_id", "steps", "bytes", "ratio", "val_drop",
+                                "test_drop", "within"} <= set(table.columns)
+    assert table["stage"].iloc[0] == "plain"
+    within = table[table["within"]]
+    assert (within["val_drop"] <= 1.0).all() and (table[~table["within"]]["val_drop"] > 1.0).all()
+    chosen = within.sort_values("bytes").iloc[0]
+    assert info["solution"] == chosen["key"] and info["search_id"] == chosen["search_id"]
+    csv = pd.read_csv(compressed / "candidates.csv")
+    assert csv["candidate"].tolist() == table["candidate"].tolist()
+
+
+def test_compress_continues_where_it_stopped(compressed, digits_target, tmp_path, monkeypatch):
+    import moecomp.refine as refine_mod
+
+    ctx = RunContext(compressed, target=digits_target)
+    out = tmp_path / "again"
+    calls: list[str] = []
+    stop_at = [3]
+    real = refine_mod.refine
+
+    def stopping(run, solution, **kw):
+        calls.append(str(solution))
+        if len(calls) == stop_at[0]:
+            stop_at[0] = 0
+            raise KeyboardInterrupt  # killed while refining the third candidate
+        return real(run, solution, **kw)
+
+    monkeypatch.setattr(refine_mod, "refine", stopping)
+    settings = dict(run=ctx, out=out, max_drop=1.0, candidates=6, calibration=256,
+                    progress=False)
+    with pytest.raises(KeyboardInterrupt):
+        compress(**settings)
+    done = pd.read_csv(out / "candidates.csv")
+    assert len(done) == 2
+    assert json.loads((out / "compress.json").read_text())["status"] == "interrupted"
+
+    calls.clear()
+    result = compress(**settings)
+    # the two finished candidates are read back, not refined again
+    table = result.candidates
+    assert table["candidate"].tolist()[:2] == done["candidate"].tolist()
+    assert table["resumed"].tolist()[:2] == [True, True]
+    assert len(calls) == len(table) - 2
+    assert result.val_drop <= 1.0 and result.file.is_file()
+
+    # a larger budget reuses every refined candidate (only "within" changes)
+    calls.clear()
+    looser = compress(**{**settings, "max_drop": 3.0, "candidates": 2})
+    assert looser.candidates["stage"].iloc[0] == "plain"
+    assert looser.ratio >= 1.0 and looser.val_drop <= 3.0
+
+
+def test_compress_errors_are_one_line(compressed, cli, one_line_error):
+    code, _, err = cli("compress", "--run", str(compressed), "--no-progress")
+    one_line_error(code, err, "--max-drop", "--max-divergence")
+    code, _, err = cli("compress", "--run", str(compressed), "--max-drop", "1",
+                       "--max-divergence", "0.1")
+    one_line_error(code, err, "one budget")
+    code, _, err = cli("compress", "--run", str(compressed), "--max-drop", "1",
+                       "--time-budget", "0")
+    one_line_error(code, err, "--time-budget")
+    code, _, err = cli("compress", "--run", str(compressed / "missing"), "--max-drop", "1")
+    one_line_error(code, err, "--run")
+
+
+def test_ratio_bins_and_the_bisection_order():
+    assert ratio_bins(np.array([10.0, 10.5, 11.5, 30.0]), 10.0).tolist() == [-1, 0, 1, 11]
+    bins = [[1, 2], [3, 4], [5], [6, 7], [8]]
+    s = _Strategy(bins)
+    assert s.next({}) == 5  # the middle bin first
+    assert s.next({5: True}) == 6  # within: the upper half
+    assert s.next({5: True, 6: False}) == 7  # the crossing found: the next solution above it
+    assert s.next({5: True, 6: False, 7: True}) == 8
+    assert s.next({5: False}) == 1  # over: the lower half
+    every = {i: False for ids in bins for i in ids}
+    assert s.next(every) is None

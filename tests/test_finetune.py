@@ -1,0 +1,119 @@
+"""Fine-tuning with masks that move: the plan's survivor counts and bits hold exactly at the
+end, masks move, pruned weights are exactly zero, and the student gets closer to the teacher."""
+
+import pytest
+import torch
+
+from moecomp.apply import apply_plan, student_state_dict
+from moecomp.errors import ConfigError
+from moecomp.finetune import (
+    MaskSchedule,
+    _rigl_update,
+    cubic_count,
+    distil,
+    finetune,
+    requantize,
+    top_mask,
+)
+from moecomp.plan import CompressionPlan, LayerPlan
+from moecomp.solution import student_model
+
+
+@pytest.fixture(scope="module")
+def plan_layers(digits_target):
+    """A 90 %-sparse 3-bit plan of the digits MLP (magnitude masks) and its student."""
+    t = digits_target
+    w = t.weights()
+    ranks = {n: torch.argsort(torch.argsort(v.abs().reshape(-1))).reshape(v.shape)
+             for n, v in w.items()}
+    plan = CompressionPlan({n: LayerPlan(0.9 if i < 2 else 0.7, 3)
+                            for i, n in enumerate(t.layer_names)})
+    layers = apply_plan(plan, w, ranks)
+    state = student_state_dict(t.student_base(), layers)
+    return plan, layers, state
+
+
+def _train(t, n=256):
+    return t.pool.take(slice(0, n))
+
+
+@pytest.mark.parametrize("mode", ["gradual", "rigl"])
+def test_moving_masks_end_at_the_plans_counts_and_bits(digits_target, plan_layers, mode):
+    t = digits_target
+    plan, layers, state = plan_layers
+    bits = {n: lp.bits for n, lp in plan.layers.items()}
+    kinds = dict.fromkeys(bits, "uniform")
+    model = student_model(t.teacher, state)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    res = distil(model, t, layers, bits, _train(t), epochs=2, batch_size=32, seed=0,
+                 masks=MaskSchedule(mode, update_every=2), quantizers=kinds, progress=False)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())  # untouched
+    q = res.quantized(bits, kinds)
+    moved = 0
+    for n, ql in layers.items():
+        assert int(res.masks[n].sum()) == ql.n_kept  # exactly the plan's survivors
+        assert torch.count_nonzero(res.weights[n][~res.masks[n]]) == 0
+        assert q[n].n_kept == ql.n_kept and q[n].n_levels <= 2 ** bits[n]
+        assert torch.equal(q[n].mask, res.masks[n])
+        moved += int((res.masks[n] != ql.mask).sum())
+    assert moved > 0
+    # requantize with the moved masks is the same thing
+    rq = requantize(res.weights, layers, bits, kinds, masks=res.masks)
+    assert all(torch.equal(rq[n].indices, q[n].indices) for n in q)
+
+
+def test_fixed_masks_stay_and_the_student_improves(digits_target, plan_layers):
+    t = digits_target
+    plan, layers, state = plan_layers
+    bits = {n: lp.bits for n, lp in plan.layers.items()}
+    kinds = dict.fromkeys(bits, "uniform")
+    model = student_model(t.teacher, state)
+    w = finetune(model, t, layers, bits, _train(t, 512), epochs=2, batch_size=32,
+                 quantizers=kinds, progress=False)
+    q = requantize(w, layers, bits, kinds)
+    for n, ql in layers.items():
+        assert torch.equal(q[n].mask, ql.mask)
+        assert torch.count_nonzero(w[n][~ql.mask]) == 0
+    tuned = student_model(t.teacher, t.round_dense(student_state_dict(
+        {k: w.get(k, v) for k, v in state.items()}, q)))
+    assert t.fidelity(tuned, "validation").divergence < \
+        t.fidelity(model, "validation").divergence
+
+
+def test_gradual_start_keeps_the_plans_survivors(digits_target, plan_layers):
+    """start = 0.5: the first masks hold every plan survivor plus the largest others, half
+    the plan's sparsity; zero epochs then prune straight to the plan's counts."""
+    from moecomp.finetune import _start_masks
+
+    t = digits_target
+    _, layers, state = plan_layers
+    params = {k: v.clone() for k, v in state.items() if k in layers}
+    masks = _start_masks(params, {n: ql.mask for n, ql in layers.items()}, t.weights(), 0.5,
+                         {})
+    for n, ql in layers.items():
+        assert bool(masks[n][ql.mask].all())
+        assert int(masks[n].sum()) == ql.numel - round(0.5 * (ql.numel - ql.n_kept))
+        assert torch.equal(params[n][masks[n] & ~ql.mask], t.weights()[n][masks[n] & ~ql.mask])
+
+
+def test_schedule_helpers():
+    assert [cubic_count(100, 10, s, 10) for s in (0, 5, 10, 20)] == [100, 21, 10, 10]
+    assert cubic_count(100, 10, 0, 0) == 10
+    s = torch.tensor([[3.0, 1.0], [2.0, 5.0]])
+    assert torch.equal(top_mask(s, 2), torch.tensor([[True, False], [False, True]]))
+    assert not top_mask(s, 0).any()
+    w = torch.tensor([0.0, 0.1, 2.0, 0.0, -3.0, 0.0])
+    m = w != 0
+    g = torch.tensor([0.0, 0.0, 0.0, 5.0, 0.0, -1.0])
+    new = _rigl_update(w, m, g, 0.34)  # one of three swapped: 0.1 out, |g| = 5 in
+    assert new.tolist() == [False, False, True, True, True, False]
+
+
+@pytest.mark.parametrize("field,kw", [("masks", {"mode": "random"}),
+                                      ("masks.prune_end", {"prune_end": 0.0}),
+                                      ("masks.start", {"start": 1.5}),
+                                      ("masks.update_every", {"update_every": -1}),
+                                      ("masks.regrow", {"regrow": 2.0})])
+def test_schedule_is_validated(field, kw):
+    with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
+        MaskSchedule(**kw)
