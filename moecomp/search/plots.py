@@ -68,7 +68,8 @@ def draw_front(info: FrontPlotInfo, path: Path, *, title: str = "") -> None:
             # divergences span decades down to 0: log above 1e-3, linear below
             ax.set_yscale("symlog", linthresh=1e-3)
             ax.set_ylim(bottom=0.0)
-        ax.legend(loc="best", fontsize=8)
+        if ax.get_legend_handles_labels()[0]:  # nothing evaluated yet: no legend
+            ax.legend(loc="best", fontsize=8)
     if title:
         fig.suptitle(title)
     fig.savefig(path, dpi=110)
