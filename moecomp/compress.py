@@ -189,6 +189,7 @@ def compress(
     seed: int = 0,
     calibration: int = 8192,
     progress: bool = True,
+    device: str = "auto",
 ) -> CompressResult:
     """The smallest file whose validation drop (or divergence) is within a budget.
 
@@ -207,6 +208,8 @@ def compress(
     merge: merge bins of the smallest candidates within the budget.
     candidates: at most this many refined candidates (merging counts); time_budget: seconds
         after which no new candidate is started (the search is bounded by ``budget``).
+    device: where the search and the refine steps run (``auto``, ``cpu``, ``cuda``,
+        ``cuda:N``; see ``run_search`` and ``refine``).
     Returns a :class:`CompressResult`; raises :class:`NoCandidateWithinBudget` when nothing
     is within the budget (compress.json says so and lists what was tried).
     """
@@ -229,7 +232,7 @@ def compress(
     t0 = time.perf_counter()
 
     ctx, out_dir = _search_or_reuse(problem, run=run, out=out, target=target, budget=budget,
-                                    progress=progress)
+                                    progress=progress, device=device)
     tgt = ctx.target
     if metric == "metric" and tgt.metric is None:
         raise ConfigError("max_drop", "this target has no metric (it works on divergence "
@@ -243,7 +246,8 @@ def compress(
                          calibration=calibration)
     run_compress = _Compress(ctx, out_dir, metric=metric, limit=limit, settings=settings,
                              reconstruct=bool(reconstruct), finetune_epochs=finetune_epochs,
-                             lr=lr, seed=seed, calibration=calibration, progress=progress)
+                             lr=lr, seed=seed, calibration=calibration, progress=progress,
+                             device=device)
     run_compress.write_status("running", started=t0)
     try:
         status = run_compress.run(candidates=candidates, merge=merge, time_budget=time_budget,
@@ -258,7 +262,8 @@ def compress(
 def _search_or_reuse(problem: ProblemConfig | str | os.PathLike[str] | RunContext | None, *,
                      run: RunContext | str | os.PathLike[str] | None,
                      out: str | os.PathLike[str] | None, target: Target | None,
-                     budget: int | None, progress: bool) -> tuple[RunContext, Path]:
+                     budget: int | None, progress: bool, device: str = "auto"
+                     ) -> tuple[RunContext, Path]:
     if isinstance(problem, RunContext):
         if run is not None:
             raise ConfigError("run", "give the run once: as problem (a RunContext) or run")
@@ -288,7 +293,7 @@ def _search_or_reuse(problem: ProblemConfig | str | os.PathLike[str] | RunContex
     if not searched:
         resume = folder.file(CHECKPOINT).is_file()
         run_search(problem, folder.path, budget=budget, resume=resume, progress=progress,
-                   target=target)
+                   target=target, device=device)
     return RunContext(folder, target=target, progress=progress), folder.path
 
 
@@ -297,11 +302,12 @@ class _Compress:
 
     def __init__(self, ctx: RunContext, out: Path, *, metric: str, limit: float, settings: str,
                  reconstruct: bool, finetune_epochs: int, lr: float, seed: int,
-                 calibration: int, progress: bool) -> None:
+                 calibration: int, progress: bool, device: str = "auto") -> None:
         self.ctx, self.out, self.metric, self.limit = ctx, out, metric, limit
         self.settings = settings
         self.reconstruct, self.finetune_epochs = reconstruct, finetune_epochs
         self.lr, self.seed, self.calibration, self.progress = lr, seed, calibration, progress
+        self.device = device
         self.col = "val_drop" if metric == "metric" else "val_divergence"
         old = _read_candidates(out)
         self.done: dict[str, dict[str, Any]] = {}
@@ -352,13 +358,15 @@ class _Compress:
         t = time.perf_counter()
         if stage == "merge":
             r = refine(self.ctx, source, merge=True, tolerance=merge_tolerance or 0.0,
-                       metric=self.metric, progress=False)
+                       metric=self.metric, progress=False, device=self.device)
         elif stage == "plain":
-            r = refine(self.ctx, source, metric=self.metric, progress=False)
+            r = refine(self.ctx, source, metric=self.metric, progress=False,
+                       device=self.device)
         else:
             r = refine(self.ctx, source, reconstruct=self.reconstruct,
                        finetune_epochs=self.finetune_epochs, lr=self.lr, seed=self.seed,
-                       calibration=self.calibration, metric=self.metric, progress=False)
+                       calibration=self.calibration, metric=self.metric, progress=False,
+                       device=self.device)
         measure = r.val_measure
         row = {
             "candidate": candidate, "stage": stage, "search_id": search_id,

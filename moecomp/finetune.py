@@ -16,6 +16,10 @@ training toward the same per-layer survivor counts (:class:`MaskSchedule`):
 
 Either way each layer ends with exactly the plan's number of survivors and is quantised with
 the plan's bits and quantizer, so the file's size follows the plan.
+
+Training runs where the student model is (batches and the teacher's outputs are moved
+there); quantisation in the loop computes its levels on the CPU (``moecomp.quantize``), and
+what :func:`distil` returns is on the CPU.
 """
 
 from __future__ import annotations
@@ -47,7 +51,7 @@ def _fake_quant(w: torch.Tensor, mask: torch.Tensor, bits: int, quantizer: str =
         return torch.zeros_like(w)
     idx, codebook = SINGLE_QUANTIZERS[quantizer](values.detach(), bits)
     q = torch.zeros_like(w)
-    q[mask] = values + (codebook[idx] - values).detach()
+    q[mask] = values + (codebook[idx].to(values.device) - values).detach()
     return q
 
 
@@ -141,7 +145,7 @@ def top_mask(score: torch.Tensor, count: int) -> torch.Tensor:
     """Bool tensor of ``score``'s shape: True at the ``count`` largest scores (ties: lower
     flat index first, as ``torch.topk`` on the CPU gives them)."""
     flat = score.reshape(-1)
-    out = torch.zeros(flat.numel(), dtype=torch.bool)
+    out = torch.zeros(flat.numel(), dtype=torch.bool, device=flat.device)
     if count > 0:
         out[torch.topk(flat, count, sorted=False).indices] = True
     return out.reshape(score.shape)
@@ -263,6 +267,8 @@ def distil(model: nn.Module, target: Target, layers: dict[str, QuantizedLayer],
            temperature: float = 2.0, seed: int = 0, progress: bool = True) -> Distilled:
     """Distil the teacher into the compressed student ``model`` (its state is not changed).
 
+    model: on the device training runs on, as ``target.teacher`` is (``Target.on_device``);
+        ``layers`` and the returned tensors are on the CPU.
     layers: the compressed tensors (their masks: the survivors to keep, or to start RigL
         from; their counts are the plan's). bits, quantizers: per compressed tensor, the
         plan's bit-width and quantizer, applied in every forward pass (straight-through).
@@ -276,10 +282,12 @@ def distil(model: nn.Module, target: Target, layers: dict[str, QuantizedLayer],
     teacher = target.teacher
     params = {k: v.detach().clone().requires_grad_(True)
               for k, v in model.named_parameters()}
+    device = next(iter(params.values())).device if params else torch.device("cpu")
     missing = [n for n in layers if n not in params]
     if missing:
         raise ConfigError("layers", f"{', '.join(missing)}: not parameters of the model")
-    plan_masks = {n: layers[n].mask.reshape(params[n].shape).clone() for n in layers}
+    plan_masks = {n: layers[n].mask.reshape(params[n].shape).to(params[n].device, copy=True)
+                  for n in layers}
     final = {n: int(m.sum()) for n, m in plan_masks.items()}
     kinds = quantizers or {}
     gen = torch.Generator().manual_seed(seed)
@@ -321,9 +329,10 @@ def distil(model: nn.Module, target: Target, layers: dict[str, QuantizedLayer],
                             current[k] = top_mask(score(k), count)
                             params[k].mul_(current[k])
             rigl = mode == "rigl" and update and 0 < step < end
-            batch = train.take(perm[i:i + batch_size])
+            batch = _on(train.take(perm[i:i + batch_size]), device)
             if cached is not None:
-                t_out = outputs.take(cached, perm[i:i + batch_size])
+                t_out = outputs.map_tensors(outputs.take(cached, perm[i:i + batch_size]),
+                                            lambda t: t.to(device))
             else:
                 with torch.no_grad():
                     t_out = outputs.select(inputs_mod.call(teacher, batch.inputs),
@@ -359,8 +368,14 @@ def distil(model: nn.Module, target: Target, layers: dict[str, QuantizedLayer],
             if int(current[k].sum()) != final[k]:
                 current[k] = top_mask(score(k), final[k])
                 params[k].mul_(current[k])
-    return Distilled({k: v.detach() for k, v in params.items()},
-                     {k: m.clone() for k, m in current.items()})
+    return Distilled({k: v.detach().cpu() for k, v in params.items()},
+                     {k: m.cpu().clone() for k, m in current.items()})
+
+
+def _on(split: Split, device: torch.device) -> Split:
+    """``split`` with its inputs and labels on ``device`` (itself where they are)."""
+    return Split(inputs_mod.to(split.inputs, device),
+                 None if split.labels is None else split.labels.to(device))
 
 
 def finetune(model: nn.Module, target: Target, layers: dict[str, QuantizedLayer],

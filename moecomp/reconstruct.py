@@ -15,6 +15,10 @@ taken in the order the forward pass calls them; for each one:
 Targets are the teacher's outputs on the teacher's own inputs, so errors of earlier layers
 are corrected, not copied. Only ``Linear`` and ``Conv2d`` (groups 1) layers are re-fitted;
 any other compressed tensor is left as it is.
+
+Devices: the forwards and the float64 sums of ``X^T X`` run where the teacher is (inputs are
+moved there batch by batch); the per-row solves and the rounding run on the CPU, so the
+returned layers and state are CPU tensors wherever the teacher ran.
 """
 
 from __future__ import annotations
@@ -117,10 +121,11 @@ def _captured(model: nn.Module, module: nn.Module, x: Inputs, batch_size: int
     # no grad-mode switch in here: two of these generators interleave, and a context
     # manager across a yield would leave the caller's grad mode wrong; the caller holds it
     handle = module.register_forward_hook(hook)
+    device = _device(model)
     try:
         for _, xb in inputs_mod.batches(x, batch_size):
             seen.clear()
-            inputs_mod.call(model, xb)
+            inputs_mod.call(model, inputs_mod.to(xb, device))
             if len(seen) != 1:
                 raise ConfigError("reconstruct", f"{type(module).__name__} is called "
                                   f"{len(seen)} times per forward; only layers called "
@@ -137,11 +142,16 @@ def _call_order(model: nn.Module, names: list[str], x: Inputs) -> list[str]:
         lambda *_a, n=n: order.append(n)) for n in names]
     try:
         with torch.no_grad():
-            inputs_mod.call(model, inputs_mod.head(x, 1))
+            inputs_mod.call(model, inputs_mod.to(inputs_mod.head(x, 1), _device(model)))
     finally:
         for h in handles:
             h.remove()
     return [n for i, n in enumerate(order) if n not in order[:i]]
+
+
+def _device(model: nn.Module) -> torch.device:
+    """Where ``model`` runs: its first parameter's device (the CPU without parameters)."""
+    return next(iter(model.parameters()), torch.empty(0)).device
 
 
 def _fittable(module: nn.Module) -> bool:
@@ -158,7 +168,8 @@ def reconstruct(teacher: nn.Module, state: dict[str, torch.Tensor],
                 ) -> tuple[dict[str, QuantizedLayer], dict[str, torch.Tensor], list[LayerFit]]:
     """Re-fit every compressed Linear / Conv2d weight (and its bias) of a student.
 
-    teacher: the fp32 model (not modified); state: the student's state_dict; layers: its
+    teacher: the fp32 model (not modified), on the device the forwards run on; state: the
+    student's state_dict (CPU tensors); layers: its
     compressed tensors (masks are kept); grid: the levels each layer may use, computed from
     its least-squares survivors (e.g. the plan's quantizer with the plan's bits);
     x: calibration inputs (any structure, ``moecomp.inputs``), never the validation or test
@@ -181,6 +192,7 @@ def reconstruct(teacher: nn.Module, state: dict[str, torch.Tensor],
         t_mod, s_mod = teacher.get_submodule(mod_name), student.get_submodule(mod_name)
         bias = f"{mod_name}.bias" if getattr(t_mod, "bias", None) is not None else None
         h, g, yy, n_rows = _statistics(teacher, student, t_mod, s_mod, x, batch_size, bias)
+        h, g, yy = h.cpu(), g.cpu(), yy.cpu()  # the solves run on the CPU (see the module doc)
         ql = layers[name]
         mask = ql.mask.reshape(ql.shape[0], -1)
         w_old = state[name].reshape(ql.shape[0], -1).to(torch.float64)
@@ -222,7 +234,8 @@ def _statistics(teacher: nn.Module, student: nn.Module, t_mod: nn.Module, s_mod:
                                 _captured(teacher, t_mod, x, batch_size), strict=True):
         cols = _columns(s_mod, xs).to(torch.float64)
         if bias:
-            cols = torch.cat([cols, torch.ones(len(cols), 1, dtype=torch.float64)], dim=1)
+            cols = torch.cat([cols, torch.ones(len(cols), 1, dtype=torch.float64,
+                                               device=cols.device)], dim=1)
         y = _outputs(t_mod, yt).to(torch.float64)
         h = cols.T @ cols if h is None else h.addmm_(cols.T, cols)
         g = cols.T @ y if g is None else g.addmm_(cols.T, y)

@@ -41,6 +41,7 @@ from moecomp.apply import SINGLE_QUANTIZERS, QuantizedLayer, student_state_dict
 from moecomp.codec import write_mcz
 from moecomp.data import Split
 from moecomp.errors import ConfigError
+from moecomp.evaluate.options import resolve_device
 from moecomp.finetune import finetune, requantize
 from moecomp.merge import merge_bins
 from moecomp.reconstruct import reconstruct as reconstruct_layers
@@ -119,7 +120,7 @@ class RefineResult:
         return self.fidelity_after
 
 
-def _reconstructed(ctx: RunContext, sol: Solution, layers: dict[str, QuantizedLayer],
+def _reconstructed(target: Target, sol: Solution, layers: dict[str, QuantizedLayer],
                    state: dict[str, torch.Tensor], pool: Split, n_images: int, seed: int,
                    progress: bool) -> tuple[dict[str, QuantizedLayer], dict[str, torch.Tensor]]:
     """The solution after layer-wise reconstruction on ``n_images`` calibration-side
@@ -134,9 +135,9 @@ def _reconstructed(ctx: RunContext, sol: Solution, layers: dict[str, QuantizedLa
 
     gen = torch.Generator().manual_seed(seed)
     pick = torch.randperm(len(pool), generator=gen)[:n_images]
-    new_layers, new_state, _ = reconstruct_layers(ctx.target.teacher, state, layers, grid,
+    new_layers, new_state, _ = reconstruct_layers(target.teacher, state, layers, grid,
                                                   pool.take(pick).inputs,
-                                                  batch_size=ctx.target.batch_size,
+                                                  batch_size=target.batch_size,
                                                   progress=progress)
     return new_layers, new_state
 
@@ -218,7 +219,7 @@ def refine(run: RunContext | str | os.PathLike[str], solution: str | int, *,
            reconstruct: bool = False, finetune_epochs: int = 0, merge: bool = False,
            tolerance: float = 0.0, metric: str | None = None, lr: float = 2e-3,
            seed: int = 0, calibration: int = 8192, guide_samples: int = GUIDE_SAMPLES,
-           progress: bool = True) -> RefineResult:
+           progress: bool = True, device: str = "auto") -> RefineResult:
     """Refine one solution of a run and add it to the run as ``refined/rN.mcz``.
 
     reconstruct: re-fit survivors and biases layer by layer on ``calibration`` samples of
@@ -229,6 +230,9 @@ def refine(run: RunContext | str | os.PathLike[str], solution: str | int, *,
         measure may end, in units of ``metric`` (points for accuracy, or divergence).
     metric: the validation measure steps are kept by: "metric" (the metric's drop) or
         "divergence"; default "metric" when the target has one.
+    device: where the models run (``auto``: CUDA when torch sees one; ``cpu``, ``cuda``,
+        ``cuda:N``): measurements, reconstruction's forwards, fine-tuning, merging. The
+        solution's tensors stay on the CPU, so the file is written as on the CPU.
 
     Every step is kept only if the validation measure does not get worse (merging: not more
     than ``tolerance``); ``result.steps`` says what was kept and why. Without any step the
@@ -248,6 +252,7 @@ def refine(run: RunContext | str | os.PathLike[str], solution: str | int, *,
         raise ConfigError("calibration", f"must be >= 1 samples, got {calibration!r}")
     if not guide_samples >= 1:
         raise ConfigError("guide_samples", f"must be >= 1 samples, got {guide_samples!r}")
+    dev = resolve_device(device, field="device")
     ctx = run if isinstance(run, RunContext) else RunContext(run, progress=progress)
     if metric is None:
         metric = "metric" if ctx.target.metric is not None else "divergence"
@@ -259,7 +264,7 @@ def refine(run: RunContext | str | os.PathLike[str], solution: str | int, *,
         raise ConfigError("finetune_epochs", "fine-tuning keeps each layer's own codebook; a "
                           "plan with the shared quantizer can be reconstructed and merged, "
                           "not fine-tuned (use --finetune-epochs 0)")
-    target = ctx.target
+    target = ctx.target.on_device(dev)
     split = measure_split(target)
     unit = drop_unit(target) if metric == "metric" else ""
     what = (f"{target.metric_name} drop" if metric == "metric" else "divergence") + f" on {split}"
@@ -286,7 +291,7 @@ def refine(run: RunContext | str | os.PathLike[str], solution: str | int, *,
         return kept
 
     if reconstruct:
-        new_layers, new_state = _reconstructed(ctx, sol, layers, state, pool, calibration,
+        new_layers, new_state = _reconstructed(target, sol, layers, state, pool, calibration,
                                                seed, progress)
         new_state = target.round_dense(new_state)
         after = measure(new_state)

@@ -18,6 +18,7 @@ dicts here hold it once, and :func:`load_state` ties it back when loading.
 
 from __future__ import annotations
 
+import copy
 import math
 import re
 from collections.abc import Callable, Iterable
@@ -160,6 +161,10 @@ DENSE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": 
 SPLIT_NAMES = {"calibration": "calib", "validation": "val", "test": "test"}
 
 
+def _cpu(t: torch.Tensor) -> torch.Tensor:
+    return t.cpu()
+
+
 @dataclass(frozen=True)
 class Fidelity:
     """A model measured on one split against the teacher: mean per-sample divergence, the
@@ -215,6 +220,39 @@ class Target:
         if self.pool is None:
             self.pool = self.calib
 
+    def on_device(self, device: torch.device | str) -> Target:
+        """This target with the teacher, every split and the teacher's outputs on ``device``:
+        itself when its teacher is there already, else a view with a copy of the teacher
+        (made once per device and kept). Layers, divergence (its fitted constants), metric
+        and the teacher's metric values are shared; ``fidelity`` still hands the metric CPU
+        tensors."""
+        device = torch.device(device)
+        if device.type == "cuda" and device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
+        if all(t.device == device for t in self.state_dict().values()):
+            return self
+        views: dict[torch.device, Target] = self.__dict__.setdefault("_views", {})
+        if device not in views:
+            def move(split: Split | None) -> Split | None:
+                return None if split is None else Split(
+                    inputs_mod.to(split.inputs, device),
+                    None if split.labels is None else split.labels.to(device))
+
+            view = copy.copy(self)
+            view.teacher = copy.deepcopy(self.teacher).to(device)
+            view.calib = move(self.calib)  # type: ignore[assignment]
+            view.val, view.test = move(self.val), move(self.test)
+            view.pool = view.calib if self.pool is self.calib else move(self.pool)
+            view._teacher_outs = {k: outputs.map_tensors(v, lambda t: t.to(device))
+                                  for k, v in self._teacher_outs.items()}
+            view.teacher_out = view._teacher_outs["calibration"]
+            views[device] = view
+        return views[device]
+
+    def __getstate__(self) -> dict[str, Any]:
+        # views on other devices are made again where needed, never pickled (Dask workers)
+        return {k: v for k, v in self.__dict__.items() if k != "_views"}
+
     # --- running models -------------------------------------------------------------------
     def run(self, model: nn.Module | Callable[..., Any], inputs: Inputs, *,
             batch_size: int | None = None) -> Any:
@@ -251,19 +289,23 @@ class Target:
         if self.metric is None:
             return math.nan
         if name not in self._teacher_metric:
-            t = self.teacher_outputs(name)
-            self._teacher_metric[name] = self.metric(t, t, self.require(name).labels)
+            t = outputs.map_tensors(self.teacher_outputs(name), _cpu)
+            labels = self.require(name).labels
+            self._teacher_metric[name] = self.metric(
+                t, t, None if labels is None else labels.cpu())
         return self._teacher_metric[name]
 
     def fidelity(self, model: nn.Module, name: str) -> Fidelity:
         """``model`` measured against the teacher on split ``name``."""
         split = self.require(name)
-        t = self.teacher_outputs(name)
-        s = self.run(model, split.inputs)
+        # measured on the CPU whatever device the model runs on (no-ops on the CPU): the
+        # same numbers from any device's outputs, and a user's metric sees CPU tensors
+        t = outputs.map_tensors(self.teacher_outputs(name), _cpu)
+        s = outputs.map_tensors(self.run(model, split.inputs), _cpu)
         div = float(self.divergence(t, s).double().mean())
         if self.metric is None:
             return Fidelity(div, math.nan, math.nan)
-        value = self.metric(t, s, split.labels)
+        value = self.metric(t, s, None if split.labels is None else split.labels.cpu())
         return Fidelity(div, value, float(self.metric.drop(self.teacher_metric(name), value)))
 
     @property

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import typer
 
+from moecomp.cli.device import checked_device, device_option
 from moecomp.errors import ConfigError
 
 
@@ -55,6 +56,7 @@ def register(app: typer.Typer) -> None:
             8192, "--calibration", min=1, help="Calibration samples for reconstruction."),
         seed: int = typer.Option(0, "--seed", help="Seed of reconstruction and fine-tuning."),
         no_progress: bool = typer.Option(False, "--no-progress", help="No progress bars."),
+        device: str = device_option(),
     ) -> None:
         """The smallest file within a drop budget: search (or --run), refine candidates across
         the front's ratio range, choose on validation, export and verify, report test."""
@@ -71,6 +73,7 @@ def register(app: typer.Typer) -> None:
                               "on validation) or --max-divergence X")
         if time_budget is not None and not time_budget > 0:
             raise ConfigError("--time-budget", f"must be > 0 seconds, got {time_budget:g}")
+        checked_device(device)
         if problem is None and run is None:
             raise ConfigError("problem", "give a problem file to search, or --run RUN")
         if problem is not None:
@@ -85,7 +88,8 @@ def register(app: typer.Typer) -> None:
                     problem, out=out, max_drop=max_drop, max_divergence=max_divergence, run=run,
                     budget=budget, finetune_epochs=finetune_epochs, reconstruct=reconstruct,
                     merge=merge_bins, candidates=candidates, time_budget=time_budget, lr=lr,
-                    seed=seed, calibration=calibration, progress=not no_progress)
+                    seed=seed, calibration=calibration, progress=not no_progress,
+                    device=device)
         except (KeyboardInterrupt, Terminated) as e:
             name = "SIGTERM" if isinstance(e, Terminated) else "SIGINT"
             where = out if out is not None else (run / "compress" if run else None)

@@ -8,6 +8,7 @@ from pathlib import Path
 import typer
 from rich.console import Console
 
+from moecomp.cli.device import checked_device, device_option
 from moecomp.cli.export import fidelity_line
 from moecomp.errors import ConfigError
 from moecomp.paths import input_folder
@@ -41,10 +42,12 @@ def register(app: typer.Typer) -> None:
                                                "metric | divergence (default: metric when "
                                                "the target has one)."),
         seed: int = typer.Option(0, "--seed"),
+        device: str = device_option(),
     ) -> None:
         """Refine a solution; the result is added to the run as refined/rN.mcz. A step is kept
         only if the validation measure does not get worse (merging: within --tolerance)."""
         input_folder(run, "RUN")
+        checked_device(device)
         if tolerance != 0.0 and not merge_bins:
             raise ConfigError("--tolerance", "applies to bin merging only: add --merge-bins")
         if not (reconstruct or finetune_epochs > 0 or merge_bins):
@@ -52,7 +55,7 @@ def register(app: typer.Typer) -> None:
                               "--finetune-epochs N and/or --merge-bins")
         r = refine_solution(run, solution, reconstruct=reconstruct, calibration=calibration,
                             finetune_epochs=finetune_epochs, lr=lr, merge=merge_bins,
-                            tolerance=tolerance, metric=metric, seed=seed)
+                            tolerance=tolerance, metric=metric, seed=seed, device=device)
         c = Console()
         origin = f"; searched solution {r.root}" if r.root != r.parent else ""
         c.print(f"[bold]{r.key}[/] (from solution {r.parent}){origin}: {r.path}")

@@ -10,6 +10,7 @@ from typing import Any
 
 import typer
 
+from moecomp.cli.device import checked_device, device_option
 from moecomp.errors import ConfigError
 
 ALGORITHMS = ("nsga2", "nsga3", "spea2", "moead", "age")
@@ -80,6 +81,7 @@ def register(app: typer.Typer) -> None:
             help="Tuned settings: a study .toml/.db/URL (its best trial) or a JSON file.",
         ),
         no_progress: bool = typer.Option(False, "--no-progress", help="No progress bar."),
+        device: str = device_option(),
     ) -> None:
         """Search the Pareto front (density, bits, divergence) of a problem with pymoo."""
         from rich.console import Console
@@ -88,6 +90,7 @@ def register(app: typer.Typer) -> None:
         from moecomp.search import run_search
         from moecomp.search.run import Terminated, sigterm_raises
 
+        checked_device(device)
         cfg = load_problem(problem)
         params: dict[str, Any] = read_params(params_from) if params_from is not None else {}
         if algorithm is not None and algorithm not in ALGORITHMS:
@@ -112,6 +115,7 @@ def register(app: typer.Typer) -> None:
                     resume=resume,
                     progress=not no_progress,
                     params=params,
+                    device=device,
                 )
         except (KeyboardInterrupt, Terminated) as e:
             name = "SIGTERM" if isinstance(e, Terminated) else "SIGINT"

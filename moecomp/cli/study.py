@@ -7,6 +7,8 @@ from typing import TYPE_CHECKING
 
 import typer
 
+from moecomp.cli.device import checked_device, device_option
+
 if TYPE_CHECKING:  # imported lazily at run time: `moecomp --help` should not load Optuna
     from optuna import Study
     from rich.console import Console
@@ -59,6 +61,7 @@ def register(app: typer.Typer) -> None:
             help="Evaluate on a running Dask scheduler (tcp://host:8786) instead.",
         ),
         progress: bool = typer.Option(True, "--progress/--no-progress", help="Show progress bars."),
+        device: str = device_option(),
     ) -> None:
         """Tune the search's hyper-parameters: each trial is a whole search at the study's
         evaluation budget, its value the final hypervolume. Re-running continues the study;
@@ -71,6 +74,7 @@ def register(app: typer.Typer) -> None:
         from moecomp.search.runner import Runner
         from moecomp.tune import load_study_config, run_study
 
+        checked_device(device)
         console = Console()
         cfg = load_study_config(study_file)
         with ExitStack() as stack:
@@ -87,6 +91,7 @@ def register(app: typer.Typer) -> None:
                 progress=progress,
                 worker=worker,
                 runner=runner,
+                device=device,
             )
         _summary(console, study, cfg.storage_url if storage is None else storage)
         if report:

@@ -61,27 +61,38 @@ class EvalOptions:
                 )
         if self.trie not in ("auto", "always"):
             raise ConfigError("options.trie", f"must be auto or always, got {self.trie!r}")
-        if not isinstance(self.device, str) or not re.fullmatch(r"auto|cpu|cuda(:\d+)?",
-                                                                 self.device):
-            raise ConfigError("options.device", f"must be auto, cpu, cuda or cuda:N, got "
-                              f"{self.device!r}")
+        check_device(self.device)
         for name in ("memo_mb", "cache_mb", "memory_mb", "survivors_mb"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int | float) or not 0 <= v < math.inf:
                 raise ConfigError(f"options.{name}", f"must be a finite number >= 0, got {v!r}")
 
 
-def resolve_device(name: str) -> torch.device:
-    """The device of ``EvalOptions.device``: ``auto`` is CUDA when torch sees a GPU, else the
-    CPU; asking for CUDA where there is none is a ConfigError."""
+DEVICE_NAMES = "auto, cpu, cuda or cuda:N"
+"""What a device setting may say (``EvalOptions.device``, ``--device``)."""
+
+
+def check_device(name: object, *, field: str = "options.device") -> str:
+    """``name`` if it is a device setting (``auto``, ``cpu``, ``cuda``, ``cuda:N``), else a
+    ConfigError naming ``field``. Whether the device exists is :func:`resolve_device`'s."""
+    if not isinstance(name, str) or not re.fullmatch(r"auto|cpu|cuda(:\d+)?", name):
+        raise ConfigError(field, f"must be {DEVICE_NAMES}, got {name!r}")
+    return name
+
+
+def resolve_device(name: str, *, field: str = "options.device") -> torch.device:
+    """The device a setting names: ``auto`` is CUDA when torch sees a GPU, else the CPU;
+    asking for CUDA where there is none (or for a GPU index torch does not see) is a
+    ConfigError naming ``field``."""
+    check_device(name, field=field)
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dev = torch.device(name)
     if dev.type == "cuda":
         if not torch.cuda.is_available():
-            raise ConfigError("options.device", f"{name} asked for, but torch sees no CUDA "
-                              "device here (use auto or cpu)")
+            raise ConfigError(field, f"{name} asked for, but torch sees no CUDA device here "
+                              "(use auto or cpu)")
         if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise ConfigError("options.device", f"{name} asked for, but torch sees "
+            raise ConfigError(field, f"{name} asked for, but torch sees "
                               f"{torch.cuda.device_count()} CUDA device(s)")
     return dev

@@ -38,10 +38,21 @@ def _tensor_bytes(h: hashlib._Hash, name: str, t: torch.Tensor) -> None:
     h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
 
 
-def cache_key(target: Target, cfg: RelevanceConfig) -> str:
-    """sha256 (hex) of the weights, calibration data and settings the ranks depend on."""
+def scoring_device(cfg: RelevanceConfig, device: str = "auto") -> torch.device:
+    """Where the scorer of ``cfg`` runs for a device setting (``auto``, ``cpu``, ``cuda``,
+    ``cuda:N``): magnitude needs no forward and stays on the CPU."""
+    from moecomp.evaluate.options import resolve_device
+
+    dev = resolve_device(device, field="device")
+    return torch.device("cpu") if cfg.scorer == "magnitude" else dev
+
+
+def cache_key(target: Target, cfg: RelevanceConfig, *, device: str = "auto") -> str:
+    """sha256 (hex) of the weights, calibration data and settings the ranks depend on, and
+    of the device type when the scorer runs off the CPU (its sums round differently, which
+    can reorder near ties; CPU keys are those of caches written before devices existed)."""
     h = hashlib.sha256()
-    meta = {
+    meta: dict[str, object] = {
         "format": CACHE_FORMAT,
         # unit structuring is applied to the cached ranks, not part of them
         "relevance": {k: v for k, v in asdict(cfg).items() if k != "units"},
@@ -50,6 +61,9 @@ def cache_key(target: Target, cfg: RelevanceConfig) -> str:
         "output": target.output,
         "task": target.task,
     }
+    dev = scoring_device(cfg, device)
+    if dev.type != "cpu":
+        meta["device"] = dev.type
     h.update(json.dumps(meta, sort_keys=True).encode())
     for name, t in sorted(target.state_dict().items()):
         _tensor_bytes(h, f"param:{name}", t)
@@ -62,11 +76,12 @@ def cache_key(target: Target, cfg: RelevanceConfig) -> str:
     return h.hexdigest()
 
 
-def cache_path(target: Target, cfg: RelevanceConfig, cache_dir: Path | None = None) -> Path:
-    """Where the ranks of ``target`` under ``cfg`` are cached (default
-    ``artifacts_dir()/ranks``)."""
+def cache_path(target: Target, cfg: RelevanceConfig, cache_dir: Path | None = None, *,
+               device: str = "auto") -> Path:
+    """Where the ranks of ``target`` under ``cfg`` computed on ``device`` are cached
+    (default ``artifacts_dir()/ranks``)."""
     folder = artifacts_dir() / "ranks" if cache_dir is None else Path(cache_dir)
-    return folder / f"{cfg.scorer}-{cache_key(target, cfg)}.safetensors"
+    return folder / f"{cfg.scorer}-{cache_key(target, cfg, device=device)}.safetensors"
 
 
 def _check(ranks: dict[str, torch.Tensor], target: Target) -> str | None:
@@ -101,21 +116,25 @@ def load_ranks(path: Path, target: Target) -> dict[str, torch.Tensor] | None:
 
 
 def compute_ranks(
-    target: Target, cfg: RelevanceConfig, *, cache_dir: Path | None = None, progress: bool = True
+    target: Target, cfg: RelevanceConfig, *, cache_dir: Path | None = None, progress: bool = True,
+    device: str = "auto",
 ) -> dict[str, torch.Tensor]:
-    """Ranks (``int64``, weight's shape, 0 = least relevant) of every layer in
-    ``target.layers`` by the scorer ``cfg.scorer``; read from the cache when there."""
-    path = cache_path(target, cfg, cache_dir)
+    """Ranks (``int64``, weight's shape, 0 = least relevant, on the CPU) of every layer in
+    ``target.layers`` by the scorer ``cfg.scorer``; read from the cache when there.
+    device: where the scorer's forwards run (``auto``: CUDA when present; see
+    :func:`scoring_device`)."""
+    path = cache_path(target, cfg, cache_dir, device=device)
     cached = load_ranks(path, target)
     if cached is not None:
         ordered = {name: cached[name] for name in target.layer_names}
         return structure_ranks(ordered, target.layers, cfg.units)
     scorer = SCORERS[cfg.scorer].from_config(cfg, progress=progress)
+    scored = target.on_device(scoring_device(cfg, device))
     ranks: dict[str, torch.Tensor] = {}
     for ref in tqdm(
         target.layers, desc=f"relevance ({cfg.scorer})", unit="layer", disable=not progress
     ):
-        scores = scorer(target, ref, seed=cfg.seed)
+        scores = scorer(scored, ref, seed=cfg.seed).cpu()  # ranked on the CPU: same ties
         if tuple(scores.shape) != ref.shape:
             raise RuntimeError(
                 f"scorer {cfg.scorer!r} returned shape {tuple(scores.shape)} "

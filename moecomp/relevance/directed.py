@@ -316,8 +316,9 @@ class LayerProbe:
         """Weights (P, *shape): the layer's with ``zeroed: (m,) bool`` and each row of
         ``sets: (P, k)`` (flat indices) set to zero."""
         p = int(sets.shape[0])
-        w = self.weight.reshape(-1).masked_fill(zeroed, 0).expand(p, -1).clone()
-        return w.scatter_(1, sets, 0.0).reshape(p, *self.shape)
+        dev = self.weight.device  # the evolution's index maths stays on the CPU
+        w = self.weight.reshape(-1).masked_fill(zeroed.to(dev), 0).expand(p, -1).clone()
+        return w.scatter_(1, sets.to(dev), 0.0).reshape(p, *self.shape)
 
     def forward(self, layer_out: torch.Tensor, *, local: bool) -> Any:
         """Network outputs (each tensor ``(P, n, ...)``) with the layer's output replaced by
@@ -347,7 +348,8 @@ class LayerProbe:
             for u, v in zip(a, b, strict=True))
 
     def fitness_for(self, zeroed: torch.Tensor) -> Fitness:
-        """fitness(sets: (P, k)) -> (P,) divergence with ``zeroed`` and each set at zero."""
+        """fitness(sets: (P, k)) -> (P,) divergence with ``zeroed`` and each set at zero (on
+        the CPU, where the evolution runs, whatever device the network is on)."""
 
         def fitness(sets: torch.Tensor) -> torch.Tensor:
             out = []
@@ -355,7 +357,7 @@ class LayerProbe:
                 w = self.zeroed_weights(zeroed, sets[i : i + self.per_chunk])
                 student = self.forward(self.layer_outputs(w), local=self.local_prefix)
                 out.append(self.divergence.batched(self.teacher_out, student).mean(-1))
-            return torch.cat(out)
+            return torch.cat(out).cpu()
 
         return fitness
 
@@ -451,9 +453,9 @@ class DirectedEvolution:
     def __call__(self, target: Target, layer: LayerRef, *, seed: int) -> torch.Tensor:
         x, _y, t = calibration_slice(target, self.calibration)
         probe = LayerProbe(target, layer, x, t, max_rows=self.max_rows)
-        prior = probe.weight.abs().float()
+        prior = probe.weight.abs().float().cpu()
         if self.prior == "activation":
-            prior = prior * probe.input_scale()
+            prior = prior * probe.input_scale().cpu()
         k, rounds = self.plan(layer.numel)
         gen = torch.Generator().manual_seed(seed)
         with tqdm(

@@ -61,8 +61,9 @@ def sparsity_bound(grads: torch.Tensor, energy: float = 0.99) -> float:
 def layer_gradients(
     target: Target, *, batches: int = 32, calibration: int | None = None
 ) -> dict[str, torch.Tensor]:
-    """Per-batch gradients of the task loss, ``(B, *shape)`` per layer of ``target.layers``,
-    on the first ``calibration`` inputs (all by default) cut into ``batches`` batches."""
+    """Per-batch gradients of the task loss, ``(B, *shape)`` per layer of ``target.layers``
+    (on the CPU), on the first ``calibration`` inputs (all by default) cut into ``batches``
+    batches; the forwards run where the target is (:meth:`Target.on_device`)."""
     part = target.calib if calibration is None else target.calib.take(slice(0, calibration))
     x, y = part.inputs, part.labels
     n = len(part)
@@ -79,14 +80,19 @@ def layer_gradients(
         loss = task_loss(target, pred, None if y is None else y[lo:hi])
         grads = torch.autograd.grad(loss, [ws[name] for name in names])
         for name, g in zip(names, grads, strict=True):
-            out[name].append(g.detach())
+            out[name].append(g.detach().cpu())  # the SVDs run on the CPU, whatever the device
     return {name: torch.stack(gs) for name, gs in out.items()}
 
 
 def redundancy_bounds(
-    target: Target, *, energy: float = 0.99, batches: int = 32, calibration: int | None = None
+    target: Target, *, energy: float = 0.99, batches: int = 32, calibration: int | None = None,
+    device: str = "auto",
 ) -> dict[str, float]:
     """Per-layer maximum sparsity in [0, 0.99] from the gradient-rank analysis, keyed by
-    layer name in ``target.layers`` order."""
+    layer name in ``target.layers`` order. device: where the gradients are computed (a
+    device setting, ``moecomp.evaluate.options``); the ranks are taken on the CPU."""
+    from moecomp.evaluate.options import resolve_device
+
+    target = target.on_device(resolve_device(device, field="device"))
     grads = layer_gradients(target, batches=batches, calibration=calibration)
     return {name: sparsity_bound(g, energy) for name, g in grads.items()}

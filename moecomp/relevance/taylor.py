@@ -49,7 +49,8 @@ def perturbed_weights(
     for ref in target.layers:
         w = weights[ref.name]
         if kind == "noise":
-            noise = torch.randn(w.shape, generator=gen, dtype=w.dtype)
+            # drawn on the CPU: the same noise whatever device the teacher is on
+            noise = torch.randn(w.shape, generator=gen, dtype=w.dtype).to(w.device)
             out[ref.name] = w + noise_scale * w.float().std().to(w.dtype) * noise
         else:
             flat = w.reshape(-1)

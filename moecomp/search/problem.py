@@ -529,13 +529,13 @@ class SharedCodebookProblem(SearchProblem):
 
 # --- building from a problem file ------------------------------------------------------------
 def layer_ranks(
-    target: Target, config: ProblemConfig, *, progress: bool = False
+    target: Target, config: ProblemConfig, *, progress: bool = False, device: str = "auto"
 ) -> dict[str, torch.Tensor]:
     """Relevance ranks of every compressible tensor (rank 0 = pruned first): the configured
-    scorer, cached on disk (``moecomp.relevance.compute_ranks``)."""
+    scorer, run on ``device`` and cached on disk (``moecomp.relevance.compute_ranks``)."""
     from moecomp.relevance import compute_ranks
 
-    return compute_ranks(target, config.relevance, progress=progress)
+    return compute_ranks(target, config.relevance, progress=progress, device=device)
 
 
 def build_problem(
@@ -545,9 +545,15 @@ def build_problem(
     evaluator: EvaluatorLike | None = None,
     runner: Runner | None = None,
     progress: bool = False,
+    device: str = "auto",
 ) -> SearchProblem:
     """The search problem of a problem file: builds the target (teacher, data), the ranks and
-    the Evaluator unless given. ``config.search.problem`` picks layer-wise or shared genes."""
+    the Evaluator unless given. ``config.search.problem`` picks layer-wise or shared genes.
+    device: where relevance, the redundancy bound and the Evaluator run (``auto``: CUDA when
+    torch sees one; ``cpu``, ``cuda``, ``cuda:N``); a run-time setting, not the problem's."""
+    from moecomp.evaluate.options import EvalOptions, resolve_device
+
+    resolve_device(device, field="device")  # a wrong or missing device fails first
     if target is None:
         from moecomp.target import build_target
 
@@ -564,13 +570,14 @@ def build_problem(
     if evaluator is None:
         from moecomp.evaluate import Evaluator
 
-        ranks = layer_ranks(target, config, progress=progress)
+        ranks = layer_ranks(target, config, progress=progress, device=device)
         # The shared quantizer goes through evaluate_plans; quantizer= serves evaluate().
         ev = Evaluator(
             target,
             ranks,
             quantizer=config.genes.quantizer,
             chunk_size=config.search.chunk_size,
+            options=EvalOptions(device=device),
         )
     else:
         ev = evaluator
@@ -580,7 +587,7 @@ def build_problem(
     if config.genes.redundancy_bound:
         from moecomp.relevance import redundancy_bounds
 
-        bounds = redundancy_bounds(target)
+        bounds = redundancy_bounds(target, device=device)
     return CompressionProblem(
         config,
         ev,

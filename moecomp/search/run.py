@@ -40,6 +40,7 @@ from pymoo.core.termination import NoTermination
 
 from moecomp.config import ProblemConfig, load_problem
 from moecomp.errors import ConfigError, RunError
+from moecomp.evaluate.options import resolve_device
 from moecomp.runs import (
     METRICS,
     RunFolder,
@@ -481,6 +482,9 @@ class _Search:
                 "n_low": self.screened.n_low,
                 "low_samples": self.low_samples,
                 "surrogate": self.tables is not None,
+                # where the students ran (a run-time setting, not part of problem.json)
+                "device": str(getattr(getattr(self.problem, "evaluator", None), "device",
+                                      "unknown")),
                 "gen": self.gen,
                 "hv": self.hv,
                 "front_size": int(len(self.archive.front)),
@@ -843,6 +847,7 @@ def run_search(
     runner: Runner | None = None,
     plots: bool = True,
     target: Target | None = None,
+    device: str = "auto",
 ) -> SearchResult:
     """Search a problem's Pareto front and write the run folder ``out_dir``.
 
@@ -861,7 +866,11 @@ def run_search(
     target: the Target to search, when built in Python (``moecomp.target.make_target``);
         otherwise it is built from the problem's factories. Either way, what it is (inputs,
         output, divergence, metric, the teacher's fingerprint) is written to target.json.
+    device: where relevance and the Evaluator run when they are built here (``auto``: CUDA
+        when torch sees one, else the CPU; ``cpu``, ``cuda``, ``cuda:N``); a built
+        SearchProblem keeps its own. Not part of problem.json: a run resumes on any device.
     """
+    resolve_device(device, field="device")  # before the target is built (it may train)
     built: SearchProblem | None = None
     if isinstance(problem, SearchProblem):
         built = problem
@@ -904,7 +913,8 @@ def run_search(
     if built is None:
         if target is None:
             target = build_target(cfg, progress=progress)
-        built = build_problem(cfg, target=target, runner=runner, progress=progress)
+        built = build_problem(cfg, target=target, runner=runner, progress=progress,
+                              device=device)
     elif runner is not None:
         built.runner = runner
     if target is None:

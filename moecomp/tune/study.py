@@ -430,6 +430,7 @@ def run_study(
     progress: bool = True,
     worker: int = 0,
     runner: Runner | None = None,
+    device: str = "auto",
 ) -> optuna.Study:
     """Run (or continue) the study until ``n_trials`` trials are COMPLETE or PRUNED.
 
@@ -444,7 +445,8 @@ def run_study(
     timeout: seconds for this call. worker: this worker's
     index among parallel ones, so seeded samplers draw different points. runner: where each
     search evaluates its chunks (default in-process, e.g. a
-    :class:`~moecomp.search.dask_runner.DaskRunner`).
+    :class:`~moecomp.search.dask_runner.DaskRunner`). device: where relevance and the
+    Evaluator run (``auto``, ``cpu``, ``cuda``, ``cuda:N``; not part of the study).
     """
     target = cfg.n_trials if n_trials is None else n_trials
     if target < 0:
@@ -485,7 +487,7 @@ def run_study(
             enabled=progress, target=target, done=n_finished(study), budget=cfg.budget.evaluations
         )
         search_cfg = problem.replace("search", seed=seed)
-        built = build_problem(search_cfg, runner=runner)
+        built = build_problem(search_cfg, runner=runner, device=device)
         fixed = {k: v for k, v in asdict(search_cfg.search).items() if k != "budget"}
         objective = _Objective(cfg, built, fixed=fixed, display=display)
         stop = optuna.study.MaxTrialsCallback(target, states=FINISHED)

@@ -16,7 +16,8 @@ def fake_search_patch(monkeypatch):
 
     monkeypatch.setattr(study_module, "run_search", fake_search)
     # the fake search needs no target, ranks or evaluator
-    monkeypatch.setattr(study_module, "build_problem", lambda config, runner=None: config)
+    monkeypatch.setattr(study_module, "build_problem",
+                        lambda config, runner=None, device="auto": config)
     return fake_search
 
 

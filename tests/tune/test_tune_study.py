@@ -69,7 +69,8 @@ def finished(tmp_path_factory):
     tmp_path = tmp_path_factory.mktemp("fake")
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(study_module, "run_search", fake_search)
-        mp.setattr(study_module, "build_problem", lambda config, runner=None: config)
+        mp.setattr(study_module, "build_problem",
+                        lambda config, runner=None, device="auto": config)
         cfg = fake_study(tmp_path)
         study = run_study(cfg, progress=False)
     return tmp_path, cfg, study
