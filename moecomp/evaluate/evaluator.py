@@ -124,6 +124,9 @@ class Evaluator:
     quantizer: ``uniform`` or ``kmeans``, used by ``evaluate``.
     chunk_size: students formed at once (bounded further by ``options.memory_mb``).
     options: memo, prefix cache, batching and memory bounds (:class:`EvalOptions`).
+    layers: the layer memo of another Evaluator of the same teacher, layers, ranks and device
+    (one on a subset of these calibration samples: the search's low-fidelity evaluations), so
+    a plan's compressed layers are built once for both; None: a memo of its own.
     Not thread-safe (its caches are shared state).
     """
 
@@ -135,6 +138,7 @@ class Evaluator:
         quantizer: str = "uniform",
         chunk_size: int = 64,
         options: EvalOptions | None = None,
+        layers: LayerBank | None = None,
     ) -> None:
         if quantizer not in EVAL_QUANTIZERS:
             raise ConfigError(
@@ -159,10 +163,15 @@ class Evaluator:
         tensors.update({n: b.detach() for n, b in model.named_buffers()})
         tensors = target.round_dense(tensors)
         memo = self.options.memo
-        self._layers = LayerBank(target, ranks, tensors,
-                                 memo_mb=self.options.memo_mb if memo else 0.0,
-                                 survivors_mb=self.options.survivors_mb if memo else 0.0,
-                                 device=self.device)
+        if layers is not None:
+            if layers.device != self.device or layers.names != list(self._names):
+                raise ValueError("layers: a layer memo of another device or other layers")
+            self._layers = layers
+        else:
+            self._layers = LayerBank(target, ranks, tensors,
+                                     memo_mb=self.options.memo_mb if memo else 0.0,
+                                     survivors_mb=self.options.survivors_mb if memo else 0.0,
+                                     device=self.device)
 
         state = target.state_dict()
         self._fp32_bytes = 4.0 * sum(v.numel() for v in state.values() if v.is_floating_point())
@@ -214,6 +223,11 @@ class Evaluator:
     def teacher_metric(self) -> float:
         """The teacher's metric on the calibration samples (NaN without a metric)."""
         return self._teacher_metric
+
+    @property
+    def layers(self) -> LayerBank:
+        """The layer memo (to share with an Evaluator on a subset of the samples)."""
+        return self._layers
 
     def cache_info(self) -> dict[str, int]:
         """Hits, misses and entries of the layer memo and the activation cache."""

@@ -238,6 +238,16 @@ class LayerBank:
             2_000_000, lambda _: (object(), 1)
         )
 
+    @property
+    def names(self) -> list[str]:
+        """The layers, in gene order."""
+        return list(self._names)
+
+    @property
+    def device(self) -> torch.device:
+        """Where the dense student weights are put."""
+        return self._device
+
     def info(self) -> dict[str, int]:
         return {"memo_hits": self._memo.hits, "memo_misses": self._memo.misses,
                 "memo_entries": len(self._memo), "survivor_hits": self._survivors.hits,

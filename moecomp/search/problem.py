@@ -420,9 +420,12 @@ class CompressionProblem(SearchProblem):
         )
         sub.divergence = t.divergence
         ev = self.evaluator
+        # the layer memo is the full evaluator's: a candidate's compressed layers, built for
+        # its low-fidelity evaluation, serve its full one (they do not depend on the samples)
         self._low = Evaluator(
             sub, self.ranks(), quantizer=self.config.genes.quantizer,
             chunk_size=self.config.search.chunk_size, options=getattr(ev, "options", None),
+            layers=ev.layers if isinstance(ev, Evaluator) else None,
         )
         self._low_samples = n_samples
 

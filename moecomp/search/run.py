@@ -711,7 +711,7 @@ class _Search:
         left = s.budget - self.n_evals
         low = np.full(len(fresh), np.nan)
         first = np.zeros(0, np.int64)
-        if self.low_samples and left > 1 and screening.LOW_SCREEN:
+        if self.low_samples and left > 1:
             first = select(exact, mu, link.sigma, screening.LOW_FACTOR * s.pop_size)
             n_low = self.screened.n_low
             k = len(first)
@@ -732,10 +732,6 @@ class _Search:
         full[chosen] = True
         self.record_screened(Xf, self.gen + 1, screening.CANDIDATE, low=low,
                              predicted=np.exp(mu), full=full)
-        if os.environ.get("MOECOMP_DEBUG_SCREEN"):
-            print(f"gen {self.gen + 1}: cand {len(X)} fresh {len(fresh)} chosen {len(chosen)} "
-                  f"sigma {link.sigma:.3f} a {link.a:.3f} beta {link.beta:.3f} theta "
-                  f"{np.round(link.theta, 2) if link.theta is not None else None}", flush=True)
         return fresh[chosen]
 
     def step(self) -> bool:

@@ -22,7 +22,6 @@ reference point only for the hypervolume).
 from __future__ import annotations
 
 import heapq
-import os
 from dataclasses import dataclass
 
 import numpy as np
@@ -135,12 +134,15 @@ def select(
 
 
 # --- the state of a screened search ----------------------------------------------------------
-# Optimism of the screens, in standard deviations of their log-divergence predictions.
-
-KAPPA = float(os.environ.get("SX_KAPPA", "1.0"))
-LOW_FACTOR = int(os.environ.get("SX_LOWF", "1"))
-PER_TERM = bool(int(os.environ.get("SX_PERTERM", "1")))
-LOW_SCREEN = bool(int(os.environ.get("SX_LOWSCREEN", "1")))
+# Optimism of the screens, in standard deviations of their log-divergence predictions: a
+# candidate one standard deviation better than predicted would enter the front.
+KAPPA = 1.0
+# Candidates measured at low fidelity per generation, in population sizes (the surrogate's
+# best guesses; the full evaluations are then chosen among them).
+LOW_FACTOR = 1
+# Fit a weight per table term (each layer's pruning and quantisation cost), not only the
+# link's (a, beta): the ladder's single-layer costs misjudge layers that interact.
+PER_TERM = True
 # At least this share of pop_size gets a full evaluation each generation (the least hopeless
 # candidates when fewer are promising): the model keeps learning where it is pessimistic.
 MIN_SHARE = 0.1

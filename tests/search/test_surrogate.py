@@ -183,3 +183,26 @@ def test_low_fidelity_samples_and_records():
     assert len(rec) == 3 and rec.n_low == 2
     off, sigma, pairs = screening.low_offset(rec, np.ones((1, 4)), np.array([0.2]))
     assert pairs == 2 and off > 0 and sigma > 0
+
+
+def test_low_fidelity_shares_the_layer_memo_and_equals_a_fresh_evaluator(
+        make_problem, digits_target, digits_ranks):
+    """The low-fidelity Evaluator reuses the full one's compressed layers (they do not depend
+    on the samples) and measures exactly what an Evaluator of its own on those samples does."""
+    from moecomp.evaluate import Evaluator
+    from moecomp.target import Target
+
+    p = make_problem()
+    m = screening.low_fidelity_samples(p.n_samples, 0.125)
+    p.set_low_fidelity(m)
+    assert p._low is not None and p._low.layers is p.evaluator.layers
+    X = np.random.default_rng(5).integers(p.xl, p.xu + 1, size=(12, p.n_var))
+    low = p.evaluate_low(X)
+    t = digits_target
+    sub = Target(teacher=t.teacher, layers=t.layers, calib=t.calib.take(slice(0, m)),
+                 val=t.val, test=t.test, divergence=t.divergence, metric=t.metric,
+                 output=t.output, dense_dtype=t.dense_dtype, batch_size=t.batch_size,
+                 pool=t.pool)
+    sub.divergence = t.divergence
+    fresh = Evaluator(sub, digits_ranks, quantizer="uniform").evaluate(*p.genes.decode(X))
+    np.testing.assert_array_equal(low, np.asarray(fresh.divergence, float))
