@@ -2,7 +2,8 @@
 5,000-evaluation search. Prints Markdown for BENCHMARKS.md.
 
 Run: ``.venv/bin/python bench/bench_search.py [--budget 1000] [--seeds 0 1 2]
-[--wall-budget 5000] [--skip-hv] [--skip-wall] [--surrogate] [--threads 2]``
+[--wall-budget 5000] [--skip-hv] [--skip-wall] [--threads 2]``, or (c) only:
+``[--problem P] --surrogate [--at 500 2000] [--jobs 2] [--keep DIR] [--miss-sample 300]``
 
 (a) Methods, all on the same genes (per layer: sparsity step index and bits) and the same
 Evaluator, each given exactly ``--budget`` evaluations per seed:
@@ -31,18 +32,20 @@ torch limited to ``--threads`` threads.
 (c) ``--surrogate``: the search with the surrogate (``search.surrogate = true``, the default:
 ladder probes at low fidelity, allocation-seeded first population, screened offspring) against
 the plain search (``surrogate = false``: the single-layer probes in full, sensitivity-seeded
-sampling, every offspring evaluated), both NSGA-II with the DE operators, one after the other
-per seed in one process. Per seed: HV at 1/8, 1/4, 1/2 and all of ``--budget`` (the budget
-counts full evaluations plus low-fidelity ones at their share of the samples: hv.csv's
-``n_evals``), and HV at equal wall-clock time (1/4, 1/2 and all of the plain run's time, read
-from hv.csv's ``elapsed_s``); medians over the seeds and the median of the per-seed ratios.
-Then what the issue asks of the first population and the front: the single-layer probes
+sampling, every offspring evaluated), both NSGA-II with the DE operators, each run in its own
+process with one torch thread (``--jobs`` at a time). Each run gets the largest budget of
+``--at``; HV at each budget of ``--at`` is that of the points evaluated within it, from the
+run folder: a row of evaluated.csv is charged the full evaluations up to it plus the
+low-fidelity ones of its generation and before at their share of the samples, rounded up
+(what the run's ``n_evals`` counts; low-fidelity evaluations of a generation come before its
+full ones). Medians over seeds, the median per-seed ratio and, with 5 or more seeds, the
+two-sided Mann-Whitney U p-value. Wall times are printed but depend on the load.
+Then what the issue asks of the first population and of screening: the single-layer probes
 (``search.sensitivity.probe_genes``, the intact model left out) evaluated in full outside the
-budget (the surrogate's run measured them at low fidelity only); how many of them a member of
-the first population dominates or matches (equal density and bits, lower divergence); and how
-many front points dominate a probe, and a member of the first population (also: better in
-every objective), i.e. where the search went beyond its starting points (the issue asks for
-three or more).
+budget, and how many of them a member of the first population dominates or matches (equal
+density and bits, lower divergence); a seeded sample of ``--miss-sample`` candidates screened
+out, evaluated in full outside the budget: the *missed* ones are those the front of all
+evaluated points does not dominate, with the HV they would add.
 """
 
 from __future__ import annotations
@@ -79,8 +82,9 @@ def load() -> str:
     return f"{a:.1f} / {b:.1f} / {c:.1f}"
 
 
-def front_hv(F: np.ndarray, problem: SearchProblem) -> float:
-    return hypervolume(F[nondominated(F)], problem.ref_point)
+def front_hv(F: np.ndarray, ref_point: np.ndarray) -> float:
+    """HV of the non-dominated rows of ``F (n, k)`` (raw units, divided by ``ref_point``)."""
+    return hypervolume(F[nondominated(F)], ref_point)
 
 
 def via_run_search(
@@ -130,7 +134,7 @@ def via_optuna(problem: SearchProblem, budget: int, seed: int, sampler_name: str
             study.tell(t, [float(v) for v in f])
         Fs.append(rec.F)
         n += k
-    return front_hv(np.concatenate(Fs), problem)
+    return front_hv(np.concatenate(Fs), problem.ref_point)
 
 
 def via_random(problem: SearchProblem, budget: int, seed: int) -> float:
@@ -142,7 +146,7 @@ def via_random(problem: SearchProblem, budget: int, seed: int) -> float:
         X = rng.integers(problem.xl, problem.xu + 1, size=(k, problem.n_var))
         Fs.append(problem.evaluate_genes(X).F)
         n += k
-    return front_hv(np.concatenate(Fs), problem)
+    return front_hv(np.concatenate(Fs), problem.ref_point)
 
 
 def method_fn(name: str) -> Callable[[SearchProblem, int, int], float]:
@@ -208,12 +212,6 @@ def bench_wall(cfg: ProblemConfig, budget: int) -> list[str]:
     ]
 
 
-def _hv_at(hv: pd.DataFrame, col: str, x: float) -> float:
-    """HV of the last hv.csv row with ``col <= x`` (0 before the first)."""
-    rows = hv[hv[col] <= x + 1e-9]
-    return float(rows["hv"].iloc[-1]) if len(rows) else 0.0
-
-
 def _dominated_or_matched(A: np.ndarray, f: np.ndarray) -> bool:
     """Some row of ``A (n, k)`` dominates ``f (k,)``, or equals it but for a lower divergence
     (the last column)."""
@@ -221,82 +219,149 @@ def _dominated_or_matched(A: np.ndarray, f: np.ndarray) -> bool:
     return bool(np.any(le & np.any(A < f - 1e-12, axis=1)))
 
 
-def _n_dominating(front: np.ndarray, others: np.ndarray, *, strict: bool = False) -> int:
-    """Rows of ``front`` that dominate at least one row of ``others`` (``strict``: better in
-    every objective)."""
-    le = np.all(front[:, None, :] <= others[None, :, :], axis=2)
-    lt = np.all if strict else np.any
-    better = lt(front[:, None, :] < others[None, :, :], axis=2)
-    return int(np.sum(np.any(le & better, axis=1)))
+def _dominated(front: np.ndarray, F: np.ndarray) -> np.ndarray:
+    """``(n,)`` bool: each row of ``F (n, k)`` is dominated by a row of ``front (m, k)``."""
+    le = np.all(front[None, :, :] <= F[:, None, :], axis=2)
+    lt = np.any(front[None, :, :] < F[:, None, :], axis=2)
+    return np.any(le & lt, axis=1)
 
 
-def bench_surrogate(cfg: ProblemConfig, budget: int, seeds: list[int]) -> list[str]:
+def charged(run: Path, n_samples: int) -> np.ndarray:
+    """``(n,)`` what the budget had charged when each row of the run's evaluated.csv was done:
+    full evaluations so far plus the low-fidelity ones made up to the end of its generation
+    (a generation's low-fidelity evaluations come before its full ones) at their share of the
+    samples, rounded up, as ``run._Search.n_evals`` counts them."""
+    ev = pd.read_csv(run / "evaluated.csv")
+    full = np.arange(1, len(ev) + 1)
+    sc_path = run / "screened.csv"
+    if not sc_path.is_file():
+        return full
+    sc = pd.read_csv(sc_path)
+    low = sc[np.isfinite(sc["low_divergence"])]
+    if len(low) == 0:
+        return full
+    m = int(low["samples"].iloc[0])
+    per_gen = low.groupby("gen").size()
+    gens = np.arange(int(max(ev["gen"].max(), per_gen.index.max())) + 1)
+    cum = np.cumsum(per_gen.reindex(gens, fill_value=0).to_numpy())
+    n_low = cum[ev["gen"].to_numpy()]
+    return full + -(-(n_low * m) // n_samples)
+
+
+def hv_at(F: np.ndarray, charge: np.ndarray, budget: int, ref_point: np.ndarray) -> float:
+    """HV of the points ``F (n, k)`` evaluated within ``budget`` (``charge (n,)``)."""
+    Fb = F[charge <= budget]
+    return front_hv(Fb, ref_point) if len(Fb) else 0.0
+
+
+def surrogate_task(problem_path: str, seed: int, surrogate: bool, at: list[int],
+                   out: str, miss_sample: int) -> dict[str, object]:
+    """One search of (c), in its own process with one torch thread: HV at each budget in
+    ``at``; with the surrogate also the probe check and the sampled screening miss rate."""
     from moecomp.search.sensitivity import probe_genes
 
+    torch.set_num_threads(1)
+    cfg = load_problem(problem_path)
     target = build_target(cfg, progress=False)
     problem = build_problem(cfg, target=target)
-    obj = ["density", "bits", "divergence"] if problem.n_obj == 3 else None
-    fracs = (0.125, 0.25, 0.5, 1.0)
-    tfracs = (0.25, 0.5, 1.0)
-    rows: dict[str, list[list[float]]] = {"surrogate": [], "plain": []}
-    checks: list[str] = []
-    with tempfile.TemporaryDirectory() as tmp:
-        for s in seeds:
-            hv: dict[str, pd.DataFrame] = {}
-            runs: dict[str, Path] = {}
-            for name, on in (("plain", False), ("surrogate", True)):
-                out = Path(tmp) / f"{name}-{s}"
-                t0 = time.perf_counter()
-                r = run_search(problem, out, budget=budget, progress=False, plots=False,
-                               params={"seed": s, "surrogate": on})
-                wall = time.perf_counter() - t0
-                hv[name], runs[name] = r.hv_history, out
-                print(f"  {name} seed {s}: HV {r.hv:.4f}, {len(r.evaluated())} full "
-                      f"evaluations, {wall:.0f} s", file=sys.stderr)
-            t_plain = float(hv["plain"]["elapsed_s"].iloc[-1])
-            for name in ("plain", "surrogate"):
-                rows[name].append(
-                    [_hv_at(hv[name], "n_evals", f * budget) for f in fracs]
-                    + [_hv_at(hv[name], "elapsed_s", f * t_plain) for f in tfracs]
-                    + [float(hv[name]["elapsed_s"].iloc[-1])])
-            # the first population against the probes, all measured in full
-            sc = problem.config.search
-            assert isinstance(problem, CompressionProblem)
-            Xp = probe_genes(problem.genes, probe_sparsity=sc.probe_sparsity,
-                             probe_bits=sc.probe_bits)
-            Fp = problem.evaluate_genes(Xp).F
-            ev = pd.read_csv(runs["surrogate"] / "evaluated.csv")
-            front = pd.read_csv(runs["surrogate"] / "front.csv")
-            cols = obj if obj is not None else ["size", "divergence"]
-            if obj is None:
-                for df in (ev, front):
-                    df["size"] = df["density"] * df["bits"] / 32.0
-            F1 = ev[ev["gen"] == ev["gen"].min()][cols].to_numpy()
-            Ff = front[cols].to_numpy()
-            beaten = sum(_dominated_or_matched(F1, f) for f in Fp[1:])
-            checks.append(
-                f"| {s} | {beaten} of {len(Fp) - 1} | {_n_dominating(Ff, Fp[1:])} | "
-                f"{_n_dominating(Ff, F1)} | {_n_dominating(Ff, F1, strict=True)} | "
-                f"{len(Ff)} |")
-    head = ("| run | " + " | ".join(f"HV @ {f:g} budget" for f in fracs) + " | "
-            + " | ".join(f"HV @ {f:g} plain time" for f in tfracs) + " | wall s |")
-    lines = [head, "|" + " --- |" * (len(fracs) + len(tfracs) + 2)]
-    for name in ("plain", "surrogate"):
-        for s, v in zip(seeds, rows[name], strict=True):
-            lines.append(f"| {name} seed {s} | " + " | ".join(f"{x:.4f}" for x in v[:-1])
-                       + f" | {v[-1]:.0f} |")
-    med = {k: np.median(np.asarray(v), axis=0) for k, v in rows.items()}
-    for name in ("plain", "surrogate"):
-        lines.append(f"| **{name} median** | " + " | ".join(f"{x:.4f}" for x in med[name][:-1])
-                   + f" | {med[name][-1]:.0f} |")
-    ratio = np.median(np.asarray(rows["surrogate"])[:, :-1]
-                      / np.maximum(np.asarray(rows["plain"])[:, :-1], 1e-12), axis=0)
-    lines.append("| median ratio surrogate / plain | " + " | ".join(f"{x:.3f}" for x in ratio)
-               + " | |")
-    lines += ["", "| seed | probes beaten by the first population | front points "
-              "dominating a probe | ... a member of the first population | ... strictly (better "
-              "in every objective) | front size |",
-            "| --- | --- | --- | --- | --- |", *checks]
+    assert isinstance(problem, CompressionProblem)
+    budget = max(at)
+    t0 = time.perf_counter()
+    r = run_search(problem, Path(out), budget=budget, progress=False, plots=False,
+                   target=target, params={"seed": seed, "surrogate": surrogate})
+    wall = time.perf_counter() - t0
+    run = Path(out)
+    cols = ["density", "bits", "divergence"] if problem.n_obj == 3 else ["size", "divergence"]
+    ev = pd.read_csv(run / "evaluated.csv")
+    if problem.n_obj == 2:
+        ev["size"] = ev["density"] * ev["bits"] / 32.0
+    F = ev[cols].to_numpy()
+    charge = charged(run, problem.n_samples)
+    res: dict[str, object] = {
+        "seed": seed, "surrogate": surrogate, "wall": wall, "n_full": len(ev), "hv_end": r.hv,
+        "hv": [hv_at(F, charge, b, problem.ref_point) for b in at],
+    }
+    print(f"  {'surrogate' if surrogate else 'plain'} seed {seed}: HV "
+          f"{[round(h, 4) for h in res['hv']]} at {at}, {len(ev)} full, {wall:.0f} s",  # type: ignore
+          file=sys.stderr, flush=True)
+    if not surrogate:
+        return res
+    # the first population against the single-layer probes, all measured in full (outside
+    # the budget: the run measured the probes at low fidelity only)
+    sc = problem.config.search
+    Xp = probe_genes(problem.genes, probe_sparsity=sc.probe_sparsity, probe_bits=sc.probe_bits)
+    Fp = problem.evaluate_genes(Xp).F[1:]  # row 0: the intact model
+    F1 = F[ev["gen"].to_numpy() == 1]
+    res["probes"] = len(Fp)
+    res["probes_beaten"] = int(sum(_dominated_or_matched(F1, f) for f in Fp))
+    # screening misses: a seeded sample of the candidates screened out, evaluated in full;
+    # a miss is one the front of everything evaluated does not dominate
+    scr = pd.read_csv(run / "screened.csv")
+    out_rows = scr[(scr["kind"] == "candidate") & ~scr["full"]]
+    res["screened_out"] = len(out_rows)
+    if miss_sample and len(out_rows):
+        pick = np.sort(np.random.default_rng(seed).choice(
+            len(out_rows), size=min(miss_sample, len(out_rows)), replace=False))
+        rows = out_rows.iloc[pick]
+        names = problem.layer_names
+        X = problem.genes.encode(rows[[f"s:{n}" for n in names]].to_numpy(),
+                                 rows[[f"b:{n}" for n in names]].to_numpy())
+        Fo = problem.evaluate_genes(X).F
+        front = F[nondominated(F)]
+        missed = Fo[~_dominated(front, Fo)]
+        hv = hypervolume(front, problem.ref_point)
+        res["miss_sampled"] = len(Fo)
+        res["missed"] = len(missed)
+        res["miss_hv_gain"] = (hypervolume(np.vstack([front, missed]), problem.ref_point)
+                               - hv) / hv if len(missed) else 0.0
+    return res
+
+
+def bench_surrogate(problem_path: str, at: list[int], seeds: list[int], *, jobs: int,
+                    keep: Path | None, miss_sample: int) -> list[str]:
+    from concurrent.futures import ProcessPoolExecutor
+    from multiprocessing import get_context
+
+    from scipy.stats import mannwhitneyu
+
+    tmp = tempfile.TemporaryDirectory()
+    root = keep if keep is not None else Path(tmp.name)
+    tasks = [(problem_path, s, on, at, str(root / f"{'sur' if on else 'plain'}-{s}"),
+              miss_sample) for s in seeds for on in (False, True)]
+    with ProcessPoolExecutor(jobs, mp_context=get_context("spawn")) as pool:
+        done = list(pool.map(surrogate_task, *zip(*tasks, strict=True)))
+    tmp.cleanup()
+    by = {(d["seed"], d["surrogate"]): d for d in done}
+    hv = {on: np.array([by[(s, on)]["hv"] for s in seeds], float) for on in (False, True)}
+    wall = {on: [float(by[(s, on)]["wall"]) for s in seeds] for on in (False, True)}  # type: ignore
+    head = ("| run | " + " | ".join(f"HV @ {b:,} evals" for b in at)
+            + " | full evaluations | wall s (load-dependent) |")
+    lines = [head, "|" + " --- |" * (len(at) + 3)]
+    for on, name in ((False, "plain"), (True, "surrogate")):
+        for i, s in enumerate(seeds):
+            d = by[(s, on)]
+            lines.append(f"| {name} seed {s} | " + " | ".join(f"{x:.4f}" for x in hv[on][i])
+                         + f" | {d['n_full']} | {wall[on][i]:.0f} |")
+    for on, name in ((False, "plain"), (True, "surrogate")):
+        lines.append(f"| **{name} median** | " + " | ".join(
+            f"**{x:.4f}**" for x in np.median(hv[on], axis=0))
+            + f" | | {np.median(wall[on]):.0f} |")
+    ratio = np.median(hv[True] / np.maximum(hv[False], 1e-12), axis=0)
+    lines.append("| median ratio surrogate / plain (per seed) | "
+                 + " | ".join(f"{x:.3f}" for x in ratio) + " | | |")
+    if len(seeds) >= 5:
+        p = [mannwhitneyu(hv[True][:, k], hv[False][:, k], alternative="two-sided").pvalue
+             for k in range(len(at))]
+        lines.append("| Mann-Whitney U p (two-sided) | " + " | ".join(f"{x:.3g}" for x in p)
+                     + " | | |")
+    lines += ["", "| seed | probes beaten by the first population | candidates screened out "
+              "| sampled, evaluated in full | missed (not dominated by the front) | HV the "
+              "misses add |", "| --- | --- | --- | --- | --- | --- |"]
+    for s in seeds:
+        d = by[(s, True)]
+        lines.append(f"| {s} | {d['probes_beaten']} of {d['probes']} | {d['screened_out']} | "
+                     f"{d.get('miss_sampled', 0)} | {d.get('missed', 0)} | "
+                     f"{100 * float(d.get('miss_hv_gain', 0.0)):.3f} % |")  # type: ignore
     return lines
 
 
@@ -312,6 +377,12 @@ def main() -> None:
     ap.add_argument("--skip-wall", action="store_true")
     ap.add_argument("--surrogate", action="store_true",
                     help="(c) only: the surrogate against the plain search")
+    ap.add_argument("--at", type=int, nargs="+", default=[500, 2000],
+                    help="(c) budgets at which HV is read (each run gets the largest)")
+    ap.add_argument("--jobs", type=int, default=1, help="(c) runs in parallel (processes)")
+    ap.add_argument("--keep", type=Path, default=None, help="(c) keep the run folders here")
+    ap.add_argument("--miss-sample", type=int, default=300,
+                    help="(c) screened-out candidates per run evaluated in full (0: none)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     cfg = load_problem(args.problem)
@@ -333,9 +404,10 @@ def main() -> None:
         f"objectives {cfg.objectives.mode}, ref point {list(cfg.objectives.ref_point)}\n"
     )
     if args.surrogate:
-        print(f"## (c) Surrogate against the plain search, budget {args.budget:,} "
-              f"(pop {cfg.search.pop_size})\n")
-        for line in bench_surrogate(cfg, args.budget, args.seeds):
+        print(f"## (c) Surrogate against the plain search, HV at {args.at} evaluations "
+              f"(pop {cfg.search.pop_size}, one torch thread per run, {args.jobs} at a time)\n")
+        for line in bench_surrogate(args.problem, args.at, args.seeds, jobs=args.jobs,
+                                    keep=args.keep, miss_sample=args.miss_sample):
             print(line)
         print()
         return
