@@ -368,10 +368,15 @@ class _Compress:
                        calibration=self.calibration, metric=self.metric, progress=False,
                        device=self.device)
         measure = r.val_measure
+        steps = " | ".join(o.line() for o in r.steps) or "none"
+        if stage == "merge":  # the steps of the candidate merged come first (its lineage)
+            prev = next((p for p in self.rows if str(p["key"]) == source), None)
+            if prev is not None and prev["steps"] != "none":
+                steps = f"{prev['steps']} | {steps}"
         row = {
             "candidate": candidate, "stage": stage, "search_id": search_id,
             "parent": r.parent, "key": r.key, "est_ratio": est_ratio,
-            "plain_val": plain, "steps": " | ".join(o.line() for o in r.steps) or "none",
+            "plain_val": plain, "steps": steps,
             "bytes": r.file_bytes, "ratio": r.ratio, "val_measure": measure,
             "val_drop": r.val_drop, "val_divergence": r.val_divergence,
             "test_drop": r.test_drop, "test_divergence": r.test_divergence,

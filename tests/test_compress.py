@@ -67,6 +67,11 @@ def test_compress_writes_the_smallest_file_within_the_budget(compressed, digits_
     assert info["solution"] == chosen["key"] and info["search_id"] == chosen["search_id"]
     csv = pd.read_csv(compressed / "candidates.csv")
     assert csv["candidate"].tolist() == table["candidate"].tolist()
+    # a merged candidate's steps start with those of the candidate it merged (its lineage)
+    steps = dict(zip(table["key"], table["steps"], strict=True))
+    for _, row in table[table["stage"] == "merge"].iterrows():
+        before = steps[row["parent"]]
+        assert before == "none" or row["steps"].startswith(before + " | ")
 
 
 def test_compress_continues_where_it_stopped(compressed, digits_target, tmp_path, monkeypatch):
