@@ -149,12 +149,14 @@ class _Strategy:
 
 # --- records -------------------------------------------------------------------------------
 def _settings(*, measure: str, reconstruct: bool, finetune_epochs: int, lr: float, seed: int,
-              calibration: int) -> str:
+              calibration: int, masks: str = "fixed") -> str:
     """What a refined candidate depends on, as a key: a resumed compress reuses a candidate
-    only when these are equal."""
+    only when these are equal (fixed masks leave the key as it was before masks moved)."""
+    moving = {"masks": masks} if masks != "fixed" and finetune_epochs > 0 else {}
     return json.dumps({"measure": measure, "reconstruct": reconstruct,
                        "finetune_epochs": finetune_epochs, "lr": lr, "seed": seed,
-                       "calibration": calibration if reconstruct else None}, sort_keys=True)
+                       "calibration": calibration if reconstruct else None, **moving},
+                      sort_keys=True)
 
 
 def _read_candidates(out: Path) -> pd.DataFrame:
@@ -190,6 +192,7 @@ def compress(
     calibration: int = 8192,
     progress: bool = True,
     device: str = "auto",
+    masks: str = "fixed",
 ) -> CompressResult:
     """The smallest file whose validation drop (or divergence) is within a budget.
 
@@ -209,7 +212,8 @@ def compress(
     candidates: at most this many refined candidates (merging counts); time_budget: seconds
         after which no new candidate is started (the search is bounded by ``budget``).
     device: where the search and the refine steps run (``auto``, ``cpu``, ``cuda``,
-        ``cuda:N``; see ``run_search`` and ``refine``).
+        ``cuda:N``; see ``run_search`` and ``refine``). masks: with fine-tuning, ``fixed``,
+        ``gradual`` or ``rigl`` (``refine``'s ``masks``).
     Returns a :class:`CompressResult`; raises :class:`NoCandidateWithinBudget` when nothing
     is within the budget (compress.json says so and lists what was tried).
     """
@@ -226,6 +230,11 @@ def compress(
         raise ConfigError("time_budget", f"must be > 0 seconds, got {time_budget!r}")
     if finetune_epochs < 0:
         raise ConfigError("finetune_epochs", f"must be >= 0, got {finetune_epochs!r}")
+    from moecomp.finetune import MaskSchedule
+
+    if MaskSchedule(masks).mode != "fixed" and finetune_epochs == 0:
+        raise ConfigError("masks", f"{masks!r} moves the masks while fine-tuning: give "
+                          "finetune_epochs > 0")
     if reconstruct is None:
         reconstruct = finetune_epochs == 0
     metric = "metric" if max_drop is not None else "divergence"
@@ -243,11 +252,11 @@ def compress(
     out_dir.mkdir(parents=True, exist_ok=True)
     settings = _settings(measure=metric, reconstruct=bool(reconstruct),
                          finetune_epochs=finetune_epochs, lr=lr, seed=seed,
-                         calibration=calibration)
+                         calibration=calibration, masks=masks)
     run_compress = _Compress(ctx, out_dir, metric=metric, limit=limit, settings=settings,
                              reconstruct=bool(reconstruct), finetune_epochs=finetune_epochs,
                              lr=lr, seed=seed, calibration=calibration, progress=progress,
-                             device=device)
+                             device=device, masks=masks)
     run_compress.write_status("running", started=t0)
     try:
         status = run_compress.run(candidates=candidates, merge=merge, time_budget=time_budget,
@@ -302,12 +311,13 @@ class _Compress:
 
     def __init__(self, ctx: RunContext, out: Path, *, metric: str, limit: float, settings: str,
                  reconstruct: bool, finetune_epochs: int, lr: float, seed: int,
-                 calibration: int, progress: bool, device: str = "auto") -> None:
+                 calibration: int, progress: bool, device: str = "auto",
+                 masks: str = "fixed") -> None:
         self.ctx, self.out, self.metric, self.limit = ctx, out, metric, limit
         self.settings = settings
         self.reconstruct, self.finetune_epochs = reconstruct, finetune_epochs
         self.lr, self.seed, self.calibration, self.progress = lr, seed, calibration, progress
-        self.device = device
+        self.device, self.masks = device, masks
         self.col = "val_drop" if metric == "metric" else "val_divergence"
         old = _read_candidates(out)
         self.done: dict[str, dict[str, Any]] = {}
@@ -366,7 +376,7 @@ class _Compress:
             r = refine(self.ctx, source, reconstruct=self.reconstruct,
                        finetune_epochs=self.finetune_epochs, lr=self.lr, seed=self.seed,
                        calibration=self.calibration, metric=self.metric, progress=False,
-                       device=self.device)
+                       device=self.device, masks=self.masks)
         measure = r.val_measure
         steps = " | ".join(o.line() for o in r.steps) or "none"
         if stage == "merge":  # the steps of the candidate merged come first (its lineage)

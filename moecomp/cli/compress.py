@@ -52,6 +52,9 @@ def register(app: typer.Typer) -> None:
             help="Seconds after which no new candidate starts (the search is bounded by "
                  "--budget)."),
         lr: float = typer.Option(2e-3, "--lr", help="Fine-tuning learning rate."),
+        masks: str = typer.Option(
+            "fixed", "--masks",
+            help="With --finetune-epochs: fixed, gradual or rigl (see `moecomp refine`)."),
         calibration: int = typer.Option(
             8192, "--calibration", min=1, help="Calibration samples for reconstruction."),
         seed: int = typer.Option(0, "--seed", help="Seed of reconstruction and fine-tuning."),
@@ -88,7 +91,7 @@ def register(app: typer.Typer) -> None:
                     problem, out=out, max_drop=max_drop, max_divergence=max_divergence, run=run,
                     budget=budget, finetune_epochs=finetune_epochs, reconstruct=reconstruct,
                     merge=merge_bins, candidates=candidates, time_budget=time_budget, lr=lr,
-                    seed=seed, calibration=calibration, progress=not no_progress,
+                    seed=seed, calibration=calibration, progress=not no_progress, masks=masks,
                     device=device)
         except (KeyboardInterrupt, Terminated) as e:
             name = "SIGTERM" if isinstance(e, Terminated) else "SIGINT"

@@ -30,6 +30,10 @@ def register(app: typer.Typer) -> None:
                                             help="Distillation epochs (masks kept, "
                                                  "quantisation in the loop)."),
         lr: float = typer.Option(2e-3, "--lr", help="Fine-tuning learning rate."),
+        masks: str = typer.Option("fixed", "--masks",
+                                  help="How survivors move while fine-tuning: fixed (the "
+                                       "plan's), gradual (pruned from denser masks to the "
+                                       "plan's counts) or rigl (drop and regrow)."),
         merge_bins: bool = typer.Option(False, "--merge-bins/--no-merge-bins",
                                         help="Merge neighbouring bins (levels) as far as the "
                                              "validation measure stays within --tolerance."),
@@ -55,7 +59,8 @@ def register(app: typer.Typer) -> None:
                               "--finetune-epochs N and/or --merge-bins")
         r = refine_solution(run, solution, reconstruct=reconstruct, calibration=calibration,
                             finetune_epochs=finetune_epochs, lr=lr, merge=merge_bins,
-                            tolerance=tolerance, metric=metric, seed=seed, device=device)
+                            tolerance=tolerance, metric=metric, seed=seed, device=device,
+                            masks=masks)
         c = Console()
         origin = f"; searched solution {r.root}" if r.root != r.parent else ""
         c.print(f"[bold]{r.key}[/] (from solution {r.parent}){origin}: {r.path}")
