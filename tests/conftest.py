@@ -83,6 +83,18 @@ def cli(monkeypatch, capsys):
     return run
 
 
+@pytest.fixture
+def cli_out(cli):
+    """``cli_out(*args) -> (exit code, stdout + stderr)``: the ``cli`` fixture, with
+    everything printed in one string."""
+
+    def run(*args: str) -> tuple[int, str]:
+        code, out, err = cli(*args)
+        return code, out + err
+
+    return run
+
+
 def assert_one_line_error(code: int, err: str, *needles: str) -> None:
     """Exit code 2 and one ``error: ...`` line holding every needle, no traceback."""
     assert code == 2, err

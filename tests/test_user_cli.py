@@ -16,8 +16,6 @@ import pytest
 import torch
 from safetensors.torch import load_file, load_model
 
-from moecomp.cli import main
-
 USERPKG = Path(__file__).parent / "userpkg"
 
 PROBLEM = """name = "user-encoder"
@@ -39,21 +37,6 @@ pop_size = 12
 """
 
 
-def cli(capsys, *args: str) -> tuple[int, str]:
-    """Run ``moecomp ARGS`` in-process through its real entry point."""
-    old = sys.argv
-    sys.argv = ["moecomp", *args]
-    try:
-        main()
-        code = 0
-    except SystemExit as e:
-        code = int(e.code or 0)
-    finally:
-        sys.argv = old
-    out = capsys.readouterr()
-    return code, out.out + out.err
-
-
 @pytest.fixture(scope="module")
 def project(tmp_path_factory):
     folder = tmp_path_factory.mktemp("proj")
@@ -65,8 +48,7 @@ def project(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def searched(project):
-    """A search on the user problem (run directly: capsys is per test)."""
-
+    """A search on the user problem (run directly: the cli fixtures are per test)."""
     from moecomp.search import run_search
 
     run = project / "runs" / "r1"
@@ -86,8 +68,8 @@ def test_search_records_what_the_target_is(searched):
     assert front["metric"].between(0, 100).all() and (front["metric_drop"] >= 0).all()
 
 
-def test_pick_refine_export_decode_inspect(searched, capsys, tmp_path):
-    code, out = cli(capsys, "pick", str(searched), "--max-drop", "25", "--no-plots")
+def test_pick_refine_export_decode_inspect(searched, cli_out, tmp_path):
+    code, out = cli_out("pick", str(searched), "--max-drop", "25", "--no-plots")
     assert code == 0, out
     assert "neighbour agreement; drops from the teacher" in out
     picks = pd.read_csv(searched / "picks.csv")
@@ -95,7 +77,7 @@ def test_pick_refine_export_decode_inspect(searched, capsys, tmp_path):
     assert {"val_divergence", "val_metric", "test_metric"} <= set(picks.columns)
 
     # reconstruction and distillation with the user's divergence; no labels anywhere
-    code, out = cli(capsys, "refine", str(searched), "--solution", sid, "--reconstruct",
+    code, out = cli_out("refine", str(searched), "--solution", sid, "--reconstruct",
                     "--calibration", "32", "--finetune-epochs", "1", "--no-merge-bins")
     assert code == 0, out
     assert "neighbour agreement val" in out and "divergence val" in out
@@ -104,7 +86,7 @@ def test_pick_refine_export_decode_inspect(searched, capsys, tmp_path):
     key = refined["key"].iloc[-1]
 
     mcz = tmp_path / "exp" / f"{key}.mcz"
-    code, out = cli(capsys, "export", str(searched), "--solution", key, "--out", str(mcz),
+    code, out = cli_out("export", str(searched), "--solution", key, "--out", str(mcz),
                     "--safetensors", "--onnx")
     assert code == 0, out
     assert "decoded file reproduces the solution's outputs exactly" in out
@@ -121,40 +103,40 @@ def test_pick_refine_export_decode_inspect(searched, capsys, tmp_path):
     load_model(dense, str(mcz.with_suffix(".safetensors")))
 
     out_st = tmp_path / "decoded.safetensors"
-    code, out = cli(capsys, "decode", str(mcz), "--out", str(out_st))
+    code, out = cli_out("decode", str(mcz), "--out", str(out_st))
     assert code == 0, out
     decoded = load_file(str(out_st))
     for name, t in dense.state_dict().items():
         assert torch.equal(decoded[name].to(t.dtype), t), name
-    code, out = cli(capsys, "inspect", str(mcz))
+    code, out = cli_out("inspect", str(mcz))
     assert code == 0 and "tok.weight" in out
 
 
-def test_compare_and_report_read_the_users_metric(searched, capsys):
-    code, out = cli(capsys, "compare", str(searched), "--budget", "120", "--targets",
+def test_compare_and_report_read_the_users_metric(searched, cli_out):
+    code, out = cli_out("compare", str(searched), "--budget", "120", "--targets",
                     "0.5,0.8", "--no-progress", "--no-plot")
     assert code == 0, out
     assert "neighbour agreement" in out
-    code, out = cli(capsys, "report", str(searched), "--no-plots")
+    code, out = cli_out("report", str(searched), "--no-plots")
     assert code == 0, out
     text = (searched / "report.md").read_text()
     assert "neighbour agreement" in text and "accuracy" not in text.lower()
 
 
-def test_a_run_whose_factory_is_gone_says_so(searched, capsys, tmp_path):
+def test_a_run_whose_factory_is_gone_says_so(searched, cli_out, tmp_path):
     moved = tmp_path / "moved"
     shutil.copytree(searched.parents[1], moved)
     (moved / "usermodels.py").rename(moved / "gone.py")
     problem = json.loads((moved / "runs" / "r1" / "problem.json").read_text())
     problem["folder"] = str(moved)
     (moved / "runs" / "r1" / "problem.json").write_text(json.dumps(problem))
-    code, out = cli(capsys, "export", str(moved / "runs" / "r1"), "--solution", "0")
+    code, out = cli_out("export", str(moved / "runs" / "r1"), "--solution", "0")
     assert code == 2
     assert out.strip().count("\n") == 0, out
     assert "model.factory" in out and "'usermodels'" in out and "PYTHONPATH" in out
 
 
-def test_a_changed_teacher_is_refused(searched, capsys, tmp_path):
+def test_a_changed_teacher_is_refused(searched, cli_out, tmp_path):
     moved = tmp_path / "changed"
     shutil.copytree(searched.parents[1], moved)
     src = (moved / "usermodels.py").read_text()
@@ -163,5 +145,5 @@ def test_a_changed_teacher_is_refused(searched, capsys, tmp_path):
     problem = json.loads((moved / "runs" / "r1" / "problem.json").read_text())
     problem["folder"] = str(moved)
     (moved / "runs" / "r1" / "problem.json").write_text(json.dumps(problem))
-    code, out = cli(capsys, "pick", str(moved / "runs" / "r1"), "--knee", "--no-plots")
+    code, out = cli_out("pick", str(moved / "runs" / "r1"), "--knee", "--no-plots")
     assert code == 2 and "is not the one this run searched" in out, out

@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 import re
 import shutil
-import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +28,6 @@ import torch
 from safetensors.torch import load_file
 from torch.nn import functional as F
 
-from moecomp.cli import main
 from moecomp.codec import read_mcz
 from moecomp.factories import call, resolve
 from moecomp.fold import apply_folds
@@ -39,23 +38,10 @@ pytestmark = pytest.mark.slow
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 
 
-def cli(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str]:
-    """Run ``moecomp ARGS`` in-process through its real entry point."""
-    old = sys.argv
-    sys.argv = ["moecomp", *args]
-    try:
-        main()
-        code = 0
-    except SystemExit as e:
-        code = int(e.code or 0)
-    finally:
-        sys.argv = old
-    out = capsys.readouterr()
-    return code, out.out + out.err
-
-
-def ok(capsys: pytest.CaptureFixture[str], *args: str) -> str:
-    code, out = cli(capsys, *args)
+def ok(cli: Callable[..., tuple[int, str, str]], *args: str) -> str:
+    """``moecomp ARGS`` through the ``cli`` fixture (tests/conftest.py): exit 0, its output."""
+    code, stdout, stderr = cli(*args)
+    out = stdout + stderr
     assert code == 0, f"moecomp {' '.join(args)} exited {code}:\n{out}"
     return out
 
@@ -110,30 +96,30 @@ def factory(problem: Path, ref: str) -> Any:
     return call(ref, "test", folder=problem.parent)
 
 
-def run_path(capsys: pytest.CaptureFixture[str], problem: Path, *, pick: list[str],
+def run_path(cli: Callable[..., tuple[int, str, str]], problem: Path, *, pick: list[str],
              refine: list[str]) -> dict[str, Any]:
     """search, pick, refine, export, decode, inspect, compare, report on ``problem``; returns
     the run folder, the printed outputs and the exported files. compare runs the DE baseline
     at one target sparsity with the least budget it accepts (9 evaluations per layer)."""
     run = problem.parent / "runs" / "r1"
     out: dict[str, Any] = {"run": run}
-    out["search"] = ok(capsys, "search", str(problem), "--out", str(run), "--no-progress")
+    out["search"] = ok(cli, "search", str(problem), "--out", str(run), "--no-progress")
     front = pd.read_csv(run / "front.csv")
     assert len(front) >= 1 and (front["divergence"] >= 0).all()
 
-    out["pick"] = ok(capsys, "pick", str(run), *pick, "--no-plots")
+    out["pick"] = ok(cli, "pick", str(run), *pick, "--no-plots")
     picks = pd.read_csv(run / "picks.csv")
     assert {"val_divergence", "test_divergence"} <= set(picks.columns)
     sid = str(int(picks["id"].iloc[0]))
 
-    out["refine"] = ok(capsys, "refine", str(run), "--solution", sid, *refine)
+    out["refine"] = ok(cli, "refine", str(run), "--solution", sid, *refine)
     refined = pd.read_csv(run / "refined.csv")
     assert refined["parent"].astype(str).iloc[-1] == sid
     key = str(refined["key"].iloc[-1])
     assert (run / "refined" / f"{key}.mcz").is_file()
 
     mcz = problem.parent / "exp" / f"{key}.mcz"
-    out["export"] = ok(capsys, "export", str(run), "--solution", key, "--out", str(mcz),
+    out["export"] = ok(cli, "export", str(run), "--solution", key, "--out", str(mcz),
                        "--safetensors", "--onnx")
     assert "decoded file reproduces the solution's outputs exactly" in out["export"]
     for suffix in (".mcz", ".safetensors", ".onnx", ".plan.json"):
@@ -143,19 +129,19 @@ def run_path(capsys: pytest.CaptureFixture[str], problem: Path, *, pick: list[st
     out["onnx_inputs"] = [i.name for i in onnx.load(str(mcz.with_suffix(".onnx"))).graph.input]
 
     decoded = problem.parent / "decoded.safetensors"
-    ok(capsys, "decode", str(mcz), "--out", str(decoded))
+    ok(cli, "decode", str(mcz), "--out", str(decoded))
     out["decoded"] = load_file(str(decoded))
     # the dense file export wrote and the one decode wrote hold the same tensors
     dense = load_file(str(mcz.with_suffix(".safetensors")))
     for name, t in out["decoded"].items():
         assert torch.equal(t.to(dense[name].dtype), dense[name]), name
     out["meta"] = read_mcz(mcz).meta
-    out["inspect"] = ok(capsys, "inspect", str(mcz))
+    out["inspect"] = ok(cli, "inspect", str(mcz))
 
     n_layers = sum(c.startswith("s:") for c in front.columns)
-    out["compare"] = ok(capsys, "compare", str(run), "--budget", str(9 * n_layers),
+    out["compare"] = ok(cli, "compare", str(run), "--budget", str(9 * n_layers),
                         "--targets", "0.5", "--no-progress", "--no-plot")
-    ok(capsys, "report", str(run), "--no-plots")
+    ok(cli, "report", str(run), "--no-plots")
     out["report"] = (run / "report.md").read_text()
     return out
 
@@ -199,11 +185,11 @@ def teacher_and_student(problem: Path, model_ref: str, teacher: Path,
     return t.eval(), student(factory(problem, model_ref), result)
 
 
-def test_convbn_through_the_cli(capsys, tmp_path, convbn_teacher):
+def test_convbn_through_the_cli(cli, tmp_path, convbn_teacher):
     problem = project("convbn", tmp_path, convbn_teacher, budget=48, pop_size=8,
                       calibration=128,
                       sizes={"calibration": 512, "validation": 1000, "test": 1000})
-    r = run_path(capsys, problem, pick=["--knee", "--max-knees", "1"],
+    r = run_path(cli, problem, pick=["--knee", "--max-knees", "1"],
                  refine=["--reconstruct", "--calibration", "128", "--merge-bins",
                          "--tolerance", "0.5"])
     assert "accuracy" in r["pick"] and "accuracy val" in r["refine"]
@@ -224,10 +210,10 @@ def test_convbn_through_the_cli(capsys, tmp_path, convbn_teacher):
     assert "accuracy" in r["report"].lower()
 
 
-def test_dictinput_through_the_cli(capsys, tmp_path, dictinput_teacher):
+def test_dictinput_through_the_cli(cli, tmp_path, dictinput_teacher):
     problem = project("dictinput", tmp_path, dictinput_teacher, budget=48, pop_size=8,
                       calibration=256)
-    r = run_path(capsys, problem, pick=["--max-drop", "5"],
+    r = run_path(cli, problem, pick=["--max-drop", "5"],
                  refine=["--finetune-epochs", "1", "--calibration", "256"])
     assert "accuracy" in r["pick"] and "accuracy" in r["compare"].lower()
     assert r["onnx_inputs"] == ["pixels", "stats"]
@@ -244,11 +230,11 @@ def test_dictinput_through_the_cli(capsys, tmp_path, dictinput_teacher):
 # The teacher's training (set-up, ~1 CPU minute) counts against the item's time limit too;
 # on a busy 2-core machine the two took 260 s, close to the default 300.
 @pytest.mark.timeout(600)
-def test_transformer_through_the_cli(capsys, tmp_path, transformer_teacher):
+def test_transformer_through_the_cli(cli, tmp_path, transformer_teacher):
     problem = project("transformer", tmp_path, transformer_teacher, budget=32, pop_size=8,
                       calibration=32, sizes={"calibration": 48, "validation": 48, "test": 48},
                       length=16)
-    r = run_path(capsys, problem, pick=["--max-divergence", "0.5"],
+    r = run_path(cli, problem, pick=["--max-divergence", "0.5"],
                  refine=["--finetune-epochs", "1"])
     # the label-free metric names every table; accuracy appears nowhere
     assert "neighbour agreement; drops from the teacher" in r["pick"]
