@@ -38,7 +38,7 @@ import torch
 
 from moecomp.apply import QuantizedLayer, student_state_dict
 from moecomp.codec import write_mcz
-from moecomp.pick import holdout_fidelity
+from moecomp.pick import validation_measures
 from moecomp.solution import RunContext, dense_tensors, student_model
 from moecomp.target import Target
 
@@ -102,9 +102,10 @@ def main() -> None:
     ctx = RunContext(run)
     target = ctx.target
     front = ctx.run.front().reset_index(drop=True)
-    plans = [ctx.run.plan(int(i)) for i in front["id"]]
-    held = holdout_fidelity(target, ctx.ranks, plans)
-    front = front.join(held)
+    # the validation split only (what the choice reads; cached in RUN/validation.csv, as
+    # pick's): test is measured by export on the chosen files
+    held = validation_measures(ctx, front["id"].astype(int).tolist(), progress=True)
+    front = front.join(held.drop(columns="id"))
 
     rows = []
     for d in levels:
