@@ -11,8 +11,9 @@ SQLite file), else from a small study run here first: the study file's space, sa
 pruner with ``--tune-trials`` trials of ``--tune-budget`` evaluations each (default: the
 comparison's ``--budget``, as parameters tuned at one budget may not suit another), stored under
 ``--out`` with its own name (so the study file's own storage is left alone). Trials search with
-the study's seed (``budget.seed``, 0 by default); the comparison uses other seeds by default,
-so the tuned parameters are not judged on the seed they were picked on.
+the study's seeds (``budget.seed`` and ``budget.seeds``); the comparison uses the study's
+held-out seeds by default (``[holdout] seeds``), so the tuned parameters are not judged on
+the seeds they were picked on. ``moecomp study --report`` makes the same comparison.
 """
 
 from __future__ import annotations
@@ -102,7 +103,13 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--study", default="studies/tune-fashion-lenet300.toml")
     ap.add_argument("--budget", type=int, default=2000, help="evaluations per search")
-    ap.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
+    ap.add_argument(
+        "--seeds",
+        type=int,
+        nargs="+",
+        default=None,
+        help="comparison seeds (default: the study's held-out seeds, none a trial seed)",
+    )
     ap.add_argument(
         "--params-from",
         default=None,
@@ -124,6 +131,8 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     cfg = load_study_config(args.study)
     problem_cfg: ProblemConfig = cfg.load_problem()
+    if args.seeds is None:
+        args.seeds = list(cfg.holdout_seeds(problem_cfg))
 
     header = [
         "# Tuning benchmark\n",

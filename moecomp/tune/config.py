@@ -2,7 +2,8 @@
 
 A study tunes the hyper-parameters of one problem's search (the fields of
 :class:`moecomp.config.SearchConfig`). Every trial is a whole search at a fixed evaluation
-budget; its value is the final hypervolume (maximised). Layout of a study file::
+budget, run once per trial seed; its value is the mean final hypervolume (maximised).
+Layout of a study file::
 
     name = "tune-digits-mlp"
     problem = "../problems/digits-mlp.toml"   # relative to this file
@@ -10,7 +11,8 @@ budget; its value is the final hypervolume (maximised). Layout of a study file::
     # storage = "postgresql://user@host/db"   # default: sqlite file <output>/<name>.db
     output = "out"                            # relative to this file
 
-    [budget]      evaluations, report_steps, seed
+    [budget]      evaluations, report_steps, seed, seeds
+    [holdout]     seeds (compare the best parameters with the defaults on them)
     [sampler]     kind = tpe | random | nsga2 | qmc | gp, seed, n_startup_trials,
                   population_size
     [pruner]      kind = median | hyperband | none, and their settings
@@ -36,6 +38,7 @@ from moecomp.errors import ConfigError
 # the seed is fixed per study (budget.seed), chunk_size changes speed, not results, and
 # problem changes the genome and objectives (hypervolumes would not compare).
 FIXED_FIELDS = ("budget", "seed", "chunk_size", "problem")
+DEFAULT_HOLDOUT_SEEDS = 3
 
 
 def _range(lo: float | None = None, hi: float | None = None) -> dict[str, Any]:
@@ -46,12 +49,53 @@ def _range(lo: float | None = None, hi: float | None = None) -> dict[str, Any]:
 class BudgetConfig:
     # Evaluations per trial, the same for every trial so their hypervolumes compare.
     evaluations: int = field(default=400, metadata=_range(1, 10_000_000))
-    # Intermediate HV reports per trial, at evaluations budget*k/report_steps: the pruner's
-    # resource. A grid of evaluations (not generations) so trials of different pop_size
-    # are compared at the same cost.
+    # Intermediate HV reports per seed, at evaluations budget*k/report_steps of each seed's
+    # search (report_steps * seeds steps in a trial): the pruner's resource. A grid of
+    # evaluations (not generations) so trials of different pop_size are compared at the
+    # same cost.
     report_steps: int = field(default=10, metadata=_range(1, 1000))
-    # Search seed of every trial; None: the problem's search.seed.
+    # First search seed of every trial; None: the problem's search.seed.
     seed: int | None = None
+    # Searches per trial, with seeds seed, seed+1, ..., seed+seeds-1; the trial's value is
+    # their mean final HV. One seed overfits: tuned parameters fitted seed 0 and lost to
+    # the defaults on others (BENCHMARKS.md, "Optuna: tuned vs default").
+    seeds: int = field(default=3, metadata=_range(1, 50))
+
+    def trial_seeds(self, problem_seed: int) -> tuple[int, ...]:
+        """The seeds every trial runs, in order (``problem_seed``: the problem's
+        search.seed, used when ``seed`` is not set)."""
+        first = problem_seed if self.seed is None else self.seed
+        return tuple(range(first, first + self.seeds))
+
+
+@dataclass(frozen=True)
+class HoldoutConfig:
+    # Seeds the best trial's parameters and the problem's defaults are both run on after
+    # the study, at the study's budget: the verdict on seeds no trial saw. None: the three
+    # seeds right after the trial seeds. None of them may be a trial seed.
+    seeds: tuple[int, ...] | None = None
+
+    def __post_init__(self) -> None:
+        if self.seeds is not None:
+            if not self.seeds:
+                raise ConfigError("holdout.seeds", "must not be empty (omit it for the default)")
+            if len(set(self.seeds)) != len(self.seeds):
+                raise ConfigError("holdout.seeds", f"has duplicates: {list(self.seeds)}")
+
+    def resolve(self, trial_seeds: tuple[int, ...]) -> tuple[int, ...]:
+        """The held-out seeds for a study whose trials run ``trial_seeds``; ConfigError
+        (field ``holdout.seeds``) when one of them is a trial seed."""
+        if self.seeds is None:
+            after = max(trial_seeds) + 1
+            return tuple(range(after, after + DEFAULT_HOLDOUT_SEEDS))
+        shared = sorted(set(self.seeds) & set(trial_seeds))
+        if shared:
+            raise ConfigError(
+                "holdout.seeds",
+                f"{shared} are trial seeds ({list(trial_seeds)}, from budget.seed and "
+                "budget.seeds): held-out seeds must be seeds no trial ran",
+            )
+        return self.seeds
 
 
 @dataclass(frozen=True)
@@ -75,7 +119,7 @@ class PrunerConfig:
     n_startup_trials: int = field(default=5, metadata=_range(0, 100000))
     n_warmup_steps: int = field(default=2, metadata=_range(0, 100000))
     interval_steps: int = field(default=1, metadata=_range(1, 100000))
-    # hyperband: resources are report steps (max_resource = budget.report_steps).
+    # hyperband: resources are report steps (max_resource = report_steps * seeds).
     min_resource: int = field(default=1, metadata=_range(1, 100000))
     reduction_factor: int = field(default=3, metadata=_range(2, 100))
 
@@ -127,6 +171,7 @@ class StudyConfig:
     sampler: SamplerConfig = SamplerConfig()
     pruner: PrunerConfig = PrunerConfig()
     heartbeat: HeartbeatConfig = HeartbeatConfig()
+    holdout: HoldoutConfig = HoldoutConfig()
     space: tuple[ParamSpec, ...] = ()
     # The folder relative paths are resolved against (the study file's folder).
     base_dir: str = "."
@@ -134,6 +179,8 @@ class StudyConfig:
     def __post_init__(self) -> None:
         if not self.name or any(c in self.name for c in "/\\") or self.name.startswith("."):
             raise ConfigError("name", f"must be a plain folder name, got {self.name!r}")
+        if self.budget.seed is not None:  # else known once the problem file is read
+            self.holdout.resolve(self.budget.trial_seeds(self.budget.seed))
 
     # --- resolved paths ------------------------------------------------------------------
     @property
@@ -154,6 +201,14 @@ class StudyConfig:
 
     def load_problem(self) -> ProblemConfig:
         return load_problem(self.problem_path)
+
+    def trial_seeds(self, problem: ProblemConfig) -> tuple[int, ...]:
+        """The search seeds of every trial, in the order they run."""
+        return self.budget.trial_seeds(problem.search.seed)
+
+    def holdout_seeds(self, problem: ProblemConfig) -> tuple[int, ...]:
+        """The held-out seeds (checked to be none of the trial seeds)."""
+        return self.holdout.resolve(self.trial_seeds(problem))
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -1,5 +1,7 @@
-"""The report of a study: optimisation history, parameter importances and the HV history of
-the best trial (seaborn PNGs in ``<output>/<study>/report/``), and the best parameters.
+"""The report of a study: optimisation history, parameter importances, the HV history of
+the best trial and, once run (:mod:`moecomp.tune.holdout`), the held-out comparison of the
+best parameters with the defaults (seaborn PNGs in ``<output>/<study>/report/``), and the
+best parameters.
 
 Info first, drawing second (as in :mod:`moecomp.plots`): each ``*_info`` function reduces the
 study to the small frame a figure shows, and tests check those; each ``draw_*`` function only
@@ -19,11 +21,12 @@ from matplotlib.ticker import MaxNLocator
 from optuna.trial import TrialState
 
 from moecomp.runs import RunFolder
-from moecomp.tune.study import FINISHED
+from moecomp.tune.study import FINISHED, reported_value, trial_run_dirs
 
 DPI = 130
 STATE_COLOURS = {"COMPLETE": "#1f77b4", "PRUNED": "#ff7f0e"}
 BEST_COLOUR = "#d62728"
+SET_COLOURS = {"best": BEST_COLOUR, "default": "#1f77b4"}
 
 
 # --- info ----------------------------------------------------------------------------------
@@ -62,17 +65,37 @@ def importance_info(study: optuna.Study, *, seed: int = 0) -> pd.Series:
 
 
 def best_hv_info(study: optuna.Study) -> pd.DataFrame:
-    """The best trial's ``hv.csv`` (gen, n_evals, hv, elapsed_s) from its run folder."""
+    """The best trial's HV at every generation, from each seed's ``hv.csv``: ``seed``,
+    ``gen``, ``n_evals`` (evaluations of the trial: seed k's search spans k * budget to
+    (k + 1) * budget, its last generation drawn at the end of that span),
+    ``seed_hv`` (that search's HV), ``hv`` (what the trial reports then: the mean of the
+    finished seeds' final HVs and ``seed_hv``, see :class:`moecomp.tune.study.HVReporter`),
+    ``elapsed_s``. With one seed, ``hv`` is the run's own hv.csv."""
     best = study.best_trial
     run_dir = best.user_attrs.get("run_dir")
     if run_dir is None:
         raise KeyError(f"trial {best.number} has no run_dir user attribute")
-    return RunFolder(run_dir).hv_history()
+    seeds = best.user_attrs.get("seeds", [None])
+    budget = study.user_attrs.get("budget", 0)
+    parts: list[pd.DataFrame] = []
+    finals: list[float] = []
+    for index, (seed, folder) in enumerate(zip(seeds, trial_run_dirs(Path(run_dir), seeds),
+                                               strict=True)):
+        hv = RunFolder(folder).hv_history()
+        hv.insert(0, "seed", seed)
+        if budget:  # a study stored before its budget was recorded: one seed, as run
+            hv["n_evals"] = hv["n_evals"].clip(upper=budget) + index * budget
+        hv["seed_hv"] = hv["hv"]
+        hv["hv"] = [reported_value(finals, v) for v in hv["seed_hv"]]
+        finals.append(float(hv["seed_hv"].iloc[-1]))
+        parts.append(hv)
+    return pd.concat(parts, ignore_index=True)
 
 
 def intermediate_info(study: optuna.Study, *, budget: int, report_steps: int) -> pd.DataFrame:
     """The HV every finished trial reported: ``number``, ``state``, ``n_evals`` (the report
-    step in evaluations), ``hv``; the context the best trial's curve is drawn against."""
+    step in evaluations of the trial, over all its seeds), ``hv``; the context the best
+    trial's curve is drawn against."""
     rows = [
         {
             "number": t.number,
@@ -84,6 +107,14 @@ def intermediate_info(study: optuna.Study, *, budget: int, report_steps: int) ->
         for step, hv in sorted(t.intermediate_values.items())
     ]
     return pd.DataFrame(rows, columns=["number", "state", "n_evals", "hv"])
+
+
+def holdout_info(rows: pd.DataFrame) -> pd.DataFrame:
+    """holdout.csv as the figure shows it: ``seed``, ``params_set`` (best, default), ``hv``,
+    one row per run, by seed."""
+    return rows[["seed", "params_set", "hv"]].sort_values(["seed", "params_set"]).reset_index(
+        drop=True
+    )
 
 
 def best_params_frame(study: optuna.Study) -> pd.DataFrame:
@@ -181,18 +212,52 @@ def draw_best_hv(
             lw=1.8,
             label=f"best trial {best_number} (every generation)",
         )
-        ax.set_xlabel("evaluations")
-        ax.set_ylabel("hypervolume (normalised, higher is better)")
+        # each seed's search ends at its budget (best_hv_info), where the next one starts
+        starts = hv.groupby("seed", sort=False)["n_evals"].max().iloc[:-1]
+        for i, x in enumerate(starts):
+            ax.axvline(
+                x, color="#616161", ls=":", lw=1, label="next seed starts" if i == 0 else None
+            )
+        if starts.empty:
+            ax.set_xlabel("evaluations")
+            ax.set_ylabel("hypervolume (normalised, higher is better)")
+        else:
+            ax.set_xlabel("evaluations of the trial (its seeds one after another)")
+            ax.set_ylabel("HV: mean of the finished seeds' and the running seed's")
         ax.set_title(title)
         ax.legend(loc="lower right")
     return _save(fig, path)
 
 
+def draw_holdout(info: pd.DataFrame, path: Path, *, title: str) -> Path:
+    with sns.axes_style("whitegrid"):
+        fig = Figure(figsize=(8, 5), layout="constrained")
+        ax = fig.subplots()
+        labels = {"best": "best trial's parameters", "default": "defaults (problem file)"}
+        for name, colour in SET_COLOURS.items():
+            part = info[info["params_set"] == name]
+            med = part["hv"].median()
+            ax.plot(part["seed"].astype(str), part["hv"], color=colour, marker="o", ls="none",
+                    markersize=7, label=f"{labels[name]}, median {med:.4f}")
+            ax.axhline(med, color=colour, ls="--", lw=1)
+        ax.set_xlabel("held-out search seed")
+        ax.set_ylabel("final hypervolume (normalised, higher is better)")
+        ax.set_title(title)
+        ax.legend(loc="best")
+    return _save(fig, path)
+
+
 def write_report(
-    study: optuna.Study, out_dir: str | os.PathLike[str], *, budget: int, report_steps: int
+    study: optuna.Study,
+    out_dir: str | os.PathLike[str],
+    *,
+    budget: int,
+    report_steps: int,
+    holdout: pd.DataFrame | None = None,
 ) -> dict[str, Path]:
     """Write the report's PNGs into ``out_dir``; returns name -> path of those written (the
-    importances need two COMPLETE trials with varied parameters, the others one)."""
+    importances need two COMPLETE trials with varied parameters, the others one; the
+    held-out figure needs ``holdout``, the rows of holdout.csv)."""
     out = Path(out_dir)
     name = study.study_name
     written: dict[str, Path] = {}
@@ -218,5 +283,11 @@ def write_report(
             out / "best_hv.png",
             best_number=best.number,
             title=f"{name}: HV history of the best trial ({best.value:.4f})",
+        )
+    if holdout is not None and not holdout.empty:
+        written["holdout"] = draw_holdout(
+            holdout_info(holdout),
+            out / "holdout.png",
+            title=f"{name}: held-out seeds, {budget} evaluations each",
         )
     return written

@@ -1,12 +1,16 @@
 """Run an Optuna study whose trials are whole searches; read its best parameters back.
 
-Every trial runs :func:`moecomp.search.run_search` at the study's fixed evaluation budget in
-its own run folder ``<output>/<study>/trial-<number>/`` and returns the final hypervolume
-(maximised; HV is comparable across trials because the problem fixes the reference point).
-During the search the HV is reported at a fixed grid of evaluations so pruners compare
-trials at equal cost. Storage is an RDB URL (SQLite file by default, PostgreSQL for many
-workers) with a heartbeat: a worker that dies mid-trial leaves a trial that another worker
-marks FAIL after the grace period and queues again as a new trial with the same parameters.
+Every trial runs :func:`moecomp.search.run_search` at the study's fixed evaluation budget
+once per trial seed (``budget.seeds`` of them, the same seeds in the same order for every
+trial), each in its own run folder ``<output>/<study>/trial-<number>/seed-<seed>/`` (with one
+seed, ``trial-<number>/`` is the run folder, as before seeds existed), and returns the mean
+final hypervolume (maximised; HV is comparable across trials because the problem fixes the
+reference point). During the searches the HV is reported at a fixed grid of evaluations
+that spans all seeds, so pruners compare trials at equal cost (see :class:`HVReporter`).
+Storage is an RDB URL (SQLite file by default, PostgreSQL for many workers) with a
+heartbeat: a worker that dies mid-trial leaves a trial that another worker marks FAIL after
+the grace period and queues again as a new trial with the same parameters (its searches
+all run again).
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ import shutil
 import socket
 import time
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
@@ -105,7 +109,7 @@ def make_sampler(cfg: SamplerConfig, *, seed_offset: int = 0) -> optuna.samplers
 
 
 def make_pruner(cfg: PrunerConfig, *, report_steps: int) -> optuna.pruners.BasePruner:
-    """The study's pruner; its steps are the report grid (1..report_steps)."""
+    """The study's pruner; its steps are the report grid (1..report_steps, over all seeds)."""
     if cfg.kind == "median":
         return optuna.pruners.MedianPruner(
             n_startup_trials=cfg.n_startup_trials,
@@ -193,10 +197,30 @@ def report_steps_crossed(n_evals: int, *, budget: int, steps: int, done: int) ->
     return range(done + 1, reached + 1)
 
 
+def reported_value(finished: Sequence[float], hv: float) -> float:
+    """The value a trial reports while it runs seed ``len(finished)``: the mean of the
+    earlier seeds' final HVs and the running seed's current HV ``hv``."""
+    return (sum(finished) + hv) / (len(finished) + 1)
+
+
 class HVReporter:
-    """The ``on_generation`` callback of one trial: reports the HV at each report step
-    crossed and asks the pruner (raising :class:`optuna.TrialPruned`) before the budget is
-    spent. ``on_progress(n_evals, hv)`` sees every generation (a progress bar)."""
+    """The ``on_generation`` callback of one search of a trial: reports at each report step
+    crossed and asks the pruner (raising :class:`optuna.TrialPruned`) before the search's
+    budget is spent. ``on_progress(n_evals, value)`` sees every generation (a progress bar),
+    with the evaluations the trial has run over all its seeds.
+
+    A trial runs its seeds one after the other; the search of seed ``index`` (0-based)
+    reports steps ``index * steps + 1 .. (index + 1) * steps``, and what it reports is
+    :func:`reported_value`: the mean of the ``finished`` seeds' final HVs and this seed's
+    current HV. That mixes finished and running searches, so the value drops where a new
+    seed starts; it is still a fair comparison, because every trial runs the same seeds in
+    the same order on the same grid: at step k all trials have finished the same seeds and
+    spent the same evaluations on the running one, and a pruner compares trials only at
+    equal steps. The alternatives are worse: the running seed's HV alone forgets the
+    finished seeds (pruning on one seed is what overfitted), and the finished seeds' mean
+    alone says nothing until a whole search is spent. Running the seeds in lockstep would
+    compare all of them at every step, but a search is one blocking call.
+    """
 
     def __init__(
         self,
@@ -205,11 +229,15 @@ class HVReporter:
         budget: int,
         steps: int,
         on_progress: Callable[[int, float], None] | None = None,
+        index: int = 0,
+        finished: Sequence[float] = (),
     ) -> None:
         self.trial = trial
         self.budget = budget
         self.steps = steps
         self.on_progress = on_progress
+        self.index = index
+        self.finished = tuple(finished)
         self.done = 0
 
     def __call__(self, gen: int, n_evals: int, hv: float) -> None:
@@ -221,15 +249,19 @@ class HVReporter:
         crossed = report_steps_crossed(
             n_evals, budget=self.budget, steps=self.steps, done=self.done
         )
+        value = reported_value(self.finished, hv)
+        offset = self.index * self.steps
         for step in crossed:
-            self.trial.report(hv, step)
+            self.trial.report(value, offset + step)
         self.done = max(self.done, crossed.stop - 1)
         if self.on_progress is not None:
-            self.on_progress(n_evals, hv)
-        # Never prune the last generation: the search is finished and its value is final.
+            self.on_progress(self.index * self.budget + min(n_evals, self.budget), value)
+        # Never prune a search's last generation: it is finished, and with the last seed
+        # the trial's value is final (an earlier seed's trial is judged at the next step).
         if len(crossed) and n_evals < self.budget and self.trial.should_prune():
             raise optuna.TrialPruned(
-                f"HV {hv:.5f} after {n_evals} evaluations (step {self.done}/{self.steps})"
+                f"HV {value:.5f} after {n_evals} evaluations of seed {self.index + 1} "
+                f"(step {offset + self.done}/{self.steps * (self.index + 1)})"
             )
 
 
@@ -273,8 +305,19 @@ class _Display:
             yield
 
 
+def trial_run_dirs(trial_dir: Path, seeds: Sequence[int]) -> list[Path]:
+    """The run folder of each seed of a trial: ``trial_dir`` itself for one seed (so a study
+    of one seed reads as before seeds existed), else ``trial_dir/seed-<seed>/``."""
+    if len(seeds) == 1:
+        return [trial_dir]
+    return [trial_dir / f"seed-{s}" for s in seeds]
+
+
 class _Objective:
-    """One trial: a whole search of the study's budget in ``trial-<number>/``.
+    """One trial: a whole search of the study's budget per trial seed, in
+    ``trial-<number>/seed-<seed>/`` (``trial-<number>/`` with one seed). Its value is the
+    mean final HV; user attributes ``seeds``, ``hv_per_seed`` (grown as seeds finish),
+    ``n_evals`` (all seeds), ``run_dir`` (the trial folder) and ``front_artifacts``.
 
     The SearchProblem (target, ranks, Evaluator) is built once per worker and shared by its
     trials: the tuned fields only change the algorithm, and the evaluator is deterministic,
@@ -287,10 +330,12 @@ class _Objective:
         problem: SearchProblem,
         *,
         fixed: dict[str, Any],
+        seeds: Sequence[int],
         display: _Display,
     ) -> None:
         self.cfg = cfg
         self.problem = problem
+        self.seeds = tuple(seeds)
         # Every search field not tuned (the problem file's, with the study's seed), passed
         # with each trial's: a shared SearchProblem keeps the previous run's settings, so
         # each trial names them all.
@@ -302,54 +347,70 @@ class _Objective:
 
     def __call__(self, trial: optuna.Trial) -> float:
         params = suggest_params(trial, self.cfg.space)
-        run_dir = self.cfg.out_dir / f"trial-{trial.number}"
-        if run_dir.exists():
+        trial_dir = self.cfg.out_dir / f"trial-{trial.number}"
+        if trial_dir.exists():
             # Trial numbers restart when a study is deleted and created again under the
             # same name; the old folder belongs to no trial of this study.
-            shutil.rmtree(run_dir)
-        trial.set_user_attr("run_dir", str(run_dir))
+            shutil.rmtree(trial_dir)
+        run_dirs = trial_run_dirs(trial_dir, self.seeds)
+        trial.set_user_attr("run_dir", str(trial_dir))
+        trial.set_user_attr("seeds", list(self.seeds))
         # host:pid of the process running the trial (to find a stuck or killed worker)
         trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
         self.display.start_trial(trial.number)
         budget = self.cfg.budget.evaluations
-        reporter = HVReporter(
-            trial,
-            budget=budget,
-            steps=self.cfg.budget.report_steps,
-            on_progress=self.display.generation,
-        )
+        hvs: list[float] = []
+        n_evals = 0
         t0 = time.perf_counter()
         try:
-            result = run_search(
-                self.problem,
-                run_dir,
-                budget=budget,
-                params={**self.fixed, **params},
-                progress=False,
-                on_generation=reporter,
-                plots=False,
-            )
+            for index, (seed, run_dir) in enumerate(zip(self.seeds, run_dirs, strict=True)):
+                reporter = HVReporter(
+                    trial,
+                    budget=budget,
+                    steps=self.cfg.budget.report_steps,
+                    on_progress=self.display.generation,
+                    index=index,
+                    finished=hvs,
+                )
+                result = run_search(
+                    self.problem,
+                    run_dir,
+                    budget=budget,
+                    params={**self.fixed, **params, "seed": seed},
+                    progress=False,
+                    on_generation=reporter,
+                    plots=False,
+                )
+                front = run_dir / "front.csv"
+                if not front.is_file():
+                    atomic_write_csv(front, result.front)
+                hvs.append(float(result.hv))
+                n_evals += int(result.n_evals)
+                trial.set_user_attr("hv_per_seed", hvs)
         except optuna.TrialPruned:
-            self._finish(trial, run_dir, time.perf_counter() - t0)
+            self._finish(trial, run_dirs, time.perf_counter() - t0)
             raise
-        front = run_dir / "front.csv"
-        if not front.is_file():
-            atomic_write_csv(front, result.front)
-        trial.set_user_attr("n_evals", int(result.n_evals))
-        self._finish(trial, run_dir, time.perf_counter() - t0)
-        return float(result.hv)
+        trial.set_user_attr("n_evals", n_evals)
+        self._finish(trial, run_dirs, time.perf_counter() - t0)
+        return sum(hvs) / len(hvs)
 
-    def _finish(self, trial: optuna.Trial, run_dir: Path, seconds: float) -> None:
+    def _finish(self, trial: optuna.Trial, run_dirs: list[Path], seconds: float) -> None:
+        """Seconds, and every front written so far (a pruned trial's too) as an artifact."""
         trial.set_user_attr("seconds", round(seconds, 2))
-        front = run_dir / "front.csv"
-        if front.is_file():
-            artifact_id = upload_artifact(
-                artifact_store=self.store,
-                file_path=str(front),
-                study_or_trial=trial,
-                mimetype="text/csv",
-            )
-            trial.set_user_attr("front_artifact_id", artifact_id)
+        artifacts: dict[str, str] = {}
+        for seed, run_dir in zip(self.seeds, run_dirs, strict=True):
+            front = run_dir / "front.csv"
+            if front.is_file():
+                artifacts[str(seed)] = upload_artifact(
+                    artifact_store=self.store,
+                    file_path=str(front),
+                    study_or_trial=trial,
+                    mimetype="text/csv",
+                )
+        if artifacts:
+            trial.set_user_attr("front_artifacts", artifacts)
+        if len(self.seeds) == 1 and artifacts:  # the attribute of studies before seeds
+            trial.set_user_attr("front_artifact_id", artifacts[str(self.seeds[0])])
 
 
 # --- the study ---------------------------------------------------------------------------
@@ -384,22 +445,26 @@ def _record_best(study: optuna.Study, _trial: FrozenTrial | None = None) -> None
 
 def _check_same_study(study: optuna.Study, cfg: StudyConfig, problem: ProblemConfig) -> None:
     """A study resumed under the same name must keep what makes its trials comparable."""
-    want = {"problem": problem.name, "budget": cfg.budget.evaluations}
+    want = {"problem": problem.name, "budget": cfg.budget.evaluations, "seeds": cfg.budget.seeds}
     have = {k: study.user_attrs.get(k) for k in want}
     if all(v is None for v in have.values()):
         for k, v in want.items():
             study.set_user_attr(k, v)
         study.set_user_attr("space", {p.name: _spec_dict(p) for p in cfg.space})
         return
+    if have["seeds"] is None:  # stored before budget.seeds existed: one seed per trial
+        have["seeds"] = 1
+    fields = {"problem": "problem", "budget": "budget.evaluations", "seeds": "budget.seeds"}
     for k, v in want.items():
         if have[k] != v:
-            field = "budget.evaluations" if k == "budget" else "problem"
             raise ConfigError(
-                field,
+                fields[k],
                 f"study {cfg.name!r} in storage was run with {k} "
                 f"{have[k]!r}, this file says {v!r}; its trials would not "
                 f"compare: give the study a new name",
             )
+    if "seeds" not in study.user_attrs:
+        study.set_user_attr("seeds", have["seeds"])
 
 
 def _spec_dict(p: ParamSpec) -> dict[str, Any]:
@@ -452,7 +517,8 @@ def run_study(
     if target < 0:
         raise ConfigError("n_trials", f"must be >= 0, got {target}")
     problem = cfg.load_problem()
-    seed = problem.search.seed if cfg.budget.seed is None else cfg.budget.seed
+    seeds = cfg.trial_seeds(problem)
+    cfg.holdout_seeds(problem)  # refused now, not after the study, if it names a trial seed
     if isinstance(storage, BaseStorage):
         store = storage
     else:
@@ -474,7 +540,7 @@ def run_study(
         study_name=cfg.name,
         storage=store,
         sampler=sampler,
-        pruner=make_pruner(cfg.pruner, report_steps=cfg.budget.report_steps),
+        pruner=make_pruner(cfg.pruner, report_steps=cfg.budget.report_steps * len(seeds)),
     )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ExperimentalWarning)
@@ -484,12 +550,15 @@ def run_study(
     missing = target - n_finished(study)
     if missing > 0:
         display = _Display(
-            enabled=progress, target=target, done=n_finished(study), budget=cfg.budget.evaluations
+            enabled=progress,
+            target=target,
+            done=n_finished(study),
+            budget=cfg.budget.evaluations * len(seeds),
         )
-        search_cfg = problem.replace("search", seed=seed)
+        search_cfg = problem.replace("search", seed=seeds[0])
         built = build_problem(search_cfg, runner=runner, device=device)
-        fixed = {k: v for k, v in asdict(search_cfg.search).items() if k != "budget"}
-        objective = _Objective(cfg, built, fixed=fixed, display=display)
+        fixed = search_fields(search_cfg)
+        objective = _Objective(cfg, built, fixed=fixed, seeds=seeds, display=display)
         stop = optuna.study.MaxTrialsCallback(target, states=FINISHED)
         with display.shown(), _quiet_optuna(progress):
             # A ConfigError is a combination the search refuses (e.g. random_share +
@@ -529,6 +598,13 @@ def run_study(
             ),
         )
     return study
+
+
+def search_fields(problem: ProblemConfig) -> dict[str, Any]:
+    """Every search field of ``problem`` but the budget: what a search on a shared
+    SearchProblem is given besides a trial's parameters (it keeps the previous run's
+    settings otherwise)."""
+    return {k: v for k, v in asdict(problem.search).items() if k != "budget"}
 
 
 def settle_stale_trials(

@@ -7,17 +7,12 @@ import os
 from pathlib import Path
 
 import pytest
-from tunehelpers import DIGITS, fake_search
+from tunehelpers import DIGITS, fake_search, patch_fake_search
 
 
 @pytest.fixture
 def fake_search_patch(monkeypatch):
-    import moecomp.tune.study as study_module
-
-    monkeypatch.setattr(study_module, "run_search", fake_search)
-    # the fake search needs no target, ranks or evaluator
-    monkeypatch.setattr(study_module, "build_problem",
-                        lambda config, runner=None, device="auto": config)
+    patch_fake_search(monkeypatch)
     return fake_search
 
 

@@ -29,6 +29,9 @@ def test_shipped_study_files_load(name):
     assert cfg.problem_path.is_file()
     assert cfg.out_dir == (REPO / "studies" / "out" / name).resolve()
     assert cfg.storage_url == f"sqlite:///{REPO.resolve()}/studies/out/{name}.db"
+    assert cfg.budget.seeds == 3  # said in the file, as the default
+    problem = cfg.load_problem()
+    assert set(cfg.trial_seeds(problem)).isdisjoint(cfg.holdout_seeds(problem))
     kinds = {p.name: p.kind for p in cfg.space}
     assert kinds["algorithm"] == "categorical"
     assert kinds["pop_size"] == "int"
@@ -62,6 +65,18 @@ def test_space_values_are_typed_after_the_search_field():
         (study(n_trials=0), "n_trials", r"\[1, 1000000\]"),
         (study(budget={"evaluations": 0}), "budget.evaluations", r"\[1, 10000000\]"),
         (study(budget={"evals": 10}), "budget.evals", "allowed: evaluations"),
+        (study(budget={"seeds": 0}), "budget.seeds", r"\[1, 50\]"),
+        (study(budget={"seeds": 51}), "budget.seeds", r"\[1, 50\]"),
+        (study(budget={"seeds": 2.5}), "budget.seeds", "integer"),
+        (study(holdout={"seeds": []}), "holdout.seeds", "must not be empty"),
+        (study(holdout={"seeds": [9, 9]}), "holdout.seeds", "duplicates"),
+        (study(holdout={"seeds": "9"}), "holdout.seeds", "list"),
+        (
+            study(budget={"seed": 4, "seeds": 3}, holdout={"seeds": [6, 7]}),
+            "holdout.seeds",
+            r"\[6\] are trial seeds \(\[4, 5, 6\]",
+        ),
+        (study(holdout={"n": 3}), "holdout.n", "allowed: seeds"),
         (study(sampler={"kind": "cmaes"}), "sampler.kind", "'tpe', 'random'"),
         (
             study(pruner={"kind": "median", "interval_steps": 0}),

@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 from optuna.artifacts import download_artifact
 from optuna.trial import TrialState
-from tunehelpers import fake_hv, fake_search, write_study
+from tunehelpers import fake_hv, patch_fake_search, write_study
 from typer.testing import CliRunner
 
 from moecomp.config import SearchConfig
@@ -36,7 +36,7 @@ def fake_study(tmp_path, **over):
     kw = {
         "name": "fake",
         "n_trials": 8,
-        "budget": {"evaluations": 64, "report_steps": 4},
+        "budget": {"evaluations": 64, "report_steps": 4, "seeds": 1},  # the layout of one
         "sampler": {"kind": "random", "seed": 3},
         "pruner": {"kind": "median", "n_startup_trials": 2, "n_warmup_steps": 1},
         "space": SPACE,
@@ -64,13 +64,9 @@ def test_report_steps_sit_on_an_evaluation_grid(n_evals, done, want):
 @pytest.fixture(scope="module")
 def finished(tmp_path_factory):
     """One 8-trial study of the fake search, shared by the tests that only read it."""
-    import moecomp.tune.study as study_module
-
     tmp_path = tmp_path_factory.mktemp("fake")
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(study_module, "run_search", fake_search)
-        mp.setattr(study_module, "build_problem",
-                        lambda config, runner=None, device="auto": config)
+        patch_fake_search(mp)
         cfg = fake_study(tmp_path)
         study = run_study(cfg, progress=False)
     return tmp_path, cfg, study

@@ -46,7 +46,7 @@ pytestmark = pytest.mark.filterwarnings("ignore::optuna.exceptions.ExperimentalW
 PG_BIN = Path("/usr/lib/postgresql/15/bin")
 N_TRIALS = 8
 SMALL = {
-    "budget": {"evaluations": 96, "report_steps": 8, "seed": 0},
+    "budget": {"evaluations": 96, "report_steps": 8, "seed": 0, "seeds": 1},
     "sampler": {"kind": "random", "seed": 0},
     "pruner": {"kind": "none"},
     "heartbeat": {"interval": 1, "grace_period": 2, "max_retry": 2},

@@ -38,6 +38,7 @@ def write_study(
     sampler: dict[str, Any] | None = None,
     pruner: dict[str, Any] | None = None,
     heartbeat: dict[str, Any] | None = None,
+    holdout: dict[str, Any] | None = None,
     space: dict[str, dict[str, Any]] | None = None,
     storage: str | None = None,
 ) -> Path:
@@ -45,7 +46,8 @@ def write_study(
     lines = [f'name = "{name}"', f'problem = "{problem}"', f"n_trials = {n_trials}"]
     if storage is not None:
         lines.append(f'storage = "{storage}"')
-    tables = {"budget": budget, "sampler": sampler, "pruner": pruner, "heartbeat": heartbeat}
+    tables = {"budget": budget, "sampler": sampler, "pruner": pruner, "heartbeat": heartbeat,
+              "holdout": holdout}
     for table, values in tables.items():
         if values:
             lines.append(f"[{table}]")
@@ -68,8 +70,10 @@ class FakeResult:
 
 
 def fake_hv(params: dict[str, Any], n_evals: int, budget: int) -> float:
-    """HV climbs toward ``crossover_prob``: trials with a small one are clearly worse."""
-    return float(params.get("crossover_prob", 0.5)) * (1.0 - math.exp(-3.0 * n_evals / budget))
+    """HV climbs toward ``crossover_prob`` (trials with a small one are clearly worse), a
+    little higher with each seed (so seeds differ; seed 0 as before seeds mattered)."""
+    top = float(params.get("crossover_prob", 0.5)) * (1.0 + 0.01 * int(params.get("seed", 0)))
+    return top * (1.0 - math.exp(-3.0 * n_evals / budget))
 
 
 def fake_search(
@@ -110,6 +114,18 @@ def fake_search(
         if on_generation is not None:
             on_generation(gen, n_evals, hv)
     return FakeResult(hv=hv_rows[-1]["hv"], n_evals=n_evals, front=front)
+
+
+def patch_fake_search(mp: Any) -> None:
+    """run_search is the fake one in the study and in the held-out runs (``mp``: a
+    pytest MonkeyPatch)."""
+    import moecomp.tune.holdout as holdout_module
+    import moecomp.tune.study as study_module
+
+    for module in (study_module, holdout_module):
+        mp.setattr(module, "run_search", fake_search)
+        # the fake search needs no target, ranks or evaluator
+        mp.setattr(module, "build_problem", lambda config, runner=None, device="auto": config)
 
 
 def worker_env() -> dict[str, str]:
