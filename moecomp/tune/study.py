@@ -9,8 +9,8 @@ reference point). During the searches the HV is reported at a fixed grid of eval
 that spans all seeds, so pruners compare trials at equal cost (see :class:`HVReporter`).
 Storage is an RDB URL (SQLite file by default, PostgreSQL for many workers) with a
 heartbeat: a worker that dies mid-trial leaves a trial that another worker marks FAIL after
-the grace period and queues again as a new trial with the same parameters (its searches
-all run again).
+the grace period and queues again as a new trial with the same parameters; the retry takes
+over the seeds the killed trial finished and runs the others.
 """
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ from sqlalchemy.engine import make_url
 
 from moecomp.config import ProblemConfig, SearchConfig
 from moecomp.errors import ConfigError, RunError
-from moecomp.runs import atomic_write_csv, atomic_write_text
+from moecomp.runs import RunFolder, atomic_write_csv, atomic_write_text
 from moecomp.search import SearchProblem, build_problem, run_search
 from moecomp.search.runner import Runner
 from moecomp.tune.config import (
@@ -319,6 +319,10 @@ class _Objective:
     mean final HV; user attributes ``seeds``, ``hv_per_seed`` (grown as seeds finish),
     ``n_evals`` (all seeds), ``run_dir`` (the trial folder) and ``front_artifacts``.
 
+    A retry of a killed worker's trial copies the searches that trial finished with the
+    same settings (:func:`finished_search`) and reports their HV histories as if it had run
+    them; the search that was running when the worker died starts over.
+
     The SearchProblem (target, ranks, Evaluator) is built once per worker and shared by its
     trials: the tuned fields only change the algorithm, and the evaluator is deterministic,
     so sharing changes no result and saves the set-up and the teacher outputs every trial.
@@ -353,8 +357,10 @@ class _Objective:
             # same name; the old folder belongs to no trial of this study.
             shutil.rmtree(trial_dir)
         run_dirs = trial_run_dirs(trial_dir, self.seeds)
+        earlier = self._earlier_run_dirs(trial, trial_dir)
         trial.set_user_attr("run_dir", str(trial_dir))
         trial.set_user_attr("seeds", list(self.seeds))
+        trial.set_user_attr("hv_per_seed", [])
         # host:pid of the process running the trial (to find a stuck or killed worker)
         trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
         self.display.start_trial(trial.number)
@@ -372,20 +378,27 @@ class _Objective:
                     index=index,
                     finished=hvs,
                 )
-                result = run_search(
-                    self.problem,
-                    run_dir,
-                    budget=budget,
-                    params={**self.fixed, **params, "seed": seed},
-                    progress=False,
-                    on_generation=reporter,
-                    plots=False,
-                )
-                front = run_dir / "front.csv"
-                if not front.is_file():
-                    atomic_write_csv(front, result.front)
-                hvs.append(float(result.hv))
-                n_evals += int(result.n_evals)
+                fields = {**self.fixed, **params, "seed": seed}
+                # a retry takes over the searches its killed trial finished
+                source = None if earlier is None else earlier[index]
+                if source is not None and finished_search(source, fields, budget=budget):
+                    hv, n = reuse_search(source, run_dir, reporter)
+                else:
+                    result = run_search(
+                        self.problem,
+                        run_dir,
+                        budget=budget,
+                        params=fields,
+                        progress=False,
+                        on_generation=reporter,
+                        plots=False,
+                    )
+                    front = run_dir / "front.csv"
+                    if not front.is_file():
+                        atomic_write_csv(front, result.front)
+                    hv, n = float(result.hv), int(result.n_evals)
+                hvs.append(hv)
+                n_evals += n
                 trial.set_user_attr("hv_per_seed", hvs)
         except optuna.TrialPruned:
             self._finish(trial, run_dirs, time.perf_counter() - t0)
@@ -393,6 +406,17 @@ class _Objective:
         trial.set_user_attr("n_evals", n_evals)
         self._finish(trial, run_dirs, time.perf_counter() - t0)
         return sum(hvs) / len(hvs)
+
+    def _earlier_run_dirs(self, trial: optuna.Trial, trial_dir: Path) -> list[Path] | None:
+        """The seed folders of the trial this one retries, or None. A retry (of a killed
+        worker's trial) starts with that trial's user attributes, so ``run_dir`` and
+        ``seeds`` are already set, naming where its finished searches are."""
+        before = trial.user_attrs.get("run_dir")
+        if before is None or Path(before) == trial_dir:
+            return None
+        if trial.user_attrs.get("seeds") != list(self.seeds):
+            return None
+        return trial_run_dirs(Path(before), self.seeds)
 
     def _finish(self, trial: optuna.Trial, run_dirs: list[Path], seconds: float) -> None:
         """Seconds, and every front written so far (a pruned trial's too) as an artifact."""
@@ -411,6 +435,35 @@ class _Objective:
             trial.set_user_attr("front_artifacts", artifacts)
         if len(self.seeds) == 1 and artifacts:  # the attribute of studies before seeds
             trial.set_user_attr("front_artifact_id", artifacts[str(self.seeds[0])])
+
+
+def finished_search(run_dir: Path, fields: dict[str, Any], *, budget: int) -> dict[str, Any] | None:
+    """search.json of a finished search in ``run_dir`` run with exactly these search fields
+    (all but the budget) and ``budget``, else None (missing, unfinished or other settings)."""
+    folder = RunFolder(run_dir)
+    status = folder.status()
+    if status.get("status") not in ("done", "stopped"):
+        return None
+    if not (folder.file("problem.json").is_file() and folder.file("hv.csv").is_file()):
+        return None
+    ran = asdict(folder.problem().search)
+
+    def same(x: Any) -> Any:  # as JSON: tuples and lists alike
+        return json.loads(json.dumps(x, sort_keys=True))
+
+    return status if same(ran) == same({**fields, "budget": budget}) else None
+
+
+def reuse_search(source: Path, run_dir: Path, reporter: HVReporter) -> tuple[float, int]:
+    """Copy the finished search ``source`` (of the trial a retry replaces) to ``run_dir`` and
+    report its HV history through ``reporter`` as if it ran now (the pruner may stop the
+    trial). Returns its final HV and evaluations."""
+    shutil.copytree(source, run_dir)
+    history = RunFolder(run_dir).hv_history()
+    for row in history.itertuples():
+        reporter(int(row.gen), int(row.n_evals), float(row.hv))
+    status = RunFolder(run_dir).status()
+    return float(status["hv"]), int(status["n_evals"])
 
 
 # --- the study ---------------------------------------------------------------------------

@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 from optuna.artifacts import download_artifact
 from optuna.trial import TrialState
-from tunehelpers import DIGITS, fake_hv, patch_fake_search, write_study
+from tunehelpers import DIGITS, fake_hv, fake_search, patch_fake_search, write_study
 
 from moecomp.config import load_problem
 from moecomp.errors import ConfigError
@@ -160,6 +160,60 @@ def test_a_study_stored_before_seeds_counts_as_one_seed(tmp_path, fake_search_pa
     with pytest.raises(ConfigError, match="seeds 1, this file says 3") as err:
         run_study(seeded_study(tmp_path, n_trials=3), progress=False)
     assert err.value.field == "budget.seeds"
+
+
+def test_a_retry_takes_over_the_finished_seeds(tmp_path, monkeypatch, fake_search_patch):
+    """A killed worker's trial is retried (a new trial, same parameters and user attributes);
+    the retry copies the seeds its predecessor finished instead of running them again, and
+    reports their HV as if it had run them."""
+    from optuna.storages import RetryHeartbeatStaleTrialCallback
+
+    import moecomp.tune.study as study_module
+
+    cfg = seeded_study(tmp_path, n_trials=1, pruner={"kind": "none"})
+    calls: list[int] = []
+    kill = [True]
+
+    def killed_in_the_last_seed(problem, out_dir, **kw):
+        calls.append(kw["params"]["seed"])
+        if kill[0] and kw["params"]["seed"] == 7:
+            raise RuntimeError("the worker was killed")
+        return fake_search(problem, out_dir, **kw)
+
+    monkeypatch.setattr(study_module, "run_search", killed_in_the_last_seed)
+    with pytest.raises(RuntimeError, match="killed"):
+        run_study(cfg, progress=False)
+    study = optuna.load_study(study_name=cfg.name, storage=cfg.storage_url)
+    (failed,) = study.trials
+    assert failed.state == TrialState.FAIL and len(failed.user_attrs["hv_per_seed"]) == 2
+    with pytest.warns(optuna.exceptions.ExperimentalWarning):
+        RetryHeartbeatStaleTrialCallback(max_retry=1)(study, failed)  # as for a stale trial
+
+    calls.clear()
+    kill[0] = False
+    study = run_study(cfg, n_trials=1, progress=False)
+    assert calls == [7], "only the seed the killed trial did not finish runs"
+    retry = study.trials[1]
+    assert retry.state == TrialState.COMPLETE and retry.params == failed.params
+    dirs = seed_dirs(cfg, retry.number)
+    finals = [pd.read_csv(d / "hv.csv")["hv"].iloc[-1] for d in dirs]
+    assert retry.user_attrs["hv_per_seed"] == pytest.approx(finals)
+    assert finals[:2] == pytest.approx(failed.user_attrs["hv_per_seed"])
+    assert retry.value == pytest.approx(sum(finals) / SEEDS)
+    assert dict(retry.intermediate_values) == pytest.approx(expected_reports(dirs))
+    assert sorted(retry.intermediate_values) == list(range(1, STEPS * SEEDS + 1))
+
+
+def test_a_finished_search_is_reused_only_with_the_same_settings(tmp_path):
+    from moecomp.tune.study import finished_search, search_fields
+
+    problem = load_problem(DIGITS)
+    fields = {**search_fields(problem), "crossover_prob": 0.4, "seed": 3}
+    fake_search(problem, tmp_path / "run", budget=BUDGET, params=fields)
+    assert finished_search(tmp_path / "run", fields, budget=BUDGET)["status"] == "done"
+    assert finished_search(tmp_path / "run", fields, budget=2 * BUDGET) is None
+    assert finished_search(tmp_path / "run", {**fields, "seed": 4}, budget=BUDGET) is None
+    assert finished_search(tmp_path / "nothing", fields, budget=BUDGET) is None
 
 
 # --- the real search on digits ------------------------------------------------------------

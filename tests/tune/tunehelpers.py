@@ -89,10 +89,17 @@ def fake_search(
     runner: Any = None,
     plots: bool = True,
 ) -> FakeResult:
+    from moecomp.runs import RunFolder
+    from moecomp.search.run import resolve_config
+
     assert budget is not None and params is not None
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "params.json").write_text(json.dumps(params))
+    folder = RunFolder(out)
+    # problem.json and search.json as a real search writes them (``problem`` is a config)
+    folder.write_problem(resolve_config(problem, budget=budget, params=params))
+    folder.write_status({"status": "running"})
     pop = int(params.get("pop_size", 8))
     n_evals, gen, hv_rows = 0, 0, []
     front = pd.DataFrame()
@@ -113,6 +120,7 @@ def fake_search(
         front.to_csv(out / "front.csv", index=False)
         if on_generation is not None:
             on_generation(gen, n_evals, hv)
+    folder.write_status({"status": "done", "hv": hv_rows[-1]["hv"], "n_evals": n_evals})
     return FakeResult(hv=hv_rows[-1]["hv"], n_evals=n_evals, front=front)
 
 
