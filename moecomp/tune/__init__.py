@@ -1,7 +1,8 @@
 """Tune: Optuna studies whose trials are whole searches (stage 7 of shared/DESIGN.md).
 
 ``config`` reads study files, ``study`` runs them and reads the best parameters back,
-``report`` draws a finished study.
+``holdout`` compares the best parameters with the defaults on held-out seeds, ``report``
+draws a finished study.
 """
 
 from moecomp.tune.config import StudyConfig, load_study_config

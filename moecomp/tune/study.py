@@ -260,8 +260,8 @@ class HVReporter:
         # the trial's value is final (an earlier seed's trial is judged at the next step).
         if len(crossed) and n_evals < self.budget and self.trial.should_prune():
             raise optuna.TrialPruned(
-                f"HV {value:.5f} after {n_evals} evaluations of seed {self.index + 1} "
-                f"(step {offset + self.done}/{self.steps * (self.index + 1)})"
+                f"HV {value:.5f} after {n_evals} evaluations of its seed number "
+                f"{self.index + 1} (report step {offset + self.done})"
             )
 
 
@@ -644,6 +644,8 @@ def run_study(
                     "study": cfg.name,
                     "trial": best.number,
                     "value": best.value,
+                    "seeds": best.user_attrs.get("seeds"),
+                    "hv_per_seed": best.user_attrs.get("hv_per_seed"),
                     "run_dir": best.user_attrs.get("run_dir"),
                     "params": best.params,
                 },

@@ -89,6 +89,9 @@ def test_trial_value_is_the_mean_of_the_seed_folders(seeded):
             n = int(pd.read_csv(d / "hv.csv")["n_evals"].iloc[-1])
             assert hv == pytest.approx(fake_hv(sent, n, BUDGET))
         assert len({round(h, 9) for h in finals}) == SEEDS, "the seeds give different HVs"
+    saved = json.loads((cfg.out_dir / "best_params.json").read_text())
+    assert saved["hv_per_seed"] == study.best_trial.user_attrs["hv_per_seed"]
+    assert saved["seeds"] == [5, 6, 7] and saved["value"] == study.best_value
 
 
 def test_reports_sit_on_one_grid_over_all_seeds(seeded):
