@@ -1,29 +1,33 @@
 """Benchmark of the search: (a) hypervolume at an equal evaluation budget, (b) wall time of a
 5,000-evaluation search. Prints Markdown for BENCHMARKS.md.
 
-Run: ``.venv/bin/python bench/bench_search.py [--budget 1000] [--seeds 0 1 2]
-[--wall-budget 5000] [--skip-hv] [--skip-wall] [--threads 2]``, or (c) only:
-``[--problem P] --surrogate [--at 500 2000] [--jobs 2] [--keep DIR] [--miss-sample 300]``
+Run: ``.venv/bin/python bench/bench_search.py [--problem P] [--at 1000 5000] [--seeds 0 1 2 3 4]
+[--methods ...] [--jobs 2] [--results FILE.jsonl] [--skip-wall] [--wall-budget 5000]``, or (c)
+only: ``[--problem P] --surrogate [--at 500 2000] [--jobs 2] [--keep DIR] [--miss-sample 300]``
 
 (a) Methods, all on the same genes (per layer: sparsity step index and bits) and the same
-Evaluator, each given exactly ``--budget`` evaluations per seed:
+Evaluator, each run once per seed with the largest budget of ``--at`` in its own process with
+one torch thread (``--jobs`` at a time); HV at each budget of ``--at`` is that of the feasible
+points evaluated within it (low-fidelity evaluations charged as in (c) below):
 
-- ``nsga2-de``: moecomp's search, NSGA-II with the DE operators and the surrogate (ladder probes
-  at low fidelity, allocation-seeded first population, screened offspring; low-fidelity
-  evaluations count toward the budget at their share of the samples);
-- ``nsga2-de-plain``: the same without the surrogate (sensitivity-seeded sampling, layer-wise
-  crossover, directed mutation; the single-layer probes count toward the budget);
-- ``nsga2-default``: NSGA-II with pymoo's integer defaults (random sampling, SBX + PM with
-  rounding);
-- ``moead-de``: MOEA/D (pymoo's ParallelMOEAD, Das-Dennis directions) with the DE operators;
-- ``optuna-nsga2``: Optuna's ``NSGAIISampler`` (population = the problem's pop_size), ask/tell
-  one generation at a time;
-- ``optuna-tpe``: Optuna's multi-objective ``TPESampler`` (``constant_liar``), ask/tell in
-  batches of 10 (one trial at a time would cost ten times the evaluator's per-call overhead
-  for the same evaluations);
-- ``random``: uniform integer genes.
+- ``moecomp``: the search as the problem file sets it (the shipped default: NSGA-II, the DE
+  operators, the surrogate: ladder probes at low fidelity, allocation-seeded first population,
+  screened offspring);
+- ``moecomp-plain``: the same without the surrogate (single-layer probes in full,
+  sensitivity-seeded sampling, every offspring evaluated);
+- the peers of ``moecomp compare --baseline`` (:mod:`moecomp.baseline.peers`): ``tpe``
+  (Optuna's multi-objective TPE, batches of 10), ``optuna-nsga2``, ``random``,
+  ``nsga2-default`` (pymoo's NSGA-II with its integer defaults, no surrogate), ``moead``
+  (MOEA/D with the DE operators and the surrogate);
+- ``de``: the single-objective Directed Evolution at the five target sparsities of
+  ``moecomp compare`` (each budget split equally over them; run once per budget).
 
-HV: of all evaluated points (their non-dominated front), objectives divided by the problem's
+The table: median HV and inter-quartile range per method and budget, the first method's
+median per-seed ratio to it, and the two-sided Mann-Whitney U p-value (scipy) against the first
+method with 5 seeds or more. ``--results`` keeps each finished run (JSON lines); a run found
+there is not run again, so the benchmark can be interrupted and continued.
+
+HV: of the evaluated points' non-dominated front, objectives divided by the problem's
 reference point, reference all ones, pymoo's ``HV``: the same number ``run_search`` reports.
 
 (b) ``moecomp search`` as the user runs it (plots, checkpoints, csv every generation), with
@@ -54,11 +58,9 @@ import argparse
 import datetime as dt
 import os
 import platform
-import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Callable
 from importlib.metadata import version
 from pathlib import Path
 
@@ -66,15 +68,14 @@ import numpy as np
 import pandas as pd
 import torch
 
+from moecomp.baseline.peers import PEERS
 from moecomp.config import ProblemConfig, load_problem
 from moecomp.search import build_problem, run_search
 from moecomp.search.front import hypervolume, nondominated
-from moecomp.search.problem import CompressionProblem, SearchProblem
+from moecomp.search.problem import CompressionProblem
 from moecomp.target import build_target
 
-METHODS = ("nsga2-de", "nsga2-de-plain", "nsga2-default", "moead-de", "optuna-nsga2",
-           "optuna-tpe", "random")
-TPE_BATCH = 10
+METHODS = ("moecomp", "moecomp-plain", *PEERS, "de")
 
 
 def load() -> str:
@@ -87,104 +88,111 @@ def front_hv(F: np.ndarray, ref_point: np.ndarray) -> float:
     return hypervolume(F[nondominated(F)], ref_point)
 
 
-def via_run_search(
-    problem: SearchProblem, budget: int, seed: int, operators: str, algorithm: str = "nsga2",
-    surrogate: bool = True,
-) -> float:
-    with tempfile.TemporaryDirectory() as tmp:
-        r = run_search(
-            problem,
-            Path(tmp) / "run",
-            budget=budget,
-            progress=False,
-            plots=False,
-            params={"seed": seed, "operators": operators, "algorithm": algorithm,
-                    "surrogate": surrogate},
-        )
-    return r.hv
+def method_task(problem_path: str, method: str, seed: int, at: list[int], out: str) -> dict:
+    """One run of (a), in its own process with one torch thread: HV of the feasible points
+    evaluated within each budget of ``at`` (the run gets the largest)."""
+    from moecomp.baseline import DEConfig
+    from moecomp.baseline.peers import run_peer
+    from moecomp.compare import DEFAULT_TARGETS, de_points
+    from moecomp.errors import ConfigError
+    from moecomp.search.objectives import objective_space
 
-
-def via_optuna(problem: SearchProblem, budget: int, seed: int, sampler_name: str) -> float:
-    import optuna
-    from optuna.distributions import BaseDistribution, IntDistribution
-
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    pop = problem.config.search.pop_size
-    if sampler_name == "nsga2":
-        sampler: optuna.samplers.BaseSampler = optuna.samplers.NSGAIISampler(
-            population_size=pop, seed=seed
-        )
-        batch = pop
-    else:
-        sampler = optuna.samplers.TPESampler(seed=seed, constant_liar=True)
-        batch = TPE_BATCH
-    study = optuna.create_study(directions=["minimize"] * problem.n_obj, sampler=sampler)
-    dists: dict[str, BaseDistribution] = {
-        f"g{j}": IntDistribution(int(problem.xl[j]), int(problem.xu[j]))
-        for j in range(problem.n_var)
-    }
-    Fs = []
-    n = 0
-    while n < budget:
-        k = min(batch, budget - n)
-        trials = [study.ask(dists) for _ in range(k)]
-        X = np.array([[t.params[f"g{j}"] for j in range(problem.n_var)] for t in trials])
-        rec = problem.evaluate_genes(X)
-        for t, f in zip(trials, rec.F, strict=True):
-            study.tell(t, [float(v) for v in f])
-        Fs.append(rec.F)
-        n += k
-    return front_hv(np.concatenate(Fs), problem.ref_point)
-
-
-def via_random(problem: SearchProblem, budget: int, seed: int) -> float:
-    rng = np.random.default_rng(seed)
-    pop = problem.config.search.pop_size
-    Fs, n = [], 0
-    while n < budget:
-        k = min(pop, budget - n)
-        X = rng.integers(problem.xl, problem.xu + 1, size=(k, problem.n_var))
-        Fs.append(problem.evaluate_genes(X).F)
-        n += k
-    return front_hv(np.concatenate(Fs), problem.ref_point)
-
-
-def method_fn(name: str) -> Callable[[SearchProblem, int, int], float]:
-    return {
-        "nsga2-de": lambda p, b, s: via_run_search(p, b, s, "de"),
-        "nsga2-de-plain": lambda p, b, s: via_run_search(p, b, s, "de", surrogate=False),
-        "nsga2-default": lambda p, b, s: via_run_search(p, b, s, "default"),
-        "moead-de": lambda p, b, s: via_run_search(p, b, s, "de", "moead"),
-        "optuna-nsga2": lambda p, b, s: via_optuna(p, b, s, "nsga2"),
-        "optuna-tpe": lambda p, b, s: via_optuna(p, b, s, "tpe"),
-        "random": via_random,
-    }[name]
-
-
-def bench_hv(cfg: ProblemConfig, budget: int, seeds: list[int], methods: list[str]) -> list[str]:
+    torch.set_num_threads(1)
+    cfg = load_problem(problem_path)
     target = build_target(cfg, progress=False)
     problem = build_problem(cfg, target=target)
-    rows = []
+    space = objective_space(cfg)
+    budget = max(at)
+    t0 = time.perf_counter()
+    if method == "de":
+        # one DE per budget: the targets split each budget equally (as `moecomp compare`)
+        hvs = []
+        for b in at:
+            try:
+                de = de_points(target, cfg, DEFAULT_TARGETS, b // len(DEFAULT_TARGETS),
+                               DEConfig(seed=seed))
+            except ConfigError:  # a budget too small for the DE's per-layer sweeps
+                hvs.append(float("nan"))
+                continue
+            hvs.append(front_hv(space.matrix(de[de["feasible"]]), space.ref_point))
+        wall = time.perf_counter() - t0
+        return {"method": method, "seed": seed, "at": at, "hv": hvs, "wall": wall}
+    if method in ("moecomp", "moecomp-plain"):
+        run_search(problem, Path(out), budget=budget, progress=False, plots=False, target=target,
+                   params={"seed": seed, "surrogate": method == "moecomp"})
+        ev = pd.read_csv(Path(out) / "evaluated.csv")
+        charge = charged(Path(out), problem.n_samples)
+    else:
+        ev = run_peer(problem, method, budget=budget, seed=seed, folder=out).evaluated
+        charge = (charged(Path(out), problem.n_samples) if (Path(out) / "search.json").is_file()
+                  else np.arange(1, len(ev) + 1))
+    wall = time.perf_counter() - t0
+    ok = ev["feasible"].to_numpy(bool) if "feasible" in ev.columns else np.ones(len(ev), bool)
+    F = space.matrix(ev)[ok]
+    hvs = [hv_at(F, charge[ok], b, space.ref_point) for b in at]
+    print(f"  {method} seed {seed}: HV {[round(h, 4) for h in hvs]} at {at}, {wall:.0f} s",
+          file=sys.stderr, flush=True)
+    return {"method": method, "seed": seed, "at": at, "hv": hvs, "wall": wall}
+
+
+def bench_hv(problem_path: str, at: list[int], seeds: list[int], methods: list[str], *,
+             jobs: int, results: Path | None) -> list[str]:
+    """(a): every method and seed in its own process (``jobs`` at a time); results appended
+    to ``results`` (JSON lines) as they finish, and runs found there are not run again."""
+    import json
+    from concurrent.futures import ProcessPoolExecutor
+    from multiprocessing import get_context
+
+    done: list[dict] = []
+    if results is not None and results.is_file():
+        done = [json.loads(line) for line in results.read_text().splitlines() if line.strip()]
+        done = [d for d in done if d.get("problem") == problem_path and d["at"] == at]
+    have = {(d["method"], d["seed"]) for d in done}
+    tasks = [(m, s) for m in methods for s in seeds if (m, s) not in have]
+    with tempfile.TemporaryDirectory() as tmp, ProcessPoolExecutor(
+            jobs, mp_context=get_context("spawn")) as pool:
+        futures = [pool.submit(method_task, problem_path, m, s, at, str(Path(tmp) / f"{m}-{s}"))
+                   for m, s in tasks]
+        for f in futures:
+            d = f.result() | {"problem": problem_path}
+            done.append(d)
+            if results is not None:
+                with results.open("a") as fh:
+                    fh.write(json.dumps(d) + "\n")
+    return hv_table(done, methods, seeds, at)
+
+
+def hv_table(done: list[dict], methods: list[str], seeds: list[int], at: list[int]) -> list[str]:
+    """Median HV per method at each budget, the default's median per-seed ratio to it and
+    the two-sided Mann-Whitney U p-value against the default (with 5 seeds or more)."""
+    from scipy.stats import mannwhitneyu
+
+    by = {(d["method"], d["seed"]): d for d in done}
+    hv = {m: np.array([by[(m, s)]["hv"] for s in seeds if (m, s) in by], float)
+          for m in methods}
+    ref = methods[0]
+    head = "| method | " + " | ".join(
+        f"median HV @ {b:,} (IQR) | {ref} / it | p" for b in at) + " | seeds | wall s / run |"
+    lines = [head, "|" + " --- |" * (3 * len(at) + 3)]
     for m in methods:
-        hvs, secs = [], []
-        for s in seeds:
-            t0 = time.perf_counter()
-            hvs.append(method_fn(m)(problem, budget, s))
-            secs.append(time.perf_counter() - t0)
-            print(f"  {m} seed {s}: HV {hvs[-1]:.4f} in {secs[-1]:.1f} s", file=sys.stderr)
-        sd = statistics.stdev(hvs) if len(hvs) > 1 else 0.0
-        rows.append(
-            f"| {m} | "
-            + " | ".join(f"{h:.4f}" for h in hvs)
-            + f" | **{statistics.mean(hvs):.4f}** ± {sd:.4f} | {statistics.mean(secs):.0f} |"
-        )
-    head = (
-        "| method | "
-        + " | ".join(f"seed {s}" for s in seeds)
-        + " | mean ± sd | wall s / run |\n|"
-        + " --- |" * (len(seeds) + 3)
-    )
-    return [head, *rows]
+        if len(hv[m]) == 0:
+            continue
+        cells = []
+        for k in range(len(at)):
+            x = hv[m][:, k]
+            q1, q3 = np.percentile(x, [25, 75])
+            cell = f"{np.median(x):.4f} ({q1:.4f}-{q3:.4f})"
+            n = min(len(x), len(hv[ref]))
+            if m == ref:
+                cells += [f"**{cell}**", "", ""]
+                continue
+            ratio = float(np.median(hv[ref][:n, k] / np.maximum(x[:n], 1e-12)))
+            p = (mannwhitneyu(hv[ref][:, k], x, alternative="two-sided").pvalue
+                 if min(len(x), len(hv[ref])) >= 5 else float("nan"))
+            cells += [cell, f"{ratio:.3f}", f"{p:.2g}"]
+        wall = np.median([by[(m, s)]["wall"] for s in seeds if (m, s) in by])
+        lines.append(f"| {m} | " + " | ".join(cells) + f" | {len(hv[m])} | {wall:.0f} |")
+    return lines
 
 
 def bench_wall(cfg: ProblemConfig, budget: int) -> list[str]:
@@ -368,8 +376,7 @@ def bench_surrogate(problem_path: str, at: list[int], seeds: list[int], *, jobs:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--problem", default="problems/fashion-lenet300.toml")
-    ap.add_argument("--budget", type=int, default=1000, help="(a) evaluations per run")
-    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     ap.add_argument("--wall-budget", type=int, default=5000, help="(b) evaluations")
     ap.add_argument("--threads", type=int, default=2, help="torch threads (the 2-core target)")
@@ -377,9 +384,12 @@ def main() -> None:
     ap.add_argument("--skip-wall", action="store_true")
     ap.add_argument("--surrogate", action="store_true",
                     help="(c) only: the surrogate against the plain search")
-    ap.add_argument("--at", type=int, nargs="+", default=[500, 2000],
-                    help="(c) budgets at which HV is read (each run gets the largest)")
-    ap.add_argument("--jobs", type=int, default=1, help="(c) runs in parallel (processes)")
+    ap.add_argument("--at", type=int, nargs="+", default=None,
+                    help="budgets at which HV is read (each run gets the largest); default "
+                    "(a) 1000 5000, (c) 500 2000")
+    ap.add_argument("--jobs", type=int, default=1, help="(a, c) runs in parallel (processes)")
+    ap.add_argument("--results", type=Path, default=None,
+                    help="(a) JSON lines of finished runs: appended, and not run again")
     ap.add_argument("--keep", type=Path, default=None, help="(c) keep the run folders here")
     ap.add_argument("--miss-sample", type=int, default=300,
                     help="(c) screened-out candidates per run evaluated in full (0: none)")
@@ -404,19 +414,20 @@ def main() -> None:
         f"objectives {cfg.objectives.mode}, ref point {list(cfg.objectives.ref_point)}\n"
     )
     if args.surrogate:
-        print(f"## (c) Surrogate against the plain search, HV at {args.at} evaluations "
+        at = args.at or [500, 2000]
+        print(f"## (c) Surrogate against the plain search, HV at {at} evaluations "
               f"(pop {cfg.search.pop_size}, one torch thread per run, {args.jobs} at a time)\n")
-        for line in bench_surrogate(args.problem, args.at, args.seeds, jobs=args.jobs,
+        for line in bench_surrogate(args.problem, at, args.seeds, jobs=args.jobs,
                                     keep=args.keep, miss_sample=args.miss_sample):
             print(line)
         print()
         return
     if not args.skip_hv:
-        print(
-            f"## (a) Hypervolume at {args.budget:,} evaluations per run "
-            f"(pop {cfg.search.pop_size})\n"
-        )
-        for line in bench_hv(cfg, args.budget, args.seeds, args.methods):
+        at = args.at or [1000, 5000]
+        print(f"## (a) Hypervolume at {', '.join(f'{b:,}' for b in at)} evaluations "
+              f"(pop {cfg.search.pop_size}, one torch thread per run, {args.jobs} at a time)\n")
+        for line in bench_hv(args.problem, at, args.seeds, args.methods, jobs=args.jobs,
+                             results=args.results):
             print(line)
         print()
     if not args.skip_wall:

@@ -119,17 +119,19 @@ def summary_frame(
     de_evals: int,
     front_budget: int,
     de_budget: int,
+    label: str = DE_LABEL,
 ) -> pd.DataFrame:
     """The comparison table: one row per method with its points, evaluation budget and
     evaluations spent, hypervolume (objectives / ``ref_point``, reference all ones) and
     dominance counts against the other.
 
-    F_front ``(n, m)``, F_de ``(k, m)``: feasible points only, minimised objectives.
+    F_front ``(n, m)``, F_de ``(k, m)``: feasible points only, minimised objectives, of the
+    search and of the method it is compared with (``label``: the DE baseline or a peer).
     """
     front_dom, de_dom = dominance_counts(F_front, F_de)
     return pd.DataFrame(
         {
-            "method": [FRONT_LABEL, DE_LABEL],
+            "method": [FRONT_LABEL, label],
             "points": [len(F_front), len(F_de)],
             "budget": [int(front_budget), int(de_budget)],
             "evaluations": [int(front_evals), int(de_evals)],
@@ -146,11 +148,11 @@ def summary_frame(
 
 @dataclass(frozen=True)
 class ComparisonResult:
-    """A run's comparison with the DE baseline.
+    """A run's comparison with the DE baseline or a peer (:mod:`moecomp.compare_peer`).
 
-    de: rows of ``compare_de.csv``; summary: rows of ``compare_summary.csv`` (index 0 the
-    search front, 1 the DE baseline); space: the run's objective space; files: name -> path
-    of what was written.
+    de: the other method's points (rows of ``compare_de.csv``; for a peer, its front);
+    summary: rows of the summary table (index 0 the search front, 1 the other method);
+    space: the run's objective space; files: name -> path of what was written.
     """
 
     run_dir: Path
@@ -159,26 +161,32 @@ class ComparisonResult:
     space: ObjectiveSpace
     files: dict[str, Path]
 
-    def _value(self, method: str, col: str) -> float:
-        return float(self.summary.loc[self.summary["method"] == method, col].iloc[0])
+    def _value(self, row: int, col: str) -> float:
+        return float(self.summary[col].iloc[row])
+
+    @property
+    def label(self) -> str:
+        """The other method's name in the tables and figure."""
+        return str(self.summary["method"].iloc[1])
 
     @property
     def hv_front(self) -> float:
-        return self._value(FRONT_LABEL, "hv")
+        return self._value(0, "hv")
 
     @property
     def hv_de(self) -> float:
-        return self._value(DE_LABEL, "hv")
+        """Hypervolume of the other method's feasible points."""
+        return self._value(1, "hv")
 
     @property
     def front_dominates_de(self) -> int:
-        """DE points that some front point dominates."""
-        return int(self._value(FRONT_LABEL, "dominates"))
+        """Points of the other method that some front point dominates."""
+        return int(self._value(0, "dominates"))
 
     @property
     def de_dominates_front(self) -> int:
-        """Front points that some DE point dominates."""
-        return int(self._value(DE_LABEL, "dominates"))
+        """Front points that some point of the other method dominates."""
+        return int(self._value(1, "dominates"))
 
     def markdown(self) -> str:
         return summary_markdown(
@@ -233,6 +241,41 @@ def _feasible(df: pd.DataFrame, problem: ProblemConfig) -> np.ndarray:
     return feasible(constraint_values(problem, metrics))
 
 
+def de_points(
+    target: Target,
+    problem: ProblemConfig,
+    targets: Sequence[float],
+    per_target: int,
+    config: DEConfig,
+    *,
+    progress: bool = False,
+) -> pd.DataFrame:
+    """Rows of compare_de.csv: the DE run at each target sparsity with ``per_target``
+    evaluations, each result measured by the Evaluator (uniform quantizer, the DE's own
+    ranks), with ``feasible`` under ``problem``'s constraints."""
+    names = target.layer_names
+    rows = []
+    with tqdm(
+        total=per_target * len(targets), desc="DE baseline", unit="eval", disable=not progress
+    ) as bar:
+        for s in targets:
+            done = bar.n
+
+            def advance(n: int, done: int = done) -> None:
+                bar.update(done + n - bar.n)
+
+            result = run_directed_evolution(
+                target, s, budget=per_target, config=config, on_evals=advance
+            )
+            bar.update(done + per_target - bar.n)
+            ev = Evaluator(target, result.ranks, quantizer="uniform")
+            m = ev.evaluate_plans([result.plan]).to_dict()
+            rows.append(de_row(result, {k: float(v[0]) for k, v in m.items()}, names))
+    de = pd.DataFrame(rows)
+    de.insert(de.columns.get_loc("de_divergence") + 1, "feasible", _feasible(de, problem))
+    return de
+
+
 def compare_with_de(
     run_dir: str | os.PathLike[str],
     *,
@@ -281,27 +324,8 @@ def compare_with_de(
             f"({BITS_EVALS + 1} per layer): give fewer targets or more budget",
         )
     cfg = config if config is not None else DEConfig(seed=problem.search.seed)
-
-    rows = []
-    with tqdm(
-        total=per_target * len(targets), desc="DE baseline", unit="eval", disable=not progress
-    ) as bar:
-        for s in targets:
-            done = bar.n
-
-            def advance(n: int, done: int = done) -> None:
-                bar.update(done + n - bar.n)
-
-            result = run_directed_evolution(
-                target, s, budget=per_target, config=cfg, on_evals=advance
-            )
-            bar.update(done + per_target - bar.n)
-            ev = Evaluator(target, result.ranks, quantizer="uniform")
-            m = ev.evaluate_plans([result.plan]).to_dict()
-            rows.append(de_row(result, {k: float(v[0]) for k, v in m.items()}, names))
-    de = pd.DataFrame(rows)
+    de = de_points(target, problem, targets, per_target, cfg, progress=progress)
     space = objective_space(problem)
-    de.insert(de.columns.get_loc("de_divergence") + 1, "feasible", _feasible(de, problem))
     F_front = space.matrix(front)
     F_de = space.matrix(de[de["feasible"]])
     dominated = np.zeros(len(de), dtype=bool)
@@ -411,8 +435,9 @@ def de_table(de: pd.DataFrame, *, metric: MetricInfo | None) -> pd.DataFrame:
 def summary_markdown(
     summary: pd.DataFrame, de: pd.DataFrame, space: ObjectiveSpace, *, metric: MetricInfo | None
 ) -> str:
-    """compare_summary.md: the summary table, the convention, and the DE points (metric
-    columns as :func:`de_table` shows them)."""
+    """compare_summary.md: the summary table, the convention, and the other method's points
+    (metric columns as :func:`de_table` shows them)."""
+    other = str(summary["method"].iloc[1])
     ref = ", ".join(f"{v:g}" for v in space.ref_point)
     formats = {
         "target_sparsity": ".2f",
@@ -434,7 +459,8 @@ def summary_markdown(
     )
     return "\n".join(
         [
-            "# Search front vs Directed Evolution baseline",
+            "# Search front vs "
+            + ("Directed Evolution baseline" if other == DE_LABEL else f"the {other} peer"),
             "",
             _md_table(summary, {"hv": ".4f"}),
             "",
@@ -443,7 +469,7 @@ def summary_markdown(
             "`dominates`: points of the other method dominated by one of this method's; "
             "`dominated`: this method's points dominated by one of the other's.",
             "",
-            "## DE points",
+            f"## {other} points" if other == DE_LABEL else f"## {other}: its front",
             "",
             measured,
             "",
@@ -456,15 +482,18 @@ def summary_markdown(
 # --- the figure (info first, drawing second) -------------------------------------------------
 
 
-def comparison_info(front: pd.DataFrame, de: pd.DataFrame, space: ObjectiveSpace) -> pd.DataFrame:
+def comparison_info(
+    front: pd.DataFrame, de: pd.DataFrame, space: ObjectiveSpace, *, label: str = DE_LABEL
+) -> pd.DataFrame:
     """The points the figure shows: ``method``, ``x`` (the first objective), ``y`` (the last,
-    fidelity), ``bits`` (colour), ``label`` (DE: its target sparsity), ``feasible``."""
+    fidelity), ``bits`` (colour), ``label`` (DE: its target sparsity; a peer's: none),
+    ``feasible``. ``de``: the other method's points, named ``label``."""
     parts = []
-    for method, df in ((FRONT_LABEL, front), (DE_LABEL, de)):
+    for method, df in ((FRONT_LABEL, front), (label, de)):
         F = space.matrix(df)
         labels = (
             [f"{t:.0%} sparse" for t in df["target_sparsity"]]
-            if method == DE_LABEL
+            if method != FRONT_LABEL and "target_sparsity" in df.columns
             else [""] * len(df)
         )
         feasible = (
@@ -495,11 +524,14 @@ def draw_comparison(
     summary: pd.DataFrame | None = None,
     title: str = "",
 ) -> Path:
-    """The front (circles, coloured by mean bits) with the DE points (diamonds, same colours,
-    joined in order of sparsity and labelled with their target) in the plane of the first
-    objective and fidelity; log y when the fidelity spans more than two decades."""
+    """The front (circles, coloured by mean bits) with the other method's points (diamonds,
+    same colours; the DE's joined in order of sparsity and labelled with their target) in the
+    plane of the first objective and fidelity; log y when the fidelity spans more than two
+    decades."""
     front = info[info["method"] == FRONT_LABEL]
-    de = info[info["method"] == DE_LABEL].sort_values("x")
+    de = info[info["method"] != FRONT_LABEL].sort_values("x")
+    other = str(de["method"].iloc[0]) if len(de) else DE_LABEL
+    targets = bool(len(de)) and bool((de["label"] != "").all())
     norm = Normalize(vmin=1, vmax=8)
     cmap = sns.color_palette("viridis", as_cmap=True)
     with sns.axes_style("whitegrid"):
@@ -518,9 +550,12 @@ def draw_comparison(
             ax=ax,
             legend=False,
         )
-        ax.plot(de["x"], de["y"], color="#444444", linestyle="--", linewidth=1, zorder=3)
+        if targets:
+            ax.plot(de["x"], de["y"], color="#444444", linestyle="--", linewidth=1, zorder=3)
         ok = de[de["feasible"]]
         bad = de[~de["feasible"]]
+        # a few DE points stand out; a peer's whole front must not hide the search's
+        size, edge = (110, 1.4) if targets else (30, 0.7)
         ax.scatter(
             ok["x"],
             ok["y"],
@@ -528,9 +563,9 @@ def draw_comparison(
             cmap=cmap,
             norm=norm,
             marker="D",
-            s=110,
+            s=size,
             edgecolor="black",
-            linewidth=1.4,
+            linewidth=edge,
             zorder=4,
         )
         if len(bad):
@@ -539,15 +574,15 @@ def draw_comparison(
                 bad["y"],
                 facecolor="none",
                 marker="D",
-                s=110,
+                s=size,
                 edgecolor="#d62728",
-                linewidth=1.4,
+                linewidth=edge,
                 zorder=4,
             )
-        for k, (_, row) in enumerate(de.iterrows()):
+        for k, (_, row) in enumerate(de.iterrows() if targets else ()):
             # neighbours (in x) alternate above and below, so close points stay readable
             ax.annotate(
-                f"DE {row['label']}",
+                f"DE {row['label']}" if other == DE_LABEL else str(row["label"]),
                 (row["x"], row["y"]),
                 xytext=(9, 7) if k % 2 else (9, -15),
                 textcoords="offset points",
@@ -577,12 +612,14 @@ def draw_comparison(
                 [],
                 [],
                 marker="D",
-                linestyle="--",
+                linestyle="--" if targets else "none",
                 color="#444444",
                 markerfacecolor="#9e9e9e",
                 markeredgecolor="black",
                 markersize=8,
-                label=f"{DE_LABEL} ({len(de)} target sparsities)",
+                label=f"{other} ({len(de)} target sparsities)"
+                if targets
+                else f"{other} front ({len(de)} points{projected})",
             ),
         ]
         if len(bad):
@@ -595,7 +632,7 @@ def draw_comparison(
                     markerfacecolor="none",
                     markeredgecolor="#d62728",
                     markersize=8,
-                    label="DE point violating a constraint",
+                    label=f"{other} point violating a constraint",
                 )
             )
         ax.legend(
@@ -605,20 +642,20 @@ def draw_comparison(
             title="marker: method; colour: mean bits",
             title_fontsize=8,
         )
-        lines = [title or "Search front vs Directed Evolution baseline"]
+        lines = [title or f"Search front vs {other}"]
+        short = "DE" if other == DE_LABEL else other
         if summary is not None:
-            s = summary.set_index("method")
-            f, d = s.loc[FRONT_LABEL], s.loc[DE_LABEL]
+            f, d = summary.iloc[0], summary.iloc[1]
             lines.append(
-                f"evaluations: search {int(f['evaluations'])} (budget {int(f['budget'])}), DE "
-                f"{int(d['evaluations'])} (budget {int(d['budget'])}); hypervolume "
-                f"{f['hv']:.4f} (search) vs {d['hv']:.4f} (DE)"
+                f"evaluations: search {int(f['evaluations'])} (budget {int(f['budget'])}), "
+                f"{short} {int(d['evaluations'])} (budget {int(d['budget'])})"
             )
+            lines.append(f"hypervolume: search {f['hv']:.4f}, {short} {d['hv']:.4f}")
             which = " feasible" if int(d["points"]) < len(de) else ""
             lines.append(
-                f"the front dominates {int(f['dominates'])} of {int(d['points'])}{which} DE "
-                f"points; DE dominates {int(d['dominates'])} of {int(f['points'])} front "
-                "points (in all objectives)"
+                f"the front dominates {int(f['dominates'])} of {int(d['points'])}{which} "
+                f"{short} points; they dominate {int(d['dominates'])} of "
+                f"{int(f['points'])} front points (all objectives)"
             )
         ax.set_title("\n".join(lines), fontsize=10)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -16,6 +16,10 @@ class ConfigError(MoecompError, ValueError):
         self.problem = problem
         super().__init__(f"{field}: {problem}")
 
+    def __reduce__(self) -> tuple[type, tuple[str, str]]:
+        # raised in a worker process (Dask, a process pool), it must cross back intact
+        return type(self), (self.field, self.problem)
+
 
 class DataError(MoecompError):
     """A data set is missing or corrupt; the message says how to get it."""

@@ -316,3 +316,52 @@ def test_infeasible_de_points_are_listed_but_not_counted(tmp_path, digits_proble
     want = HV(ref_point=np.ones(3))(space.matrix(res.de.iloc[:1]) / space.ref_point)
     assert res.hv_de == pytest.approx(want)
     assert (run.path / "plots" / "compare_de.png").is_file()
+
+
+# --- peers ------------------------------------------------------------------------------------
+
+
+def test_compare_with_a_peer_writes_a_consistent_comparison(small_run, digits_target):
+    from moecomp.compare_peer import compare_with_peer, peer_files
+
+    res = compare_with_peer(small_run.path, "random", budget=24, target=digits_target)
+    files = peer_files(small_run, "random")
+    points = pd.read_csv(files["points"])
+    summary = pd.read_csv(files["summary"])
+    assert summary["method"].tolist() == [FRONT_LABEL, "random genes"]
+    assert summary["evaluations"].tolist() == [60, 24] and summary["budget"].tolist() == [60, 24]
+    space = objective_space(small_run.problem())
+    F_front, F_peer = space.matrix(small_run.front()), space.matrix(points)
+    # the peer's front is the non-dominated set of all it evaluated (read from its folder)
+    evaluated = pd.read_csv(res.files["peer_run"] / "evaluated.csv")
+    assert len(evaluated) == 24
+    F_all = space.matrix(evaluated)
+    assert not dominated_by(F_all, F_peer).any() and len(points) == summary.loc[1, "points"]
+    oracle = HV(ref_point=np.ones(3))
+    assert res.hv_de == pytest.approx(oracle(F_all / space.ref_point))
+    assert res.hv_front == pytest.approx(oracle(F_front / space.ref_point))
+    front_dom, peer_dom = dominance_counts(F_front, F_peer)
+    assert (res.front_dominates_de, res.de_dominates_front) == (front_dom, peer_dom)
+    assert points["dominated_by_front"].sum() == front_dom
+    assert "# Search front vs the random genes peer" in files["markdown"].read_text()
+    png = small_run.path / "plots" / "compare_random.png"
+    assert png.is_file() and png.stat().st_size > 10_000
+    # the DE comparison's files are untouched by a peer's
+    assert not small_run.file(DE_FILE).exists()
+
+
+def test_cli_compares_with_a_peer(small_run):
+    from moecomp.cli import app
+
+    out = CliRunner().invoke(
+        app,
+        ["compare", str(small_run.path), "--baseline", "tpe", "--budget", "20", "--no-plot",
+         "--no-progress"],
+    )
+    assert out.exit_code == 0, out.output
+    assert "Optuna TPE" in out.output and "hypervolume" in out.output
+    assert "front points" in out.output
+    bad = CliRunner().invoke(
+        app, ["compare", str(small_run.path), "--baseline", "tpe", "--targets", "0.5"]
+    )
+    assert bad.exit_code != 0 and "--targets" in str(bad.exception)

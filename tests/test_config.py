@@ -102,3 +102,15 @@ def test_data_source_is_the_one_given():
         "fashion-mnist"
     assert problem_from_dict(base(data={"factory": "d:splits"})).data.source == "factory"
     assert problem_from_dict(base(data={"path": "splits.pt"})).data.source == "file"
+
+
+def test_config_errors_cross_process_boundaries():
+    """Raised in a worker (a process pool, Dask), a ConfigError must arrive whole."""
+    import pickle
+
+    from moecomp.errors import ConfigError
+
+    err = pickle.loads(pickle.dumps(ConfigError("genes.bits_max", "must be <= 8")))
+    assert isinstance(err, ConfigError)
+    assert (err.field, err.problem, str(err)) == ("genes.bits_max", "must be <= 8",
+                                                  "genes.bits_max: must be <= 8")

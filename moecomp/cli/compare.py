@@ -1,13 +1,22 @@
-"""`moecomp compare RUN --baseline de`: the run's front against the Directed Evolution
-baseline at equal evaluation budget (hypervolume, dominance, a table and a figure)."""
+"""`moecomp compare RUN --baseline de|tpe|optuna-nsga2|random|nsga2-default|moead`: the
+run's front against the Directed Evolution baseline or a peer search at equal evaluation
+budget (hypervolume, dominance, a table and a figure)."""
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import typer
 
+from moecomp.cli.device import checked_device, device_option
 from moecomp.errors import ConfigError
+
+BASELINE_HELP = (
+    "What to compare with: de (single-objective Directed Evolution at target sparsities), "
+    "or a peer search on the same genes: tpe (Optuna TPE), optuna-nsga2, random, "
+    "nsga2-default (pymoo's NSGA-II with its integer defaults, no surrogate), moead."
+)
 
 
 def parse_targets(text: str) -> tuple[float, ...]:
@@ -32,39 +41,63 @@ def register(app: typer.Typer) -> None:
     @app.command("compare")
     def compare(
         run: Path = typer.Argument(..., help="Run folder written by `moecomp search`."),
-        baseline: str = typer.Option(
-            "de", "--baseline", help="Baseline to compare with: de (Directed Evolution)."
-        ),
+        baseline: str = typer.Option("de", "--baseline", help=BASELINE_HELP),
         targets: str | None = typer.Option(
             None,
             "--targets",
-            help="Comma-separated target sparsities of the DE (default 0.5,0.7,0.8,0.9,0.95).",
+            help="de only: comma-separated target sparsities (default 0.5,0.7,0.8,0.9,0.95).",
         ),
         budget: int | None = typer.Option(
             None,
             "--budget",
             min=1,
-            help="Total DE evaluations, split over the targets (default: the run's own).",
+            help="Evaluations of the baseline (de: split over the targets); default the "
+            "run's own.",
         ),
         seed: int | None = typer.Option(
-            None, "--seed", help="DE seed (default: the run's search seed)."
+            None, "--seed", help="Baseline seed (default: the run's search seed)."
         ),
+        device: str = device_option(),
         no_plot: bool = typer.Option(False, "--no-plot", help="Do not draw the figure."),
         no_progress: bool = typer.Option(False, "--no-progress", help="No progress bar."),
     ) -> None:
-        """Run the DE baseline with the run's budget; print and write the comparison."""
+        """Run the baseline with the run's budget; print and write the comparison."""
         from rich import box
         from rich.console import Console
         from rich.table import Table
 
         from moecomp.baseline import DEConfig
+        from moecomp.baseline.peers import PEERS
         from moecomp.compare import BASELINES, DEFAULT_TARGETS, compare_with_de
+        from moecomp.compare_peer import compare_with_peer
         from moecomp.runs import RunFolder, metric_info
 
-        if baseline not in BASELINES:
+        if baseline not in BASELINES + PEERS:
             raise ConfigError(
-                "--baseline", f"must be one of {', '.join(BASELINES)}; got {baseline!r}"
+                "--baseline", f"must be one of {', '.join(BASELINES + PEERS)}; got {baseline!r}"
             )
+        if targets is not None and baseline != "de":
+            raise ConfigError("--targets", f"applies to --baseline de only, not {baseline!r}")
+        checked_device(device)
+        console = Console()
+        if baseline != "de":
+            result = compare_with_peer(
+                run, baseline, budget=budget, seed=seed, plot=not no_plot,
+                progress=not no_progress, device=device,
+            )
+            console.print(
+                f"[bold]{run}[/]: search front vs {result.label}; objectives "
+                f"(minimised): {', '.join(result.space.names)}"
+            )
+            _print_summary(console, result.summary)
+            dominated = int(result.de["dominated_by_front"].sum())
+            console.print(
+                f"{result.label}: {len(result.de)} front points, {dominated} of them "
+                "dominated by the search front"
+            )
+            for name, path in result.files.items():
+                console.print(f"{name}: {path}", soft_wrap=True)
+            return
         chosen = parse_targets(targets) if targets is not None else DEFAULT_TARGETS
         config = None
         if seed is not None:
@@ -78,30 +111,11 @@ def register(app: typer.Typer) -> None:
             progress=not no_progress,
         )
 
-        console = Console()
         console.print(
             f"[bold]{run}[/]: search front vs Directed Evolution; objectives "
             f"(minimised): {', '.join(result.space.names)}"
         )
-        summary = Table(box=box.SIMPLE_HEAD)
-        for col in ("method", "points", "budget", "evals", "hypervolume", "dominates", "dominated"):
-            summary.add_column(col, justify="left" if col == "method" else "right", no_wrap=True)
-        for _, r in result.summary.iterrows():
-            summary.add_row(
-                str(r["method"]),
-                f"{int(r['points'])}",
-                f"{int(r['budget'])}",
-                f"{int(r['evaluations'])}",
-                f"{r['hv']:.4f}",
-                f"{int(r['dominates'])}",
-                f"{int(r['dominated'])}",
-            )
-        console.print(summary)
-        console.print(
-            "dominates: points of the other method it dominates; dominated: its own "
-            "points the other dominates",
-            style="dim",
-        )
+        _print_summary(console, result.summary)
 
         de = result.de
         metric = metric_info(RunFolder(run))
@@ -143,3 +157,31 @@ def register(app: typer.Typer) -> None:
                           "calibration set", style="dim")
         for name, path in result.files.items():
             console.print(f"{name}: {path}", soft_wrap=True)
+
+
+def _print_summary(console: Any, frame: Any) -> None:
+    """The summary table (one row per method) and what its dominance columns mean."""
+    from rich import box
+    from rich.table import Table
+
+    summary = Table(box=box.SIMPLE_HEAD)
+    for col in ("method", "points", "budget", "evals", "hypervolume", "dominates", "dominated"):
+        # a long method name wraps; the numbers never do
+        summary.add_column(col, justify="left" if col == "method" else "right",
+                           no_wrap=col != "method", ratio=1 if col == "method" else None)
+    for _, r in frame.iterrows():
+        summary.add_row(
+            str(r["method"]),
+            f"{int(r['points'])}",
+            f"{int(r['budget'])}",
+            f"{int(r['evaluations'])}",
+            f"{r['hv']:.4f}",
+            f"{int(r['dominates'])}",
+            f"{int(r['dominated'])}",
+        )
+    console.print(summary)
+    console.print(
+        "dominates: points of the other method it dominates; dominated: its own "
+        "points the other dominates",
+        style="dim",
+    )
