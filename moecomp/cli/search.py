@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 from pathlib import Path
@@ -80,6 +81,11 @@ def register(app: typer.Typer) -> None:
             "--params-from",
             help="Tuned settings: a study .toml/.db/URL (its best trial) or a JSON file.",
         ),
+        time_budget: float | None = typer.Option(
+            None, "--time-budget",
+            help="Seconds for this call, set-up included: no generation starts after them "
+            "(status 'time budget'); --resume continues.",
+        ),
         no_progress: bool = typer.Option(False, "--no-progress", help="No progress bar."),
         device: str = device_option(),
     ) -> None:
@@ -91,6 +97,8 @@ def register(app: typer.Typer) -> None:
         from moecomp.search.run import Terminated, sigterm_raises
 
         checked_device(device)
+        if time_budget is not None and not (math.isfinite(time_budget) and time_budget > 0):
+            raise ConfigError("--time-budget", f"must be > 0 seconds, got {time_budget:g}")
         cfg = load_problem(problem)
         params: dict[str, Any] = read_params(params_from) if params_from is not None else {}
         if algorithm is not None and algorithm not in ALGORITHMS:
@@ -116,6 +124,7 @@ def register(app: typer.Typer) -> None:
                     progress=not no_progress,
                     params=params,
                     device=device,
+                    time_budget=time_budget,
                 )
         except (KeyboardInterrupt, Terminated) as e:
             name = "SIGTERM" if isinstance(e, Terminated) else "SIGINT"
@@ -135,3 +144,6 @@ def register(app: typer.Typer) -> None:
             f"run folder: {result.out_dir}  (front.csv, evaluated.csv, hv.csv, search.json, "
             f"plots/)"
         )
+        if result.status == "time budget":
+            Console().print(f"the time budget ran out; continue with: moecomp search {problem} "
+                            f"--out {out_dir} --resume", soft_wrap=True)

@@ -22,6 +22,7 @@ same seed (only times differ).
 
 from __future__ import annotations
 
+import math
 import os
 import signal
 import threading
@@ -155,8 +156,9 @@ class Archive:
 @dataclass
 class SearchResult:
     """What a search leaves: ``front`` (rows of front.csv), ``hv`` (final, normalised),
-    ``n_evals``, ``n_gen`` (last finished generation), ``status`` ("done" or "stopped": the
-    algorithm produced no new offspring), ``hv_history`` (rows of hv.csv), ``out_dir``."""
+    ``n_evals``, ``n_gen`` (last finished generation), ``status`` ("done"; "stopped": the
+    algorithm produced no new offspring; "time budget": ``time_budget`` ran out first),
+    ``hv_history`` (rows of hv.csv), ``out_dir``."""
 
     out_dir: Path
     front: pd.DataFrame
@@ -267,8 +269,11 @@ class _Search:
         progress: bool,
         on_generation: OnGeneration | None,
         plots: bool = True,
+        deadline: float | None = None,
     ) -> None:
         self.problem = problem
+        # time.perf_counter() after which no new generation starts (None: no time limit)
+        self.deadline = deadline
         self.cfg = config
         self.scfg = config.search
         self.folder = folder
@@ -781,6 +786,9 @@ class _Search:
             bar.update(self.gen, self.n_evals, self.hv)
             try:
                 while self.n_evals < self.scfg.budget:
+                    if self.deadline is not None and time.perf_counter() >= self.deadline:
+                        self.status = "time budget"
+                        break
                     if not self.step():
                         self.status = "stopped"
                         break
@@ -844,6 +852,7 @@ def run_search(
     plots: bool = True,
     target: Target | None = None,
     device: str = "auto",
+    time_budget: float | None = None,
 ) -> SearchResult:
     """Search a problem's Pareto front and write the run folder ``out_dir``.
 
@@ -865,7 +874,12 @@ def run_search(
     device: where relevance and the Evaluator run when they are built here (``auto``: CUDA
         when torch sees one, else the CPU; ``cpu``, ``cuda``, ``cuda:N``); a built
         SearchProblem keeps its own. Not part of problem.json: a run resumes on any device.
+    time_budget: seconds of this call (set-up included: target, ranks, probes); no generation
+        starts after them, the status is ``"time budget"`` and ``resume`` continues the run.
     """
+    t_call = time.perf_counter()
+    if time_budget is not None and not (math.isfinite(time_budget) and time_budget > 0):
+        raise ConfigError("time_budget", f"must be a positive number of seconds, got {time_budget}")
     resolve_device(device, field="device")  # before the target is built (it may train)
     built: SearchProblem | None = None
     if isinstance(problem, SearchProblem):
@@ -919,7 +933,8 @@ def run_search(
         folder.write_target_info(target_info(target))
 
     search = _Search(
-        built, cfg, folder, progress=progress, on_generation=on_generation, plots=plots
+        built, cfg, folder, progress=progress, on_generation=on_generation, plots=plots,
+        deadline=None if time_budget is None else t_call + time_budget,
     )
     folder.write_problem(cfg)
     if resume and has_ckpt:

@@ -285,6 +285,26 @@ def test_on_generation_stops_the_search_and_resume_continues(
     pd.testing.assert_frame_equal(resumed.front, whole.front)
 
 
+def test_a_spent_time_budget_stops_before_the_next_generation_and_resume_finishes(
+    tmp_path, digits_problem, digits_target, digits_evaluator
+):
+    kw = {"budget": 48, "progress": False, "params": {"pop_size": 12}, "plots": False}
+    out = tmp_path / "run"
+    # a budget spent during the set-up (ranks, probes): no generation starts
+    cut = run_search(fresh(digits_problem, digits_target, digits_evaluator), out,
+                     time_budget=1e-9, **kw)
+    assert cut.status == "time budget" and cut.n_gen == 0 and cut.n_evals < 48
+    assert json.loads((out / "search.json").read_text())["status"] == "time budget"
+    resumed = run_search(fresh(digits_problem, digits_target, digits_evaluator), out,
+                         resume=True, **kw)
+    whole = run_search(fresh(digits_problem, digits_target, digits_evaluator),
+                       tmp_path / "whole", **kw)
+    assert resumed.status == whole.status == "done" and resumed.n_evals == 48
+    pd.testing.assert_frame_equal(resumed.front, whole.front)
+    with pytest.raises(ConfigError, match="time_budget"):
+        run_search(digits_problem, tmp_path / "bad", time_budget=0.0, **kw)
+
+
 # A search in a child process that stops at a chosen point and says so on stdout, where the
 # test signals it: no timing decides where the signal lands. ``after``: checkpoints written
 # before the stop (probes, set-up, then one per generation).
