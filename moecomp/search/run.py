@@ -470,6 +470,15 @@ class _Search:
                              self._screen_frame(np.arange(len(self.screened))))
 
     # --- files --------------------------------------------------------------------------
+    def _timings(self) -> dict[str, float] | None:
+        timings = getattr(getattr(self.problem, "evaluator", None), "timings", None)
+        if not callable(timings):
+            return None
+        t = timings()
+        if not isinstance(t, dict) or not t.get("total"):
+            return None
+        return {k: round(float(v), 3) for k, v in t.items()}
+
     def write_status(self, **more: Any) -> None:
         s = self.scfg
         self.folder.write_status(
@@ -494,6 +503,10 @@ class _Search:
                 "hv": self.hv,
                 "front_size": int(len(self.archive.front)),
                 "elapsed_s": round(self.elapsed, 3),
+                # seconds the Evaluator spent in this process since it was built: forward vs
+                # the rest (the per-evaluation overhead); none when a runner evaluates
+                # elsewhere
+                "evaluator_s": self._timings(),
                 "started": self.started,
                 "updated": datetime.now(UTC).isoformat(timespec="seconds"),
                 **more,
