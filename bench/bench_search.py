@@ -20,7 +20,12 @@ points evaluated within it (low-fidelity evaluations charged as in (c) below):
   ``nsga2-default`` (pymoo's NSGA-II with its integer defaults, no surrogate), ``moead``
   (MOEA/D with the DE operators and the surrogate);
 - ``de``: the single-objective Directed Evolution at the five target sparsities of
-  ``moecomp compare`` (each budget split equally over them; run once per budget).
+  ``moecomp compare`` (each budget split equally over them; run once per budget);
+- ablations, the default with one part changed (``ABLATIONS``): ``abl-undirected``
+  (``directed_strength = 0``), ``abl-no-crossover`` (``crossover_prob = 0``),
+  ``abl-random-start`` (random first population: ``sampling = "random"``,
+  ``allocation_share = 0``), ``abl-no-screening`` (``screen_factor = 1``),
+  ``abl-small-steps`` (``mutation_strength = 5``).
 
 The table: median HV and inter-quartile range per method and budget, the first method's
 median per-seed ratio to it, and the two-sided Mann-Whitney U p-value (scipy) against the first
@@ -75,7 +80,15 @@ from moecomp.search.front import hypervolume, nondominated
 from moecomp.search.problem import CompressionProblem
 from moecomp.target import build_target
 
-METHODS = ("moecomp", "moecomp-plain", *PEERS, "de")
+# (d) the default with one part changed: what each part of the search is worth
+ABLATIONS: dict[str, dict[str, object]] = {
+    "abl-undirected": {"directed_strength": 0.0},      # mutation without directed moves
+    "abl-no-crossover": {"crossover_prob": 0.0},        # mutation only
+    "abl-random-start": {"sampling": "random", "allocation_share": 0.0},  # no seeded start
+    "abl-no-screening": {"screen_factor": 1},           # every offspring evaluated
+    "abl-small-steps": {"mutation_strength": 5},        # mutation moves of 5 steps, not 25
+}
+METHODS = ("moecomp", "moecomp-plain", *PEERS, "de", *ABLATIONS)
 
 
 def load() -> str:
@@ -117,9 +130,12 @@ def method_task(problem_path: str, method: str, seed: int, at: list[int], out: s
             hvs.append(front_hv(space.matrix(de[de["feasible"]]), space.ref_point))
         wall = time.perf_counter() - t0
         return {"method": method, "seed": seed, "at": at, "hv": hvs, "wall": wall}
-    if method in ("moecomp", "moecomp-plain"):
+    if method in ("moecomp", "moecomp-plain") or method in ABLATIONS:
+        params = {"seed": seed, **ABLATIONS.get(method, {})}
+        if method == "moecomp-plain":
+            params["surrogate"] = False
         run_search(problem, Path(out), budget=budget, progress=False, plots=False, target=target,
-                   params={"seed": seed, "surrogate": method == "moecomp"})
+                   params=params)
         ev = pd.read_csv(Path(out) / "evaluated.csv")
         charge = charged(Path(out), problem.n_samples)
     else:
