@@ -25,7 +25,8 @@ points evaluated within it (low-fidelity evaluations charged as in (c) below):
   (``directed_strength = 0``), ``abl-no-crossover`` (``crossover_prob = 0``),
   ``abl-random-start`` (random first population: ``sampling = "random"``,
   ``allocation_share = 0``), ``abl-no-screening`` (``screen_factor = 1``),
-  ``abl-small-steps`` (``mutation_strength = 5``).
+  ``abl-small-steps`` (``mutation_strength = 5``);
+- ``tuned``: the settings of ``--params-from`` (a study's best trial), with each seed.
 
 The table: median HV and inter-quartile range per method and budget, the first method's
 median per-seed ratio to it, and the two-sided Mann-Whitney U p-value (scipy) against the first
@@ -88,7 +89,7 @@ ABLATIONS: dict[str, dict[str, object]] = {
     "abl-no-screening": {"screen_factor": 1},           # every offspring evaluated
     "abl-small-steps": {"mutation_strength": 5},        # mutation moves of 5 steps, not 25
 }
-METHODS = ("moecomp", "moecomp-plain", *PEERS, "de", *ABLATIONS)
+METHODS = ("moecomp", "moecomp-plain", *PEERS, "de", *ABLATIONS, "tuned")
 
 
 def load() -> str:
@@ -101,7 +102,8 @@ def front_hv(F: np.ndarray, ref_point: np.ndarray) -> float:
     return hypervolume(F[nondominated(F)], ref_point)
 
 
-def method_task(problem_path: str, method: str, seed: int, at: list[int], out: str) -> dict:
+def method_task(problem_path: str, method: str, seed: int, at: list[int], out: str,
+                tuned: dict | None = None) -> dict:
     """One run of (a), in its own process with one torch thread: HV of the feasible points
     evaluated within each budget of ``at`` (the run gets the largest)."""
     from moecomp.baseline import DEConfig
@@ -130,8 +132,9 @@ def method_task(problem_path: str, method: str, seed: int, at: list[int], out: s
             hvs.append(front_hv(space.matrix(de[de["feasible"]]), space.ref_point))
         wall = time.perf_counter() - t0
         return {"method": method, "seed": seed, "at": at, "hv": hvs, "wall": wall}
-    if method in ("moecomp", "moecomp-plain") or method in ABLATIONS:
-        params = {"seed": seed, **ABLATIONS.get(method, {})}
+    if method in ("moecomp", "moecomp-plain", "tuned") or method in ABLATIONS:
+        params = {**(tuned or {}), "seed": seed} if method == "tuned" else {"seed": seed}
+        params |= ABLATIONS.get(method, {})
         if method == "moecomp-plain":
             params["surrogate"] = False
         run_search(problem, Path(out), budget=budget, progress=False, plots=False, target=target,
@@ -152,7 +155,7 @@ def method_task(problem_path: str, method: str, seed: int, at: list[int], out: s
 
 
 def bench_hv(problem_path: str, at: list[int], seeds: list[int], methods: list[str], *,
-             jobs: int, results: Path | None) -> list[str]:
+             jobs: int, results: Path | None, tuned: dict | None = None) -> list[str]:
     """(a): every method and seed in its own process (``jobs`` at a time); results appended
     to ``results`` (JSON lines) as they finish, and runs found there are not run again."""
     import json
@@ -167,8 +170,8 @@ def bench_hv(problem_path: str, at: list[int], seeds: list[int], methods: list[s
     tasks = [(m, s) for m in methods for s in seeds if (m, s) not in have]
     with tempfile.TemporaryDirectory() as tmp, ProcessPoolExecutor(
             jobs, mp_context=get_context("spawn")) as pool:
-        futures = [pool.submit(method_task, problem_path, m, s, at, str(Path(tmp) / f"{m}-{s}"))
-                   for m, s in tasks]
+        futures = [pool.submit(method_task, problem_path, m, s, at, str(Path(tmp) / f"{m}-{s}"),
+                               tuned) for m, s in tasks]
         for f in futures:
             d = f.result() | {"problem": problem_path}
             done.append(d)
@@ -404,6 +407,9 @@ def main() -> None:
                     help="budgets at which HV is read (each run gets the largest); default "
                     "(a) 1000 5000, (c) 500 2000")
     ap.add_argument("--jobs", type=int, default=1, help="(a, c) runs in parallel (processes)")
+    ap.add_argument("--params-from", default=None,
+                    help="(a) method 'tuned': these search settings (a study file or JSON, as "
+                    "`moecomp search --params-from`)")
     ap.add_argument("--results", type=Path, default=None,
                     help="(a) JSON lines of finished runs: appended, and not run again")
     ap.add_argument("--keep", type=Path, default=None, help="(c) keep the run folders here")
@@ -442,8 +448,16 @@ def main() -> None:
         at = args.at or [1000, 5000]
         print(f"## (a) Hypervolume at {', '.join(f'{b:,}' for b in at)} evaluations "
               f"(pop {cfg.search.pop_size}, one torch thread per run, {args.jobs} at a time)\n")
+        tuned = None
+        if "tuned" in args.methods:
+            from moecomp.cli.search import read_params
+
+            if args.params_from is None:
+                ap.error("method 'tuned' needs --params-from")
+            tuned = read_params(args.params_from)
+            print(f"tuned: {tuned} (from {args.params_from})\n")
         for line in bench_hv(args.problem, at, args.seeds, args.methods, jobs=args.jobs,
-                             results=args.results):
+                             results=args.results, tuned=tuned):
             print(line)
         print()
     if not args.skip_wall:
