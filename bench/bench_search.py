@@ -25,7 +25,9 @@ points evaluated within it (low-fidelity evaluations charged as in (c) below):
   (``directed_strength = 0``), ``abl-no-crossover`` (``crossover_prob = 0``),
   ``abl-random-start`` (random first population: ``sampling = "random"``,
   ``allocation_share = 0``), ``abl-no-screening`` (``screen_factor = 1``),
-  ``abl-small-steps`` (``mutation_strength = 5``);
+  ``abl-small-steps`` (``mutation_strength = 5``); and one candidate improvement,
+  ``directed-tables`` (``directed_by = "tables"``: directed moves ranked by each child's own
+  marginal divergence from the surrogate's tables);
 - ``tuned``: the settings of ``--params-from`` (a study's best trial), with each seed.
 
 The table: median HV and inter-quartile range per method and budget, the first method's
@@ -88,6 +90,7 @@ ABLATIONS: dict[str, dict[str, object]] = {
     "abl-random-start": {"sampling": "random", "allocation_share": 0.0},  # no seeded start
     "abl-no-screening": {"screen_factor": 1},           # every offspring evaluated
     "abl-small-steps": {"mutation_strength": 5},        # mutation moves of 5 steps, not 25
+    "directed-tables": {"directed_by": "tables"},       # each child's own marginals
 }
 METHODS = ("moecomp", "moecomp-plain", *PEERS, "de", *ABLATIONS, "tuned")
 

@@ -253,6 +253,11 @@ class SearchConfig:
     # compression from a layer of large marginal divergence to one of small.
     mutation_strength: int = field(default=25, metadata=_range(1, 100))
     directed_strength: float = field(default=0.7, metadata=_range(0, 1))
+    # What ranks the genes for a directed move: "ranks", one per-layer sensitivity for every
+    # child (probes, refreshed from the evaluated points); "tables", each child's own marginal
+    # divergence per bit saved at its genes, from the surrogate's cost tables (needs
+    # surrogate = true; without it "ranks" is used).
+    directed_by: Literal["ranks", "tables"] = "ranks"
     chunk_size: int = field(default=64, metadata=_range(1, 100000))
     seed: int = 0
     # The surrogate of the divergence (moecomp.search.surrogate; layer-wise problem only): per-

@@ -31,6 +31,7 @@ from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -56,7 +57,7 @@ from moecomp.search.algorithms import make_algorithm
 from moecomp.search.checkpoint import Checkpoint, fingerprint, load_checkpoint, save_checkpoint
 from moecomp.search.front import feasible, hypervolume, nondominated
 from moecomp.search.operators.allocation import AllocationSampling
-from moecomp.search.operators.mutation import DirectedMutation
+from moecomp.search.operators.mutation import DirectedMutation, local_marginals
 from moecomp.search.plots import draw_front, draw_hv, front_info
 from moecomp.search.problem import CompressionProblem, EvalRecord, SearchProblem, build_problem
 from moecomp.search.progress import SearchProgress
@@ -660,6 +661,20 @@ class _Search:
         mut = getattr(mating, "mutation", None)
         return mut if isinstance(mut, DirectedMutation) else None
 
+    def bind_local(self) -> None:
+        """With ``directed_by = "tables"`` and the surrogate on, the mutation ranks each
+        child's genes by the cost tables at its own genes (not checkpointed: bound again
+        before every generation)."""
+        mut = self._mutation()
+        p = self.problem
+        if mut is None or not isinstance(p, CompressionProblem):
+            return
+        tables = self.tables
+        if self.scfg.directed_by == "tables" and tables is not None:
+            mut.local = partial(local_marginals, tables, p.genes)
+        else:
+            mut.local = None
+
     def refresh(self) -> None:
         mut = self._mutation()
         p = self.problem
@@ -756,6 +771,7 @@ class _Search:
         """One generation; False when the algorithm has nothing new to offer."""
         alg = self.algorithm
         assert alg is not None
+        self.bind_local()
         if self.screens():
             n_off = alg.n_offsprings  # type: ignore[attr-defined]
             alg.n_offsprings = self.scfg.screen_factor * self.scfg.pop_size  # type: ignore

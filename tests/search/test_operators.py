@@ -204,3 +204,55 @@ def test_sensitivity_rank_and_refresh():
         SENS, X[:5], div[:5], xl=XL, xu=XU, compress_dir=CDIR, weight_share=share
     )
     assert np.array_equal(few, SENS)
+
+
+# --- directed by each child's own marginals (the surrogate's tables) -----------------------
+
+
+def toy_tables():
+    """Two layers, sparsity steps 0..3 (step 0.25), bits 1..3: layer 0's pruning costs
+    0.1 a step, layer 1's 1.0; one bit less costs 0.5 in layer 0, 0.05 in layer 1."""
+    from moecomp.search.problem import LayerGenes
+    from moecomp.search.surrogate import DivergenceTables
+
+    genes = LayerGenes(names=("a", "b"), step=0.25, s_idx_max=np.array([3, 3]), bits_min=1,
+                       bits_max=3, weight_share=np.array([0.5, 0.5]), numel=np.array([100, 100]))
+    prune = np.array([[0.0, 0.1, 0.2, 0.3], [0.0, 1.0, 2.0, 3.0]])
+    bits_cost = np.array([[1.0, 0.5, 0.0], [0.1, 0.05, 0.0]])  # at bits 1, 2, 3
+    quant = np.broadcast_to(bits_cost[:, None, :], (2, 4, 3)).copy()
+    return DivergenceTables(prune=prune, quant=quant, base=0.0), genes
+
+
+def test_local_marginals_known_answer_and_bounds():
+    from moecomp.search.operators.mutation import local_marginals, row_ranks
+
+    tables, genes = toy_tables()
+    X = np.array([[1, 1, 3, 3],    # s 0.25 / 0.25, 3 bits each
+                  [3, 0, 1, 2]])   # layer 0 at its sparsity bound, 1 bit (its bits bound)
+    M = local_marginals(tables, genes, X)
+    # row 0: one more sparsity step saves 0.5 * 0.25 * 3 bits; one bit less saves 0.5 * 0.75
+    np.testing.assert_allclose(M[0], [0.1 / 0.375, 1.0 / 0.375, 0.5 / 0.375, 0.05 / 0.375])
+    # row 1: nothing to save at a bound (inf); layer 1 at s 0, 2 bits: 0.1 / (0.5*0.25*2)
+    assert np.isinf(M[1, 0]) and np.isinf(M[1, 2])
+    np.testing.assert_allclose(M[1, [1, 3]], [1.0 / 0.25, 0.05 / 0.5])
+    # ranks within each kind, per row: row 0 prunes layer 0 cheaper, quantises layer 1 cheaper
+    kind = np.array([0, 0, 1, 1])
+    np.testing.assert_array_equal(row_ranks(M, kind), [[0, 1, 1, 0], [1, 0, 1, 0]])
+
+
+def test_local_direction_follows_each_childs_own_marginals():
+    """Rows whose tables make gene 0 cheap compress gene 0 more often than gene 1, and rows
+    where it is the other way round the other way: one global ranking could not do both."""
+    n = 4000
+    X = np.tile(np.array([49, 49, 25, 49, 4, 4, 4, 4]), (n, 1))
+    local = np.tile(SENS, (n, 1))
+    half = n // 2
+    local[half:, [0, 3]] = local[half:, [3, 0]]  # second half: gene 3 cheap, gene 0 dear
+    Y = directed_mutation(X, XL, XU, None, 0.3, 3, 0.7, np.random.default_rng(7),
+                          compress_dir=CDIR, local=local)
+    toward = np.sign(Y - X) == CDIR
+    moved = Y != X
+    rate = lambda rows, g: toward[rows, g].sum() / moved[rows, g].sum()  # noqa: E731
+    first, second = slice(0, half), slice(half, n)
+    assert rate(first, 0) > 0.6 and rate(first, 3) < 0.4
+    assert rate(second, 3) > 0.6 and rate(second, 0) < 0.4

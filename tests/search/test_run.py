@@ -247,9 +247,11 @@ def test_shared_codebook_search(tmp_path, make_problem):
     assert plan.shared_k == int(r.front["shared_k"].iloc[0])
 
 
-@pytest.mark.parametrize("algorithm", ["nsga2", "nsga3", "moead"])
+@pytest.mark.parametrize("algorithm, directed_by",
+                         [("nsga2", "ranks"), ("nsga3", "ranks"), ("moead", "ranks"),
+                          ("nsga2", "tables")])
 def test_on_generation_stops_the_search_and_resume_continues(
-    tmp_path, algorithm, digits_problem, digits_target, digits_evaluator
+    tmp_path, algorithm, directed_by, digits_problem, digits_target, digits_evaluator
 ):
     seen = []
 
@@ -265,7 +267,7 @@ def test_on_generation_stops_the_search_and_resume_continues(
     kw = {
         "budget": 60,
         "progress": False,
-        "params": {"pop_size": 12},
+        "params": {"pop_size": 12, "directed_by": directed_by},
         "algorithm": algorithm,
         "plots": False,
     }

@@ -1,19 +1,27 @@
 """Directed mutation (Directed Evolution, seed 1): compress where it is cheap, relax where not.
 
 Besides small random moves (exploration), a directed move takes compression away from a layer
-whose marginal divergence (``sensitivity``) is large and gives it to one whose marginal
-divergence is small, at about the same size. ``directedness`` is the chance of that move.
+whose marginal divergence is large and gives it to one whose marginal divergence is small, at
+about the same size. ``directedness`` is the chance of that move. Marginal divergence is
+either one ranking for every child (``sensitivity``: the single-layer probes, refreshed from
+the evaluated points) or each child's own (``local``: :func:`local_marginals`, the surrogate's
+cost tables at the child's genes: what one more step of compression adds per bit saved).
 """
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from pymoo.core.mutation import Mutation
 from pymoo.core.problem import Problem
 
 from moecomp.search.sensitivity import sensitivity_rank
+
+if TYPE_CHECKING:
+    from moecomp.search.problem import LayerGenes
+    from moecomp.search.surrogate import DivergenceTables
 
 
 def max_steps(xl: np.ndarray, xu: np.ndarray, strength: int) -> np.ndarray:
@@ -25,10 +33,50 @@ def max_steps(xl: np.ndarray, xu: np.ndarray, strength: int) -> np.ndarray:
     return np.maximum(1, np.rint(strength * span / widest)).astype(np.int64)
 
 
+def local_marginals(tables: DivergenceTables, genes: LayerGenes, X: np.ndarray) -> np.ndarray:
+    """``(n, 2L)``: for each row of genes ``X (n, 2L)``, what one more step of compression of
+    each gene adds to the divergence by the surrogate's tables (pruning one more sparsity step
+    at the layer's bits; one bit less at its sparsity), per weight bit it saves (the layer's
+    weight share times the bits or the kept share the step removes). ``inf`` where the gene
+    is at its compression bound (nothing to save: never the cheap one)."""
+    X = np.asarray(X, dtype=np.int64)
+    L = genes.n_layers
+    rows = np.arange(L)[None, :]
+    s, b = X[:, :L], X[:, L:] - genes.bits_min
+    n_s = tables.prune.shape[1]
+    cost = tables.cost
+    now = cost[rows, s, b]
+    s_up = np.minimum(s + 1, np.minimum(genes.s_idx_max[None, :], n_s - 1))
+    b_down = np.maximum(b - 1, 0)
+    share = np.asarray(genes.weight_share, float)[None, :]
+    kept = np.maximum(1.0 - s * genes.step, 0.0)
+    save_s = share * genes.step * (b + genes.bits_min) * (s_up > s)
+    save_b = share * kept * (b_down < b)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        m_s = np.where(save_s > 0, np.maximum(cost[rows, s_up, b] - now, 0.0) / save_s, np.inf)
+        m_b = np.where(save_b > 0, np.maximum(cost[rows, s, b_down] - now, 0.0) / save_b,
+                       np.inf)
+    return np.concatenate([m_s, m_b], axis=1)
+
+
+def row_ranks(marginal: np.ndarray, kind_of: np.ndarray) -> np.ndarray:
+    """``(n, n_var)`` in [0, 1]: each gene's rank by ``marginal (n, n_var)`` among the genes of
+    its kind in its row (0 the cheapest, 1 the dearest; ties by position)."""
+    M = np.asarray(marginal, float)
+    r = np.zeros_like(M)
+    for k in np.unique(kind_of):
+        cols = np.flatnonzero(kind_of == k)
+        order = np.argsort(np.argsort(M[:, cols], axis=1, kind="stable"), axis=1)
+        r[:, cols] = order / max(len(cols) - 1, 1)
+    return r
+
+
 def _pick(rng_gumbel: np.ndarray, weight: np.ndarray, allowed: np.ndarray) -> np.ndarray:
-    """Per row, one column drawn with probability proportional to ``weight`` among the
-    ``allowed`` ones (Gumbel-max on given noise ``(n, n_var)``); -1 where none is allowed."""
-    score = np.where(allowed, np.log(weight)[None, :] + rng_gumbel, -np.inf)
+    """Per row, one column drawn with probability proportional to ``weight`` (``(n_var,)``, or
+    ``(n, n_var)`` one per row) among the ``allowed`` ones (Gumbel-max on given noise
+    ``(n, n_var)``); -1 where none is allowed."""
+    w = np.asarray(weight, float)
+    score = np.where(allowed, np.log(w if w.ndim == 2 else w[None, :]) + rng_gumbel, -np.inf)
     pick = np.argmax(score, axis=1)
     return np.where(np.isfinite(score.max(axis=1)), pick, -1)
 
@@ -45,6 +93,7 @@ def directed_mutation(
     *,
     compress_dir: np.ndarray | None = None,
     weight_share: np.ndarray | None = None,
+    local: np.ndarray | None = None,
 ) -> np.ndarray:
     """Mutated copy (int64 ``(n, n_var)``) of genes ``X (n, n_var)`` within ``[xl, xu]``.
 
@@ -70,6 +119,8 @@ def directed_mutation(
         one does (also the kinds); default ``[sparsity..., bits...]`` (+1 then -1).
     weight_share: ``(n_var,)`` share of all compressible weights in each gene's layer (None:
         equal shares).
+    local: ``(n, n_var)`` each row's own marginal divergence per gene (e.g.
+        :func:`local_marginals` of ``X``): ranks per row instead of ``sensitivity``'s.
     A move that would leave the bounds goes the other way instead (then clipped). Every draw
     has a fixed shape, so the same ``rng`` state gives the same result.
     """
@@ -104,9 +155,13 @@ def directed_mutation(
     g_low = rng.gumbel(size=(n, n_var))
     g_high = rng.gumbel(size=(n, n_var))
     u = np.asarray(rng.random(n))
-    if sensitivity is None or directedness <= 0.0:
+    if (sensitivity is None and local is None) or directedness <= 0.0:
         return Y
-    r = sensitivity_rank(sensitivity, n_var, cdir)
+    if local is not None:
+        r = row_ranks(local, kind_of)
+    else:
+        assert sensitivity is not None
+        r = sensitivity_rank(sensitivity, n_var, cdir)
     in_kind = kind_of[None, :] == kind[:, None]
     a = _pick(g_low, 1.0 - r + 1e-3, in_kind)
     b = _pick(g_high, r + 1e-3, in_kind & (np.arange(n_var)[None, :] != a[:, None]))
@@ -123,8 +178,10 @@ class DirectedMutation(Mutation):
     """pymoo ``Mutation`` binding :func:`directed_mutation`'s parameters.
 
     ``sensitivity`` is state: the search refreshes it from the evaluated points after every
-    generation (it is checkpointed with the algorithm). Every offspring is mutated; ``prob``
-    is the per-gene chance.
+    generation (it is checkpointed with the algorithm). ``local``: when set (by the search,
+    from the surrogate's tables; not checkpointed, set again on resume), each child's own
+    marginals ``(n, n_var)`` of its genes direct its move instead. Every offspring is
+    mutated; ``prob`` is the per-gene chance.
     """
 
     def __init__(
@@ -144,6 +201,7 @@ class DirectedMutation(Mutation):
         self.gene_prob = float(prob)
         self.strength = int(strength)
         self.directedness = float(directedness)
+        self.local: Callable[[np.ndarray], np.ndarray] | None = None
 
     def _do(
         self,
@@ -166,4 +224,6 @@ class DirectedMutation(Mutation):
             random_state,
             compress_dir=self.compress_dir,
             weight_share=self.weight_share,
+            local=None if self.local is None else self.local(
+                np.rint(np.asarray(X, float)).astype(np.int64)),
         )
