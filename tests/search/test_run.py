@@ -435,7 +435,7 @@ def test_resume_after_a_signal_gives_the_uninterrupted_front(
     pd.testing.assert_frame_equal(a.drop(columns="elapsed_s"), b.drop(columns="elapsed_s"))
 
 
-def test_overrides_of_one_run_do_not_leak_into_the_next(tmp_path, make_problem):
+def test_overrides_of_one_run_do_not_leak_into_the_next(tmp_path, make_problem, digits_problem):
     p = make_problem()
     run_search(
         p,
@@ -447,4 +447,7 @@ def test_overrides_of_one_run_do_not_leak_into_the_next(tmp_path, make_problem):
     )
     run_search(p, tmp_path / "b", budget=20, progress=False, plots=False)
     stored = json.loads((tmp_path / "b" / "problem.json").read_text())["search"]
-    assert stored["directed_strength"] == 0.7 and stored["pop_size"] == 32
+    own = digits_problem.search  # the problem file's, not the earlier run's overrides
+    assert (stored["directed_strength"], stored["pop_size"]) == (own.directed_strength,
+                                                                 own.pop_size)
+    assert own.directed_strength != 0.0 and own.pop_size != 8
