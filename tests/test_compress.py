@@ -126,6 +126,11 @@ def test_compress_errors_are_one_line(compressed, cli, one_line_error):
     one_line_error(code, err, "--time-budget")
     code, _, err = cli("compress", "--run", str(compressed / "missing"), "--max-drop", "1")
     one_line_error(code, err, "--run")
+    # the Python API's parameter names are said as the command's options
+    code, _, err = cli("compress", "--run", str(compressed), "--max-drop", "1", "--masks",
+                       "gradual")
+    one_line_error(code, err, "--masks", "--finetune-epochs > 0")
+    assert "finetune_epochs" not in err
 
 
 def test_ratio_bins_and_the_bisection_order():

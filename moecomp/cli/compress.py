@@ -11,6 +11,16 @@ import typer
 from moecomp.cli.device import checked_device, device_option
 from moecomp.errors import ConfigError
 
+# compress()'s parameters that are options of this command
+OPTION_OF = {
+    "max_drop": "--max-drop",
+    "max_divergence": "--max-divergence",
+    "candidates": "--candidates",
+    "time_budget": "--time-budget",
+    "finetune_epochs": "--finetune-epochs",
+    "masks": "--masks",
+}
+
 
 def register(app: typer.Typer) -> None:
     @app.command("compress")
@@ -93,6 +103,14 @@ def register(app: typer.Typer) -> None:
                     merge=merge_bins, candidates=candidates, time_budget=time_budget, lr=lr,
                     seed=seed, calibration=calibration, progress=not no_progress, masks=masks,
                     device=device)
+        except ConfigError as e:
+            # the Python API's parameter names, said as this command's options
+            if e.field not in OPTION_OF:
+                raise
+            message = e.problem
+            for name, option in OPTION_OF.items():
+                message = message.replace(name, option)
+            raise ConfigError(OPTION_OF[e.field], message) from None
         except (KeyboardInterrupt, Terminated) as e:
             name = "SIGTERM" if isinstance(e, Terminated) else "SIGINT"
             where = out if out is not None else (run / "compress" if run else None)
