@@ -14,7 +14,8 @@ and says which is better there::
 
 ``holdout.csv`` is the cache: a (set, seed) whose row has the same budget and parameters is
 not run again, so an interrupted comparison continues where it stopped, and a study whose
-best trial changed runs only the best parameters again. "default" is the problem file's
+best trial changed runs only the best parameters again; a search interrupted midway
+continues from its checkpoint. "default" is the problem file's
 ``[search]`` table as it is: the parameters a user gets without the study.
 """
 
@@ -40,6 +41,7 @@ from moecomp.config import ProblemConfig
 from moecomp.errors import RunError
 from moecomp.runs import atomic_write_csv, atomic_write_text
 from moecomp.search import SearchProblem, build_problem, run_search
+from moecomp.search.run import SearchResult
 from moecomp.search.runner import Runner
 from moecomp.tune.config import StudyConfig
 from moecomp.tune.study import search_fields
@@ -232,19 +234,27 @@ def _run_one(
     on_generation: Callable[[int, int, float], None],
 ) -> dict[str, Any]:
     out = holdout_dir(cfg) / f"{run.params_set}-seed-{run.seed}"
-    if out.exists():
-        # a run of other parameters (the best trial changed) or one that was interrupted
-        shutil.rmtree(out)
     t0 = time.perf_counter()
-    result = run_search(
-        built,
-        out,
-        budget=budget,
-        params={**run.params, "seed": run.seed},
-        progress=False,
-        on_generation=on_generation,
-        plots=False,
-    )
+
+    def search(resume: bool) -> SearchResult:
+        return run_search(
+            built,
+            out,
+            budget=budget,
+            params={**run.params, "seed": run.seed},
+            progress=False,
+            on_generation=on_generation,
+            plots=False,
+            resume=resume,
+        )
+
+    try:
+        # an interrupted run of the same parameters continues from its checkpoint
+        result = search(resume=out.exists())
+    except RunError:
+        # a run of other parameters (the best trial changed): start again
+        shutil.rmtree(out)
+        result = search(resume=False)
     if not math.isfinite(result.hv):
         raise RunError(f"{out}: hypervolume is {result.hv}; the search must give a finite HV")
     return {

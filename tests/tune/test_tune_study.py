@@ -106,7 +106,8 @@ def test_study_values_reports_pruning_and_artifacts(finished):
         )
         assert set(sent) == fields
         assert {k: sent[k] for k in t.params} == t.params
-        assert sent["seed"] == 0 and sent["mutation_prob"] == 0.3  # seed; problem file default
+        own = cfg.load_problem().search.mutation_prob  # not tuned here: the problem file's
+        assert sent["seed"] == 0 and sent["mutation_prob"] == own
     best = study.best_trial
     assert study.user_attrs["best_run_dir"] == best.user_attrs["run_dir"]
     assert study.user_attrs["best_trial"] == best.number
