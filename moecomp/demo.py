@@ -67,7 +67,9 @@ def run_demo(out: Path, *, budget: int | None = None, fresh: bool = False,
     c.print(f"digits MLP: test accuracy {record['test_accuracy']:.2f} % "
             f"({record['n_params']:,} parameters) -> {teacher_paths(problem)[0]}")
 
-    c.rule("2. relevance (Directed Evolution) and search (NSGA-II, DE-style operators)")
+    names = {"nsga2": "NSGA-II", "nsga3": "NSGA-III", "moead": "MOEA/D", "age": "AGE-MOEA"}
+    algorithm = names.get(problem.search.algorithm, problem.search.algorithm.upper())
+    c.rule(f"2. relevance (Directed Evolution) and search ({algorithm}, DE-style operators)")
     if fresh and out.exists():
         shutil.rmtree(out)
     resume = out.exists() and (out / CHECKPOINT).exists()
