@@ -80,11 +80,16 @@ def draw_hv(n_evals: np.ndarray, hv: np.ndarray, path: Path, *, title: str = "")
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
+    n_evals, hv = np.asarray(n_evals), np.asarray(hv, dtype=float)
+    # a leading HV of 0 (the probes' generation, before any point inside the reference) would
+    # squash the axis so that the search's gains cannot be seen: left out, and said so
+    first = int(np.argmax(hv > 0)) if (hv > 0).any() else 0
     fig = Figure(figsize=(5.5, 3.8), layout="constrained")
     FigureCanvasAgg(fig)
     ax = fig.subplots()
-    sns.lineplot(x=np.asarray(n_evals), y=np.asarray(hv), ax=ax, marker="o", markersize=3)
-    ax.set_xlabel("evaluations")
+    sns.lineplot(x=n_evals[first:], y=hv[first:], ax=ax, marker="o", markersize=3)
+    ax.set_xlabel("evaluations" + (f" (the first {n_evals[first - 1]:,}: HV 0, not drawn)"
+                                   if first else ""))
     ax.set_ylabel("hypervolume (normalised, ref = 1)")
     if title:
         ax.set_title(title)
