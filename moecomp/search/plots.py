@@ -75,21 +75,28 @@ def draw_front(info: FrontPlotInfo, path: Path, *, title: str = "") -> None:
     fig.savefig(path, dpi=110)
 
 
+def hv_info(n_evals: np.ndarray, hv: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
+    """``(n_evals, hv, left_out)``: the points the HV figure draws. Leading generations of HV
+    0 (the probes', before any point is inside the reference) would squash the axis so that
+    the search's gains cannot be seen: they are left out (``left_out`` evaluations), unless
+    every HV is 0."""
+    n_evals, hv = np.asarray(n_evals), np.asarray(hv, dtype=float)
+    first = int(np.argmax(hv > 0)) if (hv > 0).any() else 0
+    return n_evals[first:], hv[first:], int(n_evals[first - 1]) if first else 0
+
+
 def draw_hv(n_evals: np.ndarray, hv: np.ndarray, path: Path, *, title: str = "") -> None:
     import seaborn as sns
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    n_evals, hv = np.asarray(n_evals), np.asarray(hv, dtype=float)
-    # a leading HV of 0 (the probes' generation, before any point inside the reference) would
-    # squash the axis so that the search's gains cannot be seen: left out, and said so
-    first = int(np.argmax(hv > 0)) if (hv > 0).any() else 0
+    x, y, left_out = hv_info(n_evals, hv)
     fig = Figure(figsize=(5.5, 3.8), layout="constrained")
     FigureCanvasAgg(fig)
     ax = fig.subplots()
-    sns.lineplot(x=n_evals[first:], y=hv[first:], ax=ax, marker="o", markersize=3)
-    ax.set_xlabel("evaluations" + (f" (the first {n_evals[first - 1]:,}: HV 0, not drawn)"
-                                   if first else ""))
+    sns.lineplot(x=x, y=y, ax=ax, marker="o", markersize=3)
+    ax.set_xlabel("evaluations" + (f" (the first {left_out:,}: HV 0, not drawn)"
+                                   if left_out else ""))
     ax.set_ylabel("hypervolume (normalised, ref = 1)")
     if title:
         ax.set_title(title)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from moecomp.search.plots import draw_front, draw_hv, front_info
+from moecomp.search.plots import draw_front, draw_hv, front_info, hv_info
 
 LABELS = ("density (kept share)", "mean bits per kept weight", "KL divergence (nats)")
 
@@ -24,3 +24,13 @@ def test_front_info_has_every_pair_of_objectives_with_units(tmp_path):
 def test_two_objectives_give_one_panel():
     info = front_info(np.ones((3, 2)), np.array([0]), ("size (share of fp32 bits)", "x"))
     assert info.panels == ((0, 1),)
+
+
+def test_hv_figure_leaves_out_only_leading_zero_generations():
+    x, y, left = hv_info(np.array([44, 84, 104, 145]), np.array([0.0, 0.79, 0.80, 0.80]))
+    assert x.tolist() == [84, 104, 145] and y.tolist() == [0.79, 0.80, 0.80] and left == 44
+    # nothing left out when the first point has HV, nor when every HV is 0
+    x, _, left = hv_info(np.array([10, 20]), np.array([0.5, 0.0]))
+    assert x.tolist() == [10, 20] and left == 0
+    x, _, left = hv_info(np.array([10, 20]), np.zeros(2))
+    assert x.tolist() == [10, 20] and left == 0
