@@ -73,6 +73,13 @@ def test_random_resumes_to_the_same_points(problem, tmp_path, monkeypatch):
     np.testing.assert_array_equal(genes(resumed, problem.n_var), genes(whole, problem.n_var))
 
 
+def test_a_smaller_budget_reads_the_first_rows_of_a_larger_run(problem, tmp_path):
+    big = run_peer(problem, "random", budget=16, seed=2, folder=tmp_path / "r").evaluated
+    small = run_peer(problem, "random", budget=8, seed=2, folder=tmp_path / "r")
+    assert small.n_evals == len(small.evaluated) == 8
+    pd.testing.assert_frame_equal(small.evaluated, big.iloc[:8])
+
+
 def test_tpe_resumes_keeping_finished_trials(problem, tmp_path, monkeypatch):
     calls = {"n": 0}
     real = type(problem).evaluate_genes

@@ -167,7 +167,8 @@ class _Batches:
             if on_evals is not None:
                 on_evals(n)
         self._write_status("done", n)
-        evaluated = pd.read_csv(self.path) if self.path.is_file() else done
+        # a folder that ran a larger budget before: this budget's run is its first rows
+        evaluated = pd.read_csv(self.path).iloc[: self.budget] if self.path.is_file() else done
         return PeerResult(self.name, self.seed, self.budget, n, evaluated, self.out)
 
     # -- the folder ----------------------------------------------------------------------
