@@ -61,11 +61,13 @@ VARIANTS: dict[str, EvalOptions] = {
     "  no layer memo": EvalOptions(memo=False, device="cpu"),
     "  no prefix cache": EvalOptions(prefix_cache=False, device="cpu"),
     "  no batching (vmap)": EvalOptions(batched=False, device="cpu"),
+    "  vmap at every stage": EvalOptions(batched=True, device="cpu"),
     "  none of the three": EvalOptions(memo=False, prefix_cache=False, batched=False,
                                        device="cpu"),
 }
 SHORT = {"naive": "naive loop", "all": "evaluator (all ideas)", "memo": "  no layer memo",
          "prefix": "  no prefix cache", "vmap": "  no batching (vmap)",
+         "vmapall": "  vmap at every stage",
          "none": "  none of the three"}
 """``--methods`` names of the rows."""
 

@@ -15,6 +15,7 @@ from moecomp.apply import QuantizedLayer, apply_plan, student_state_dict
 from moecomp.codec.masks import grid_of
 from moecomp.data import Split
 from moecomp.divergence import Divergence
+from moecomp.errors import ConfigError
 from moecomp.evaluate import (
     EvalOptions,
     Evaluator,
@@ -320,6 +321,7 @@ def test_memo_and_cache_hits_return_identical_results(digits):
         EvalOptions(prefix_cache=False),
         EvalOptions(memo=False),
         EvalOptions(batched=False),
+        EvalOptions(batched=True),
         EvalOptions(cache_mb=0.0),
         EvalOptions(memory_mb=0.5),
         EvalOptions(trie="always"),
@@ -440,6 +442,46 @@ def test_chain_found_automatically_on_a_skip_net_matches_naive():
         s, b = converged_genes(np.random.default_rng(11), 12, len(target.layers))
         m = ev.evaluate(s, b)
         assert_matches(m, oracle(target, ranks, plans_from_genes(target.layer_names, s, b)))
+
+
+def test_stages_vmapped_or_looped_each_match_naive():
+    """Any mix of vmapped and looped stages gives the naive metrics."""
+    target = small_target(SkipNet)
+    ranks = magnitude_ranks(target)
+    s, b = random_genes(np.random.default_rng(12), 16, len(target.layers))
+    ref = oracle(target, ranks, plans_from_genes(target.layer_names, s, b))
+    for chain, whole in (([False, True], [False]), ([True, False], [True])):
+        ev = Evaluator(target, ranks, chunk_size=5, options=EvalOptions(batched=True))
+        runner = ev._students
+        runner._chain.batch, runner._whole.batch = chain, whole
+        assert ev.path == "chain+vmap+loop"
+        assert_matches(ev.evaluate(s, b), ref)
+
+
+def test_auto_keeps_the_faster_way_per_stage_measured_on_its_calls():
+    target = small_target(SkipNet)
+    ranks = magnitude_ranks(target)
+    ev = Evaluator(target, ranks, chunk_size=4, options=EvalOptions(device="cpu"))
+    plans = [p for p in (ev._students._chain, ev._students._whole) if p is not None]
+    assert all(b is None for p in plans for b in p.batch)  # nothing decided before a call
+    s, b = random_genes(np.random.default_rng(13), 24, len(target.layers))
+    assert_matches(ev.evaluate(s, b),
+                   oracle(target, ranks, plans_from_genes(target.layer_names, s, b)))
+    decided = 0
+    for p in plans:
+        for mode, tried in zip(p.batch, p.tried, strict=True):
+            if len(tried) == 2:  # both ways ran: the faster per student is kept (ties: vmap)
+                assert mode is (tried[True] <= tried[False])
+                decided += 1
+            else:
+                assert mode is None
+    assert decided >= 1
+    # only "auto" decides: true and false are fixed from the start
+    for batched in (True, False):
+        fixed = Evaluator(target, ranks, options=EvalOptions(batched=batched))._students
+        assert set(fixed._chain.batch) == {batched}
+    with pytest.raises(ConfigError, match="options.batched.*auto, true or false"):
+        EvalOptions(batched="sometimes")
 
 
 def test_digits_mlp_is_split_before_every_layer(digits):

@@ -26,8 +26,12 @@ class EvalOptions:
     prefix_cache: for models found to be chains (:mod:`moecomp.evaluate.chain`), share the
         activations of common gene prefixes; off, or for any other model, the whole model is
         one stage.
-    batched: run the students of a chunk as one ``torch.vmap``'d forward; off, one forward
-        per student (what the fallback for models vmap cannot trace does anyway).
+    batched: ``auto``: run the students of a chunk as one ``torch.vmap``'d forward, except
+        at the stages where that measured slower than one forward per student (on the CPU,
+        each stage's first two batched calls run one each way; vmap turns convolutions into
+        grouped ones and max-pooling into its variant with indices, half a loop's speed on
+        LeNet-5); true: vmap whenever it can batch the model; false: one forward per student
+        (what the fallback for models vmap cannot trace does anyway).
     memo_mb: bound of the layer memo (dequantised weights), MiB.
     survivors_mb: bound of the survivor histograms per ``(layer, n_pruned)`` (shared by every
         bit-width and quantizer; a few KiB to 1.5 MiB each, plus 2 bytes a weight when the
@@ -45,7 +49,7 @@ class EvalOptions:
 
     memo: bool = True
     prefix_cache: bool = True
-    batched: bool = True
+    batched: bool | str = "auto"
     memo_mb: float = 512.0
     cache_mb: float = 512.0
     memory_mb: float = 2048.0
@@ -54,7 +58,10 @@ class EvalOptions:
     device: str = "auto"
 
     def __post_init__(self) -> None:
-        for name in ("memo", "prefix_cache", "batched"):
+        if self.batched != "auto" and not isinstance(self.batched, bool):
+            raise ConfigError("options.batched",
+                              f"must be auto, true or false, got {self.batched!r}")
+        for name in ("memo", "prefix_cache"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(
                     f"options.{name}", f"must be true or false, got {getattr(self, name)!r}"
