@@ -12,6 +12,7 @@ from typing import Any
 import typer
 
 from moecomp.cli.device import checked_device, device_option
+from moecomp.cli.workers import dask_scheduler_option, dask_workers_option, open_runner
 from moecomp.errors import ConfigError
 
 ALGORITHMS = ("nsga2", "nsga3", "spea2", "moead", "age")
@@ -88,8 +89,12 @@ def register(app: typer.Typer) -> None:
         ),
         no_progress: bool = typer.Option(False, "--no-progress", help="No progress bar."),
         device: str = device_option(),
+        dask_workers: int = dask_workers_option(),
+        dask_scheduler: str | None = dask_scheduler_option(),
     ) -> None:
         """Search the Pareto front (density, bits, divergence) of a problem with pymoo."""
+        from contextlib import ExitStack
+
         from rich.console import Console
 
         from moecomp.config import load_problem
@@ -114,7 +119,8 @@ def register(app: typer.Typer) -> None:
                 params[key] = value
         out_dir = out if out is not None else Path("runs") / cfg.name
         try:
-            with sigterm_raises():
+            with sigterm_raises(), ExitStack() as stack:
+                runner = open_runner(stack, dask_scheduler, dask_workers)
                 result = run_search(
                     cfg,
                     out_dir,
@@ -125,6 +131,7 @@ def register(app: typer.Typer) -> None:
                     params=params,
                     device=device,
                     time_budget=time_budget,
+                    runner=runner,
                 )
         except (KeyboardInterrupt, Terminated) as e:
             name = "SIGTERM" if isinstance(e, Terminated) else "SIGINT"

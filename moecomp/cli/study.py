@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING
 import typer
 
 from moecomp.cli.device import checked_device, device_option
+from moecomp.cli.workers import dask_scheduler_option, dask_workers_option, open_runner
 
 if TYPE_CHECKING:  # imported lazily at run time: `moecomp --help` should not load Optuna
     from optuna import Study
@@ -57,18 +58,8 @@ def register(app: typer.Typer) -> None:
             help="This worker's index when several run the study at "
             "once, so seeded samplers draw different points.",
         ),
-        dask_workers: int = typer.Option(
-            0,
-            "--dask-workers",
-            min=0,
-            help="Evaluate each search on a local Dask cluster "
-            "of this many processes (0: in this process).",
-        ),
-        dask_scheduler: str | None = typer.Option(
-            None,
-            "--dask-scheduler",
-            help="Evaluate on a running Dask scheduler (tcp://host:8786) instead.",
-        ),
+        dask_workers: int = dask_workers_option(),
+        dask_scheduler: str | None = dask_scheduler_option(),
         progress: bool = typer.Option(True, "--progress/--no-progress", help="Show progress bars."),
         device: str = device_option(),
     ) -> None:
@@ -80,18 +71,13 @@ def register(app: typer.Typer) -> None:
 
         from rich.console import Console
 
-        from moecomp.search.dask_runner import DaskRunner
         from moecomp.tune import load_study_config, run_study
 
         checked_device(device)
         console = Console()
         cfg = load_study_config(study_file)
         with ExitStack() as stack:
-            runner: Runner | None = None
-            if dask_scheduler is not None or dask_workers > 0:
-                runner = stack.enter_context(
-                    DaskRunner(dask_scheduler, n_workers=max(dask_workers, 1))
-                )
+            runner = open_runner(stack, dask_scheduler, dask_workers)
             study = run_study(
                 cfg,
                 storage=storage,

@@ -60,6 +60,12 @@ class _ImportPaths(WorkerPlugin):
                 sys.path.append(f)
 
 
+def _rss() -> int:
+    import psutil
+
+    return int(psutil.Process().memory_info().rss)
+
+
 def _call(chunk: Any, *, fn: Callable[[Any], Any]) -> Any:
     """Runs on a worker: ``fn`` arrives as the scattered object, not re-sent with each chunk."""
     return fn(chunk)
@@ -99,6 +105,16 @@ class DaskRunner:
     @property
     def client(self) -> Client:
         return self._client
+
+    @property
+    def n_workers(self) -> int:
+        """Workers the scheduler has now: a search splits each population into at least
+        this many chunks."""
+        return len(self._client.scheduler_info()["workers"])
+
+    def worker_rss(self) -> dict[str, int]:
+        """Resident memory of each worker process now, bytes (by worker address)."""
+        return dict(self._client.run(_rss))
 
     def _remote(self, fn: Callable[[Any], Any]) -> Future:
         folders = user_folders()
@@ -146,4 +162,4 @@ class DaskRunner:
 
     def __repr__(self) -> str:
         where = self.address or "LocalCluster"
-        return f"DaskRunner({where}, workers={len(self._client.scheduler_info()['workers'])})"
+        return f"DaskRunner({where}, workers={self.n_workers})"

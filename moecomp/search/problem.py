@@ -21,6 +21,7 @@ Every evaluation is kept (``take_records``) so the run folder lists all evaluate
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -313,7 +314,12 @@ def layer_genes(
     )
 
 
-def _chunks(n: int, size: int) -> list[slice]:
+def _chunks(n: int, size: int, runner: Any = None) -> list[slice]:
+    """Slices of ``n`` individuals, at most ``size`` each; a runner with ``n_workers`` > 1
+    (Dask) gets at least one chunk per worker."""
+    workers = int(getattr(runner, "n_workers", 1) or 1)
+    if workers > 1:
+        size = min(size, max(1, math.ceil(n / workers)))
     return [slice(i, min(i + size, n)) for i in range(0, n, size)]
 
 
@@ -372,7 +378,8 @@ class CompressionProblem(SearchProblem):
         """Evaluate genes ``X (n, 2L)`` (chunked through the runner)."""
         X = np.rint(np.asarray(X)).astype(np.int64)
         sparsity, bits = self.genes.decode(X)
-        chunks = [(sparsity[s], bits[s]) for s in _chunks(len(X), self.config.search.chunk_size)]
+        size = self.config.search.chunk_size
+        chunks = [(sparsity[s], bits[s]) for s in _chunks(len(X), size, self.runner)]
         fn = _GenesChunk(self.evaluator, self.config.objectives.mode, self._low)
         F, metrics = _concat(self.runner.map_chunks(fn, chunks))
         return EvalRecord(X=X, F=F, G=constraint_values(self.config, metrics), metrics=metrics)
@@ -442,7 +449,7 @@ class CompressionProblem(SearchProblem):
         sparsity, bits = self.genes.decode(X)
         size = self.config.search.chunk_size
         chunks: list[tuple[Any, ...]] = [
-            (sparsity[s], bits[s], "low") for s in _chunks(len(X), size)]
+            (sparsity[s], bits[s], "low") for s in _chunks(len(X), size, self.runner)]
         fn = _GenesChunk(self.evaluator, self.config.objectives.mode, self._low)
         _, metrics = _concat(self.runner.map_chunks(fn, chunks))
         return metrics["divergence"]
@@ -519,7 +526,7 @@ class SharedCodebookProblem(SearchProblem):
         size = self.config.search.chunk_size
         fn = _PlansChunk(self.evaluator, "2obj")
         F2, metrics = _concat(
-            self.runner.map_chunks(fn, [plans[s] for s in _chunks(len(plans), size)])
+            self.runner.map_chunks(fn, [plans[s] for s in _chunks(len(plans), size, self.runner)])
         )
         fid = (
             metrics["metric_drop"]

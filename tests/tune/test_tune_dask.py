@@ -74,3 +74,49 @@ def test_dask_search_gives_the_in_process_front(tmp_path, dask_runner, digits_re
         pd.read_csv(tmp_path / "local" / "evaluated.csv"),
         rtol=1e-9,
     )
+
+
+class CountingRunner(LocalRunner):
+    """In-process, but says it has workers: records how many chunks each call gets."""
+
+    n_workers = 3
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[int, int]] = []  # (individuals, chunks)
+
+    def map_chunks(self, fn, chunks):
+        out = super().map_chunks(fn, chunks)
+        self.calls.append((sum(len(r[0]) for r in out), len(chunks)))
+        return out
+
+
+def test_a_runner_with_workers_gets_a_chunk_per_worker(tmp_path, digits_ready):
+    """chunk_size 64 would put a population of 8 in one chunk: one worker busy, the others
+    idle; a runner with n_workers gets at least that many chunks (one per individual at
+    most), and the search is the in-process one."""
+    problem = load_problem(DIGITS)
+    runner = CountingRunner()
+    kw = {"budget": 32, "params": {"pop_size": 8, "seed": 1}, "progress": False, "plots": False}
+    counted = run_search(problem, tmp_path / "counted", runner=runner, **kw)
+    assert runner.calls
+    for n, chunks in runner.calls:
+        assert chunks == min(3, n)
+    local = run_search(problem, tmp_path / "local", **kw)
+    assert counted.n_evals == local.n_evals == 32
+    pd.testing.assert_frame_equal(counted.front, local.front, rtol=1e-9)
+
+
+def test_search_cli_evaluates_on_dask_workers(cli, tmp_path, digits_ready, monkeypatch):
+    chunks: list[int] = []
+    map_chunks = DaskRunner.map_chunks
+
+    def counted(self, fn, cs):
+        chunks.append(len(cs))
+        return map_chunks(self, fn, cs)
+
+    monkeypatch.setattr(DaskRunner, "map_chunks", counted)
+    code, out, err = cli("search", str(DIGITS), "--out", str(tmp_path / "run"), "--budget", "24",
+                         "--pop-size", "8", "--no-progress", "--dask-workers", "2")
+    assert code == 0, err
+    assert "24 evaluations" in out
+    assert chunks and max(chunks) == 2  # the populations went to both workers
