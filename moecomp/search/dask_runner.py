@@ -60,10 +60,17 @@ class _ImportPaths(WorkerPlugin):
                 sys.path.append(f)
 
 
-def _rss() -> int:
+def _memory() -> dict[str, int]:
     import psutil
 
-    return int(psutil.Process().memory_info().rss)
+    rss = int(psutil.Process().memory_info().rss)
+    try:
+        import resource
+
+        peak = int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # KiB on Linux
+    except ImportError:  # not on this OS
+        peak = rss
+    return {"rss": rss, "peak": max(peak, rss)}
 
 
 def _call(chunk: Any, *, fn: Callable[[Any], Any]) -> Any:
@@ -112,9 +119,10 @@ class DaskRunner:
         this many chunks."""
         return len(self._client.scheduler_info()["workers"])
 
-    def worker_rss(self) -> dict[str, int]:
-        """Resident memory of each worker process now, bytes (by worker address)."""
-        return dict(self._client.run(_rss))
+    def worker_memory(self) -> dict[str, dict[str, int]]:
+        """Each worker process's resident memory now and its peak so far, bytes: ``{address:
+        {"rss": ..., "peak": ...}}`` (peak where the OS reports it, else the current)."""
+        return dict(self._client.run(_memory))
 
     def _remote(self, fn: Callable[[Any], Any]) -> Future:
         folders = user_folders()
