@@ -26,12 +26,12 @@ class EvalOptions:
     prefix_cache: for models found to be chains (:mod:`moecomp.evaluate.chain`), share the
         activations of common gene prefixes; off, or for any other model, the whole model is
         one stage.
-    batched: ``auto``: run the students of a chunk as one ``torch.vmap``'d forward, except
-        at the stages where that measured slower than one forward per student (on the CPU,
-        each stage's first two batched calls run one each way; vmap turns convolutions into
-        grouped ones and max-pooling into its variant with indices, half a loop's speed on
-        LeNet-5); true: vmap whenever it can batch the model; false: one forward per student
-        (what the fallback for models vmap cannot trace does anyway).
+    batched: ``auto``: run the students of a chunk as one ``torch.vmap``'d forward, except,
+        on the CPU, the stages that read a convolution's weight (vmap makes it a grouped
+        convolution and max-pooling its variant with indices: LeNet-5 at 0.6x of a loop's
+        speed), which run one student at a time; true: vmap whenever it can batch the model;
+        false: one forward per student (what the fallback for models vmap cannot trace does
+        anyway).
     memo_mb: bound of the layer memo (dequantised weights), MiB.
     survivors_mb: bound of the survivor histograms per ``(layer, n_pruned)`` (shared by every
         bit-width and quantizer; a few KiB to 1.5 MiB each, plus 2 bytes a weight when the

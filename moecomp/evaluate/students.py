@@ -3,10 +3,10 @@
 The students of a population chunk run as batched forwards, ``torch.vmap`` over
 ``torch.func.functional_call`` with stacked weights (a batched matmul / grouped convolution).
 This works for any ``nn.Module``; a model vmap cannot trace falls back to one forward per
-student, with one warning. Where vmap traces but runs slower than a loop (on the CPU,
-convolutions become grouped ones and max-pooling its slower variant with indices: LeNet-5
-runs at half the loop's speed), each stage's first two batched calls run one each way and
-the faster way per student is kept (``EvalOptions.batched = "auto"``, the CPU only).
+student, with one warning. On the CPU, stages that read a convolution's weight run one
+student at a time (``EvalOptions.batched = "auto"``): under vmap a convolution becomes a
+grouped one and max-pooling its slower variant with indices, and LeNet-5 ran at 0.6x of the
+loop's speed.
 
 **Prefix cache**: when the model is a chain (:mod:`moecomp.evaluate.chain` finds the stages
 automatically: the embedding, each transformer block, the head; each layer of an MLP or a
@@ -65,11 +65,8 @@ class _Plan:
     owns: list[list[int]]
     fixed: list[dict[str, torch.Tensor]]
     vmap: bool = False
-    # per stage: run a batch as one vmapped call (True), one student after another (False),
-    # or not decided yet (None: the next batched calls try each way, seconds per student in
-    # ``tried``, and the faster is kept)
-    batch: list[bool | None] = field(default_factory=list)
-    tried: list[dict[bool, float]] = field(default_factory=list)
+    # per stage: run a batch as one vmapped call (True) or one student after another
+    batch: list[bool] = field(default_factory=list)
     out_bytes: list[int] = field(default_factory=list)
     peak_bytes: list[int] = field(default_factory=list)
     cost: list[_CallCost] = field(default_factory=list)
@@ -146,8 +143,7 @@ class StudentRunner:
         plan = self._chain or self._whole
         how = "loop"
         if plan.vmap:
-            vm = [b is not False for b in plan.batch]
-            how = "vmap" if all(vm) else "vmap+loop" if any(vm) else "loop"
+            how = "vmap" if all(plan.batch) else "vmap+loop" if any(plan.batch) else "loop"
         return f"{'chain' if self._chain else 'generic'}+{how}"
 
     def info(self) -> dict[str, int]:
@@ -203,10 +199,8 @@ class StudentRunner:
                 plan.vmap = self.options.batched is not False and self._probe_vmap(plan)
                 self._batch_all_samples(plan)
                 plan.out_bytes, plan.peak_bytes, probe_s = self._measure_stages(plan)
-                # "auto" on the CPU: each stage's first batched calls decide (_run_stage)
-                undecided = self.options.batched == "auto" and self.device.type == "cpu"
-                plan.batch = [None if undecided else plan.vmap] * len(plan.stages)
-                plan.tried = [{} for _ in plan.stages]
+                plan.batch = [plan.vmap and not self._loops(plan, k)
+                              for k in range(len(plan.stages))]
                 if plan.vmap:  # a batched call's fixed cost is a vmapped call's
                     probe_s = self._time_vmap(plan)
                 plan.cost = [_CallCost(t) for t in probe_s]
@@ -264,6 +258,16 @@ class StudentRunner:
                 stacklevel=5,
             )
         return ok
+
+    def _loops(self, plan: _Plan, k: int) -> bool:
+        """Whether stage ``k`` runs one student at a time although vmap can batch it: with
+        ``batched = "auto"`` on the CPU, a stage that reads a convolution's weight (more than
+        two dimensions). vmap makes such a convolution a grouped one and max-pooling its
+        variant with indices over all students' activations at once: LeNet-5 ran at 0.6x
+        of the loop's speed (docs/decisions.md)."""
+        if self.options.batched != "auto" or self.device.type != "cpu":
+            return False
+        return any(self._tensors[self._names[j]].dim() > 2 for j in plan.reads[k])
 
     def _time_vmap(self, plan: _Plan) -> list[float]:
         """Seconds of one vmapped call of each stage for 2 students on a few inputs (the
@@ -510,23 +514,14 @@ class StudentRunner:
         if G == 1:  # also every call without vmap: _batches makes batches of one then
             blk, row = xs[0]
             y = _unsqueeze(fn(_row(blk, row), {**fixed, **{n: w[0] for n, w in wb.items()}}))
-        else:
-            vmap = plan.batch[k]
-            if vmap is None:  # not decided: vmap first, then the loop
-                vmap = True not in plan.tried[k]
-            if vmap:
-                x, x_batched = _gather(xs)
-                y = self._run_vmap(plan, k, x, x_batched, wb, G)
-            else:  # one student after another (vmap measured slower at this stage)
-                ys = [fn(_row(blk, row), {**fixed, **{n: w[i] for n, w in wb.items()}})
-                      for i, (blk, row) in enumerate(xs)]
-                y = (torch.stack(ys) if isinstance(ys[0], torch.Tensor)
-                     else outputs_mod.cat([_unsqueeze(v) for v in ys]))
-            if plan.batch[k] is None:
-                tried = plan.tried[k]
-                tried[vmap] = (time.perf_counter() - t1) / G
-                if len(tried) == 2:  # ties go to vmap
-                    plan.batch[k] = tried[True] <= tried[False]
+        elif plan.batch[k]:
+            x, x_batched = _gather(xs)
+            y = self._run_vmap(plan, k, x, x_batched, wb, G)
+        else:  # one student after another (a convolution on the CPU: _loops)
+            ys = [fn(_row(blk, row), {**fixed, **{n: w[i] for n, w in wb.items()}})
+                  for i, (blk, row) in enumerate(xs)]
+            y = (torch.stack(ys) if isinstance(ys[0], torch.Tensor)
+                 else outputs_mod.cat([_unsqueeze(v) for v in ys]))
         self.timing["forward"] += time.perf_counter() - t1
         return y
 
