@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import logging
 import sys
+import uuid
 from collections.abc import Callable, Sequence
 from types import TracebackType
 from typing import Any, TypeVar
 
-from distributed import Client, Future, LocalCluster, WorkerPlugin
+from distributed import Client, LocalCluster, WorkerPlugin
 
 from moecomp.factories import user_folders
 
@@ -73,8 +74,33 @@ def _memory() -> dict[str, int]:
     return {"rss": rss, "peak": max(peak, rss)}
 
 
-def _call(chunk: Any, *, fn: Callable[[Any], Any]) -> Any:
-    """Runs on a worker: ``fn`` arrives as the scattered object, not re-sent with each chunk."""
+# On a worker: the functions installed by _Install, by token (only the latest is kept).
+_INSTALLED: dict[str, Callable[[Any], Any]] = {}
+
+
+class _Install(WorkerPlugin):
+    """Puts ``fn`` on every worker, present and future, under ``token``: each worker gets
+    it from the client, pickled once in a quiet moment, never from another worker. (A
+    scattered object may be copied from worker to worker, e.g. when Dask's memory manager
+    drops replicas, and the copy is pickled there while a task runs it: the evaluator's
+    chain stages patch the model's modules for the length of a forward, so such a copy
+    could carry a patch; a search on LeNet-5 failed and hung that way.)"""
+
+    def __init__(self, token: str, fn: Callable[[Any], Any]) -> None:
+        self.token = token
+        self.fn = fn
+
+    def setup(self, worker: Any) -> None:
+        _INSTALLED.clear()
+        _INSTALLED[self.token] = self.fn
+
+
+def _call(chunk: Any, *, token: str) -> Any:
+    """Runs on a worker: the function installed under ``token``, not re-sent per chunk."""
+    fn = _INSTALLED.get(token)
+    if fn is None:
+        raise RuntimeError(f"no function {token} on this worker (it joined while the "
+                           "function was being installed?)")
     return fn(chunk)
 
 
@@ -101,12 +127,12 @@ class DaskRunner:
             self._client = Client(self._cluster)
         else:
             self._client = Client(address)
-        # The last function sent to the workers and its future there: a search calls
+        # The last function installed on the workers and its token there: a search calls
         # map_chunks with the same evaluator every generation, and the evaluator holds the
         # teacher and calibration data (and fills memo caches on the workers), which should
         # cross the network once, not per chunk or generation.
         self._fn: Callable[[Any], Any] | None = None
-        self._fn_future: Future | None = None
+        self._token: str | None = None
         self._folders: list[str] = []
 
     @property
@@ -124,24 +150,24 @@ class DaskRunner:
         {"rss": ..., "peak": ...}}`` (peak where the OS reports it, else the current)."""
         return dict(self._client.run(_memory))
 
-    def _remote(self, fn: Callable[[Any], Any]) -> Future:
+    def _remote(self, fn: Callable[[Any], Any]) -> str:
+        """The token of ``fn`` on the workers, installing it first when it is new."""
         folders = user_folders()
         if folders != self._folders:
             self._client.register_plugin(_ImportPaths(folders), name="moecomp-import-paths")
             self._folders = folders
-        if self._fn_future is None or not same_function(fn, self._fn):
-            if self._fn_future is not None:
-                self._fn_future.release()
+        if self._token is None or not same_function(fn, self._fn):
             self._fn = fn
-            self._fn_future = self._client.scatter(fn, broadcast=True, hash=False)
-        return self._fn_future
+            self._token = uuid.uuid4().hex
+            self._client.register_plugin(_Install(self._token, fn), name="moecomp-function")
+        return self._token
 
     def map_chunks(self, fn: Callable[[C], R], chunks: Sequence[C]) -> list[R]:
         """``[fn(c) for c in chunks]``, computed on the workers; a worker's error re-raises."""
         if len(chunks) == 0:
             return []
-        remote = self._remote(fn)
-        futures = self._client.map(_call, list(chunks), fn=remote, pure=False)
+        token = self._remote(fn)
+        futures = self._client.map(_call, list(chunks), token=token, pure=False)
         try:
             return list(self._client.gather(futures))
         finally:
@@ -151,7 +177,7 @@ class DaskRunner:
     def close(self) -> None:
         """Close the client and, if this runner started it, the local cluster."""
         self._fn = None
-        self._fn_future = None
+        self._token = None
         self._client.close()
         if self._cluster is not None:
             self._cluster.close()

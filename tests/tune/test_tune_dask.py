@@ -120,3 +120,21 @@ def test_search_cli_evaluates_on_dask_workers(cli, tmp_path, digits_ready, monke
     assert code == 0, err
     assert "24 evaluations" in out
     assert chunks and max(chunks) == 2  # the populations went to both workers
+
+
+def _installed() -> list[str]:
+    from moecomp.search import dask_runner
+
+    return list(dask_runner._INSTALLED)
+
+
+def test_each_worker_holds_only_the_latest_function_from_the_client(dask_runner):
+    """The function reaches every worker through a plugin (from the client, never copied
+    from worker to worker mid-task) and replaces the previous one there."""
+    assert dask_runner.map_chunks(Scale(2, []), [[1], [2], [3]]) == [[2], [4], [6]]
+    first = dask_runner._token
+    assert dask_runner.map_chunks(Scale(5, []), [[1], [2]]) == [[5], [10]]
+    assert dask_runner._token != first
+    held = dask_runner.client.run(_installed)
+    assert len(held) == dask_runner.n_workers == 2
+    assert all(tokens == [dask_runner._token] for tokens in held.values())
