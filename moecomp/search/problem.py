@@ -323,6 +323,29 @@ def _chunks(n: int, size: int, runner: Any = None) -> list[slice]:
     return [slice(i, min(i + size, n)) for i in range(0, n, size)]
 
 
+def _gene_order(X: np.ndarray, runner: Any) -> np.ndarray | None:
+    """For a runner with several workers, the individuals sorted by their genes, first
+    layer's first (None: keep the order). Contiguous chunks of this order hold students
+    that share leading layers, so each worker's prefix cache shares their activations, as
+    the in-process evaluator's sorted chunks do; the runner sends chunk i to the same
+    worker every generation, where its neighbours' prefixes were cached."""
+    if int(getattr(runner, "n_workers", 1) or 1) <= 1 or len(X) < 2:
+        return None
+    L = X.shape[1] // 2  # sparsity genes, then bits genes: key (s0, b0, s1, b1, ...)
+    keys = [X[:, j + L * half] for j in range(L) for half in (0, 1)]
+    return np.lexsort(keys[::-1])
+
+
+def _unsort(order: np.ndarray | None, F: np.ndarray, metrics: dict[str, np.ndarray]
+            ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """Results of individuals taken in ``order`` back in the original order."""
+    if order is None:
+        return F, metrics
+    inv = np.empty_like(order)
+    inv[order] = np.arange(len(order))
+    return F[inv], {k: v[inv] for k, v in metrics.items()}
+
+
 class CompressionProblem(SearchProblem):
     """Per-layer sparsity and bits, ``2L`` integer genes (see the module docstring).
 
@@ -377,11 +400,12 @@ class CompressionProblem(SearchProblem):
     def evaluate_genes(self, X: np.ndarray) -> EvalRecord:
         """Evaluate genes ``X (n, 2L)`` (chunked through the runner)."""
         X = np.rint(np.asarray(X)).astype(np.int64)
-        sparsity, bits = self.genes.decode(X)
+        order = _gene_order(X, self.runner)
+        sparsity, bits = self.genes.decode(X if order is None else X[order])
         size = self.config.search.chunk_size
         chunks = [(sparsity[s], bits[s]) for s in _chunks(len(X), size, self.runner)]
         fn = _GenesChunk(self.evaluator, self.config.objectives.mode, self._low)
-        F, metrics = _concat(self.runner.map_chunks(fn, chunks))
+        F, metrics = _unsort(order, *_concat(self.runner.map_chunks(fn, chunks)))
         return EvalRecord(X=X, F=F, G=constraint_values(self.config, metrics), metrics=metrics)
 
     # --- what the surrogate and the screening need ---------------------------------------
@@ -446,12 +470,13 @@ class CompressionProblem(SearchProblem):
         if self._low is None:
             raise RuntimeError("set_low_fidelity first")
         X = np.rint(np.asarray(X)).astype(np.int64)
-        sparsity, bits = self.genes.decode(X)
+        order = _gene_order(X, self.runner)
+        sparsity, bits = self.genes.decode(X if order is None else X[order])
         size = self.config.search.chunk_size
         chunks: list[tuple[Any, ...]] = [
             (sparsity[s], bits[s], "low") for s in _chunks(len(X), size, self.runner)]
         fn = _GenesChunk(self.evaluator, self.config.objectives.mode, self._low)
-        _, metrics = _concat(self.runner.map_chunks(fn, chunks))
+        _, metrics = _unsort(order, *_concat(self.runner.map_chunks(fn, chunks)))
         return metrics["divergence"]
 
 

@@ -138,3 +138,13 @@ def test_each_worker_holds_only_the_latest_function_from_the_client(dask_runner)
     held = dask_runner.client.run(_installed)
     assert len(held) == dask_runner.n_workers == 2
     assert all(tokens == [dask_runner._token] for tokens in held.values())
+
+
+def test_local_workers_start_without_dasks_malloc_trim_threshold(dask_runner):
+    """Dask's MALLOC_TRIM_THRESHOLD_ freezes glibc's mmap threshold (every large tensor a
+    fresh mmap): the local cluster's workers start without it, with one thread each."""
+    import os
+
+    env = dask_runner.client.run(lambda: (os.environ.get("MALLOC_TRIM_THRESHOLD_"),
+                                          os.environ.get("OMP_NUM_THREADS")))
+    assert set(env.values()) == {(None, "1")}
