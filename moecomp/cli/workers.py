@@ -32,6 +32,13 @@ def open_runner(stack: ExitStack, scheduler: str | None, workers: int) -> Runner
     this process)."""
     if scheduler is None and workers == 0:
         return None
+    from moecomp.errors import ConfigError
     from moecomp.search.dask_runner import DaskRunner
 
-    return stack.enter_context(DaskRunner(scheduler, n_workers=max(workers, 1)))
+    try:
+        runner = DaskRunner(scheduler, n_workers=max(workers, 1))
+    except OSError as e:  # distributed's connection errors (timeouts included) are OSErrors
+        if scheduler is None:
+            raise
+        raise ConfigError("--dask-scheduler", f"cannot reach {scheduler}: {e}") from None
+    return stack.enter_context(runner)

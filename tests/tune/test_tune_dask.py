@@ -148,3 +148,19 @@ def test_local_workers_start_without_dasks_malloc_trim_threshold(dask_runner):
     env = dask_runner.client.run(lambda: (os.environ.get("MALLOC_TRIM_THRESHOLD_"),
                                           os.environ.get("OMP_NUM_THREADS")))
     assert set(env.values()) == {(None, "1")}
+
+
+def test_an_unreachable_scheduler_is_a_one_line_error(cli, monkeypatch, tmp_path):
+    from moecomp.search import dask_runner
+
+    def unreachable(address, n_workers=2):
+        raise OSError(f"Timed out trying to connect to {address} after 30 s")
+
+    monkeypatch.setattr(dask_runner, "DaskRunner", unreachable)
+    code, _, err = cli("search", str(DIGITS), "--out", str(tmp_path / "run"),
+                       "--dask-scheduler", "tcp://127.0.0.1:1")
+    assert code != 0
+    assert err.strip().splitlines() == [
+        "error: --dask-scheduler: cannot reach tcp://127.0.0.1:1: Timed out trying to "
+        "connect to tcp://127.0.0.1:1 after 30 s"]
+    assert not (tmp_path / "run").exists()
