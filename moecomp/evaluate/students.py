@@ -201,8 +201,9 @@ class StudentRunner:
                 plan.out_bytes, plan.peak_bytes, probe_s = self._measure_stages(plan)
                 plan.batch = [plan.vmap and not self._loops(plan, k)
                               for k in range(len(plan.stages))]
-                if plan.vmap:  # a batched call's fixed cost is a vmapped call's
-                    probe_s = self._time_vmap(plan)
+                if plan.vmap:  # a batched stage's fixed cost is a vmapped call's
+                    probe_s = [v if b else t for v, t, b in
+                               zip(self._time_vmap(plan), probe_s, plan.batch, strict=True)]
                 plan.cost = [_CallCost(t) for t in probe_s]
 
     def _make_plan(self, name: str, stages: list[Stage]) -> _Plan:
