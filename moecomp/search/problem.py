@@ -314,36 +314,27 @@ def layer_genes(
     )
 
 
-def _chunks(n: int, size: int, runner: Any = None) -> list[slice]:
-    """Slices of ``n`` individuals, at most ``size`` each; a runner with ``n_workers`` > 1
-    (Dask) gets at least one chunk per worker."""
-    workers = int(getattr(runner, "n_workers", 1) or 1)
+def _workers(runner: Any) -> int:
+    """How many workers a runner has (``n_workers``; 1 for one without)."""
+    return int(getattr(runner, "n_workers", 1) or 1)
+
+
+def _chunks(n: int, size: int, workers: int = 1) -> list[slice]:
+    """Slices of ``n`` individuals, at most ``size`` each, and at least one per worker when
+    a runner has several (Dask)."""
     if workers > 1:
         size = min(size, max(1, math.ceil(n / workers)))
     return [slice(i, min(i + size, n)) for i in range(0, n, size)]
 
 
-def _gene_order(X: np.ndarray, runner: Any) -> np.ndarray | None:
-    """For a runner with several workers, the individuals sorted by their genes, first
-    layer's first (None: keep the order). Contiguous chunks of this order hold students
-    that share leading layers, so each worker's prefix cache shares their activations, as
-    the in-process evaluator's sorted chunks do; the runner sends chunk i to the same
-    worker every generation, where its neighbours' prefixes were cached."""
-    if int(getattr(runner, "n_workers", 1) or 1) <= 1 or len(X) < 2:
-        return None
-    L = X.shape[1] // 2  # sparsity genes, then bits genes: key (s0, b0, s1, b1, ...)
-    keys = [X[:, j + L * half] for j in range(L) for half in (0, 1)]
-    return np.lexsort(keys[::-1])
-
-
-def _unsort(order: np.ndarray | None, F: np.ndarray, metrics: dict[str, np.ndarray]
-            ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-    """Results of individuals taken in ``order`` back in the original order."""
-    if order is None:
-        return F, metrics
-    inv = np.empty_like(order)
-    inv[order] = np.arange(len(order))
-    return F[inv], {k: v[inv] for k, v in metrics.items()}
+def _gene_order(X: np.ndarray) -> np.ndarray:
+    """The individuals sorted by their genes, first layer's first: key (s0, b0, s1, b1, ...)
+    (sparsity genes come first in ``X``, then bits genes). Contiguous chunks of this order
+    hold students that share leading layers, so each worker's prefix cache shares their
+    activations, as the in-process evaluator's sorted chunks do; the Dask runner sends chunk
+    i to the same worker every generation, where its neighbours' prefixes were cached."""
+    L = X.shape[1] // 2
+    return np.lexsort([X[:, j + L * half] for j in range(L) for half in (0, 1)][::-1])
 
 
 class CompressionProblem(SearchProblem):
@@ -400,12 +391,7 @@ class CompressionProblem(SearchProblem):
     def evaluate_genes(self, X: np.ndarray) -> EvalRecord:
         """Evaluate genes ``X (n, 2L)`` (chunked through the runner)."""
         X = np.rint(np.asarray(X)).astype(np.int64)
-        order = _gene_order(X, self.runner)
-        sparsity, bits = self.genes.decode(X if order is None else X[order])
-        size = self.config.search.chunk_size
-        chunks = [(sparsity[s], bits[s]) for s in _chunks(len(X), size, self.runner)]
-        fn = _GenesChunk(self.evaluator, self.config.objectives.mode, self._low)
-        F, metrics = _unsort(order, *_concat(self.runner.map_chunks(fn, chunks)))
+        F, metrics = self._map_genes(X)
         return EvalRecord(X=X, F=F, G=constraint_values(self.config, metrics), metrics=metrics)
 
     # --- what the surrogate and the screening need ---------------------------------------
@@ -469,15 +455,26 @@ class CompressionProblem(SearchProblem):
         """Divergence ``(n,)`` of genes ``X (n, 2L)`` on the low-fidelity samples."""
         if self._low is None:
             raise RuntimeError("set_low_fidelity first")
-        X = np.rint(np.asarray(X)).astype(np.int64)
-        order = _gene_order(X, self.runner)
-        sparsity, bits = self.genes.decode(X if order is None else X[order])
-        size = self.config.search.chunk_size
-        chunks: list[tuple[Any, ...]] = [
-            (sparsity[s], bits[s], "low") for s in _chunks(len(X), size, self.runner)]
-        fn = _GenesChunk(self.evaluator, self.config.objectives.mode, self._low)
-        _, metrics = _unsort(order, *_concat(self.runner.map_chunks(fn, chunks)))
+        _, metrics = self._map_genes(np.rint(np.asarray(X)).astype(np.int64), low=True)
         return metrics["divergence"]
+
+    def _map_genes(self, X: np.ndarray, *, low: bool = False
+                   ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        """Objectives and metrics of integer genes ``X``, in chunks through the runner (all
+        calibration samples, or the low-fidelity ones); with several workers the chunks are
+        contiguous runs of the gene-sorted population (``_gene_order``)."""
+        workers = _workers(self.runner)
+        order = _gene_order(X) if workers > 1 else None
+        sparsity, bits = self.genes.decode(X if order is None else X[order])
+        tag: tuple[str, ...] = ("low",) if low else ()
+        chunks = [(sparsity[s], bits[s], *tag)
+                  for s in _chunks(len(X), self.config.search.chunk_size, workers)]
+        fn = _GenesChunk(self.evaluator, self.config.objectives.mode, self._low)
+        F, metrics = _concat(self.runner.map_chunks(fn, chunks))
+        if order is None:
+            return F, metrics
+        back = np.argsort(order)  # results in the population's order again
+        return F[back], {k: v[back] for k, v in metrics.items()}
 
 
 def shared_bits(k: np.ndarray) -> np.ndarray:
@@ -551,7 +548,8 @@ class SharedCodebookProblem(SearchProblem):
         size = self.config.search.chunk_size
         fn = _PlansChunk(self.evaluator, "2obj")
         F2, metrics = _concat(
-            self.runner.map_chunks(fn, [plans[s] for s in _chunks(len(plans), size, self.runner)])
+            self.runner.map_chunks(
+                fn, [plans[s] for s in _chunks(len(plans), size, _workers(self.runner))])
         )
         fid = (
             metrics["metric_drop"]
