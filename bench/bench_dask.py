@@ -13,7 +13,7 @@ are made beforehand and timed apart):
    (pymoo, the surrogate) stays in this process, populations go to the workers in at least
    one chunk per worker.
 
-The three runs must give the same number of evaluations; their fronts agree to float
+The three runs give the same number of evaluations (printed); their fronts agree to float
 rounding (the Dask test in tests/tune checks equality at one thread). Worker memory: each
 worker's resident set after the search and its peak (``DaskRunner.worker_memory``).
 
