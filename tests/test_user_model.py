@@ -97,6 +97,22 @@ def test_evaluator_matches_the_naive_loop_on_keyword_inputs(encoder_target, opti
     np.testing.assert_allclose(m.metric_drop, 100.0 - met)
 
 
+def test_looped_stages_on_keyword_inputs_and_dict_outputs_match_the_naive_loop(encoder_target):
+    """A stage that loops over several students (what "auto" does for convolutions on the
+    CPU) stacks structured outputs and reads keyword inputs: every other stage looped here."""
+    t = encoder_target
+    ranks = magnitude_ranks(t)
+    s, b, plans = random_plans(t, 10, seed=1)
+    ev = Evaluator(t, ranks, chunk_size=5, options=EvalOptions(batched=True))
+    for plan in (ev._students._chain, ev._students._whole):
+        if plan is not None:
+            plan.batch = [k % 2 == 0 for k in range(len(plan.stages))]
+    m = ev.evaluate(s, b)
+    div, met = naive(t, ranks, plans)
+    np.testing.assert_allclose(m.divergence, div, rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(m.metric, met)
+
+
 def test_batch_size_never_changes_the_outputs(encoder_target):
     t = encoder_target
     whole = t.run(t.teacher, t.calib.inputs, batch_size=10_000)
