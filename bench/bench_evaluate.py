@@ -34,6 +34,7 @@ Also: the estimated coded size against real ``.mcz`` files for a few plans.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import datetime as dt
 import functools
@@ -52,6 +53,7 @@ import torch
 from moecomp.apply import apply_plan, student_state_dict
 from moecomp.config import load_problem
 from moecomp.evaluate import EvalOptions, Evaluator
+from moecomp.inputs import own_layout
 from moecomp.relevance.base import scores_to_ranks
 from moecomp.runs import plans_from_genes
 from moecomp.target import Target, build_target, load_state
@@ -64,11 +66,16 @@ VARIANTS: dict[str, EvalOptions] = {
     "  vmap at every stage": EvalOptions(batched=True, device="cpu"),
     "  none of the three": EvalOptions(memo=False, prefix_cache=False, batched=False,
                                        device="cpu"),
+    "  convolutions in the model's layout": EvalOptions(device="cpu"),
 }
+OWN_LAYOUT = {"  convolutions in the model's layout", "naive loop, model's layout"}
+"""Rows run inside ``moecomp.inputs.own_layout()``: no channels-last copies of convolution
+weights (the way before 2026-12-03 evening; both naive and evaluator got them then)."""
 SHORT = {"naive": "naive loop", "all": "evaluator (all ideas)", "memo": "  no layer memo",
          "prefix": "  no prefix cache", "vmap": "  no batching (vmap)",
          "vmapall": "  vmap at every stage",
-         "none": "  none of the three"}
+         "none": "  none of the three", "own": "  convolutions in the model's layout",
+         "naive-own": "naive loop, model's layout"}
 """``--methods`` names of the rows."""
 
 
@@ -255,16 +262,23 @@ def main() -> None:
                 cost, ref = timed(functools.partial(naive, target, ranks, s, b,
                                                     args.quantizer))
                 row.setdefault("naive loop", []).append((cost, 0.0))
+            if "naive loop, model's layout" in methods:
+                with own_layout():
+                    cost, div = timed(functools.partial(naive, target, ranks, s, b,
+                                                        args.quantizer))
+                err = float(np.abs(div - ref).max()) if ref is not None else float("nan")
+                row.setdefault("naive loop, model's layout", []).append((cost, err))
             for name, opts in VARIANTS.items():
                 if name not in methods:
                     continue
                 ev = Evaluator(target, ranks, quantizer=args.quantizer,
                                chunk_size=args.chunk, options=opts)
                 paths[name] = ev.path
-                if scen == "converged, warm":
-                    ev.evaluate(*warm_first)
-                ev.reset_timings()
-                cost, div = timed(functools.partial(divergences, ev, s, b))
+                with own_layout() if name in OWN_LAYOUT else contextlib.nullcontext():
+                    if scen == "converged, warm":
+                        ev.evaluate(*warm_first)
+                    ev.reset_timings()
+                    cost, div = timed(functools.partial(divergences, ev, s, b))
                 err = float(np.abs(div - ref).max()) if ref is not None else float("nan")
                 row.setdefault(name, []).append((cost, err))
                 t = ev.timings()

@@ -33,6 +33,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")  # one thread per worker (a 2-core
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
 import torch  # noqa: E402
 
 from moecomp.codec import read_mcz, write_mcz  # noqa: E402
@@ -41,17 +42,29 @@ from moecomp.solution import RunContext, Solution, dense_tensors, student_model 
 from moecomp.train import accuracy  # noqa: E402
 
 
-def ladder(ctx: RunContext, lo: float, hi: float, n: int) -> list[int]:
-    """Ids of ``n`` front solutions spread evenly in log(estimated ratio) over [lo, hi]."""
+def ladder(ctx: RunContext, lo: float, hi: float, n: int, *, window: float = 0.0
+           ) -> list[int]:
+    """Ids of ``n`` front solutions spread evenly in log(estimated ratio) over [lo, hi]: per
+    goal ratio the nearest one, or with ``window`` > 0 the one of lowest validation drop
+    (``RUN/validation.csv``, from ``pick``/``compress``) among those within a factor
+    ``1 + window`` of the goal (the nearest when none there has been measured)."""
     front = ctx.run.front()
     front = front[(front.ratio >= lo) & (front.ratio <= hi)].sort_values("ratio")
     if front.empty:
         raise SystemExit(f"no front solution has an estimated ratio in {lo}-{hi}")
+    val = ctx.run.path / "validation.csv"
+    drops = (pd.read_csv(val).set_index("id")["val_drop"] if window > 0 and val.exists()
+             else pd.Series(dtype=float))
     logs = np.log(front.ratio.to_numpy())
     ids: list[int] = []
     for goal in np.linspace(math.log(lo), math.log(hi), n):
-        i = int(np.abs(logs - goal).argmin())
-        sid = int(front.iloc[i]["id"])
+        near = front[np.abs(logs - goal) <= math.log1p(window)]
+        measured = near[near["id"].isin(drops.index)]
+        if len(measured):
+            best = int(drops.loc[measured["id"]].to_numpy().argmin())
+            sid = int(measured.iloc[best]["id"])
+        else:
+            sid = int(front.iloc[int(np.abs(logs - goal).argmin())]["id"])
         if sid not in ids:
             ids.append(sid)
     return ids
@@ -123,6 +136,9 @@ def main() -> None:
     ap.add_argument("--masks", default="fixed,gradual,rigl")
     ap.add_argument("--score", default="activation",
                     help="what moving masks keep weights by: magnitude or activation")
+    ap.add_argument("--window", type=float, default=0.0,
+                    help="> 0: per ladder step the solution of lowest validation drop within "
+                         "a factor 1 + WINDOW of its ratio (RUN/validation.csv); 0: nearest")
     ap.add_argument("--max-drop", type=float, default=1.0)
     ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--seed", type=int, default=0)
@@ -140,11 +156,12 @@ def main() -> None:
     target = ctx.target
     assert target.val is not None and target.test is not None
     t_val, t_test = accuracy(target.teacher, target.val), accuracy(target.teacher, target.test)
-    ids = ladder(ctx, lo, hi, args.n)
+    ids = ladder(ctx, lo, hi, args.n, window=args.window)
     est = ctx.run.front().set_index("id").ratio
     cmd = (f"python bench/bench_finetune.py {args.run} --range {args.range} --n {args.n} "
            f"--epochs {args.epochs} --masks {args.masks} --score {args.score} "
            f"--max-drop {args.max_drop} --lr {args.lr} --workers {args.workers}"
+           + (f" --window {args.window}" if args.window else "")
            + (f" --seed {args.seed}" if args.seed else ""))
     print(f"# Fine-tuning with fixed vs moving masks: {args.run}\n")
     print(f"- command: `{cmd}`")

@@ -29,6 +29,7 @@ from torch.func import functional_call
 
 from moecomp.config import load_problem
 from moecomp.divergence import Divergence
+from moecomp.inputs import own_layout
 from moecomp.relevance import (
     DirectedEvolution,
     Magnitude,
@@ -37,7 +38,37 @@ from moecomp.relevance import (
     redundancy_bounds,
     scores_to_ranks,
 )
+from moecomp.relevance.directed import LayerProbe
 from moecomp.target import Target, build_target
+
+BEFORE = "DE (activation prior), before"
+
+
+@dataclasses.dataclass(frozen=True)
+class _Before:
+    """Directed Evolution as it ran before channels-last convolutions (2026-12-03): inside
+    ``own_layout()``, and a conv layer's candidate outputs from one vmapped call (the
+    ``LayerProbe.layer_outputs`` of then, copied here)."""
+
+    de: DirectedEvolution
+
+    def __call__(self, target: Target, layer, *, seed: int) -> torch.Tensor:  # noqa: ANN001
+        def vmapped(probe: LayerProbe, w: torch.Tensor) -> torch.Tensor:
+            params = {k: v.detach() for k, v in probe.module.named_parameters()}
+
+            def one(wi: torch.Tensor) -> torch.Tensor:
+                return functional_call(probe.module, params | {"weight": wi}, (probe.inp,))
+
+            with torch.no_grad():
+                return torch.vmap(one)(w)
+
+        now = LayerProbe.layer_outputs
+        LayerProbe.layer_outputs = vmapped  # type: ignore[method-assign,assignment]
+        try:
+            with own_layout():
+                return self.de(target, layer, seed=seed)
+        finally:
+            LayerProbe.layer_outputs = now  # type: ignore[method-assign]
 
 
 def machine() -> str:
@@ -88,6 +119,15 @@ def main() -> None:
     ap.add_argument("--sparsities", type=float, nargs="+", default=[0.5, 0.7, 0.9])
     ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--patience", type=int, nargs="*", default=[],
+                    help="also DE (activation prior) with these relevance.patience values")
+    ap.add_argument("--scorers", default="",
+                    help="comma-separated row names to keep (default: all), e.g. "
+                         "'magnitude,DE (activation prior)'")
+    ap.add_argument("--before", action="store_true",
+                    help="also DE (activation prior) as it ran before 2026-12-03 evening: "
+                         "convolutions in the model's layout, a conv layer's candidates "
+                         "vmapped")
     args = ap.parse_args()
     if args.threads is not None:
         torch.set_num_threads(args.threads)
@@ -118,9 +158,19 @@ def main() -> None:
         "magnitude": Magnitude(),
         "taylor (task loss)": Taylor(calibration=cfg.calibration),
         "taylor (KL of 50 %-pruned student)": Taylor(loss="prune", calibration=cfg.calibration),
-        "DE (magnitude prior)": de,
+        "DE (magnitude prior)": dataclasses.replace(de, prior="magnitude"),
         "DE (activation prior)": dataclasses.replace(de, prior="activation"),
+        **{f"DE (activation prior, patience {n})":
+           dataclasses.replace(de, prior="activation", patience=n) for n in args.patience},
     }
+    if args.before:
+        scorers[BEFORE] = _Before(dataclasses.replace(de, prior="activation"))
+    if args.scorers:
+        keep = [k.strip() for k in args.scorers.split(",")] + ([BEFORE] if args.before else [])
+        unknown = [k for k in keep if k not in scorers]
+        if unknown:
+            raise SystemExit(f"--scorers: unknown {unknown}; known: {list(scorers)}")
+        scorers = {k: v for k, v in scorers.items() if k in keep}
     ranks: dict[str, dict[str, torch.Tensor]] = {}
     times: dict[str, list[float]] = {}
     cpu_times: dict[str, float] = {}

@@ -213,6 +213,9 @@ class RelevanceConfig:
     population: int = field(default=16, metadata=_range(2, 4096))
     set_fraction: float = field(default=0.05, metadata=_range(0, 1, lo_open=True))
     calibration: int = field(default=256, metadata=_range(1, 60000))
+    # Directed Evolution: > 0 ends a round's evolution after this many generations in a row
+    # without a better set (0: always all ``generations``).
+    patience: int = field(default=0, metadata=_range(0, 1000))
     seed: int = 0
     # Taylor scorer's loss: "task" (cross-entropy on calibration labels), or the divergence
     # of a perturbed student, "noise" (teacher + Gaussian noise) or "prune" (teacher

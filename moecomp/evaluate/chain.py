@@ -168,7 +168,9 @@ def _trace(model: nn.Module, x: inputs_mod.Inputs, weights: Sequence[torch.Tenso
         handles += [m.register_forward_pre_hook(pre), m.register_forward_hook(post)]
     try:
         with torch.no_grad(), _Tracer(t):
-            out = outputs_mod.select(inputs_mod.call(model, x), output)
+            # layout=False: a channels-last copy up front would read every convolution's
+            # weight before the forward does, and the trace places layers by first reads
+            out = outputs_mod.select(inputs_mod.call(model, x, layout=False), output)
     finally:
         for h in handles:
             h.remove()
@@ -197,7 +199,7 @@ def _call_outputs(model: nn.Module, x: inputs_mod.Inputs) -> dict[int, list[Any]
         handles += [m.register_forward_pre_hook(pre), m.register_forward_hook(post)]
     try:
         with torch.no_grad():
-            inputs_mod.call(model, x)
+            inputs_mod.call(model, x, layout=False)
     finally:
         for h in handles:
             h.remove()

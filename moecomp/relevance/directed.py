@@ -124,6 +124,7 @@ def evolve_set(
     pool_factor: float = 4.0,
     carried: torch.Tensor | None = None,
     on_generation: Callable[[], None] | None = None,
+    patience: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One round: sets of ``k`` available weights whose zeroing ``fitness`` likes best.
 
@@ -133,7 +134,9 @@ def evolve_set(
     (beyond them the weight is below ``exp(-pool_factor)``). available: (m,) bool, at least
     k True. carried: (S, k) flat-index sets (the last round's population) that seed the
     first population, their unavailable members replaced by fresh draws; the first
-    candidate is always the prior's own choice (the k lowest).
+    candidate is always the prior's own choice (the k lowest). patience: > 0 ends the round
+    after that many generations in a row that did not lower the best fitness (the
+    generations skipped still reach ``on_generation``, so a progress bar ends full).
 
     Returns the final population (population, k) int64 flat indices, best first, and its
     fitness (population,).
@@ -163,7 +166,13 @@ def evolve_set(
     pop = keys.topk(k, dim=1).indices
     fit = fit_local(pop)
     n_swap = min(max(1, round(mutation * k)), m - k)
-    for _ in range(generations):
+    best_fit, stale = float(fit.min()), 0
+    for g in range(generations):
+        if patience and stale >= patience:
+            for _ in range(generations - g):
+                if on_generation is not None:
+                    on_generation()
+            break
         pa = _masks(pop[_tournament(fit, population, gen)], m)
         pb = _masks(pop[_tournament(fit, population, gen)], m)
         children = _mutate(_recombine(pa, pb, k, gen), logits, n_swap, gen)
@@ -171,6 +180,8 @@ def evolve_set(
         pool_sets, pool_fit = torch.cat([pop, children]), torch.cat([fit, child_fit])
         best = torch.argsort(pool_fit, stable=True)[:population]  # parents win ties
         pop, fit = pool_sets[best], pool_fit[best]
+        stale = 0 if float(fit[0]) < best_fit else stale + 1
+        best_fit = min(best_fit, float(fit[0]))
         if on_generation is not None:
             on_generation()
     order = torch.argsort(fit, stable=True)
@@ -190,6 +201,7 @@ def evolve_order(
     gen: torch.Generator,
     pool_factor: float = 4.0,
     on_generation: Callable[[], None] | None = None,
+    patience: int = 0,
 ) -> torch.Tensor:
     """The order (m,) of flat indices from least to most relevant, built in ``rounds``.
 
@@ -215,6 +227,7 @@ def evolve_order(
             pool_factor=pool_factor,
             carried=pop,
             on_generation=on_generation,
+            patience=patience,
         )
         winner = pop[0].sort().values  # index order, then a stable sort by prior
         parts.append(winner[torch.argsort(prior[winner], stable=True)])
@@ -303,13 +316,19 @@ class LayerProbe:
         self.local_prefix = self._prefix_is_local()
 
     def layer_outputs(self, w: torch.Tensor) -> torch.Tensor:
-        """The layer's outputs (P, n, ...) for weights ``w: (P, *shape)``."""
+        """The layer's outputs (P, n, ...) for weights ``w: (P, *shape)``: one vmapped call,
+        or on the CPU for a convolution one call per candidate (vmap makes it a grouped
+        convolution, 2-3x slower there than channels-last calls one by one; see
+        ``moecomp.inputs.channels_last``)."""
         params = {k: v.detach() for k, v in self.module.named_parameters()}
 
         def one(wi: torch.Tensor) -> torch.Tensor:
             return functional_call(self.module, params | {"weight": wi}, (self.inp,))
 
         with torch.no_grad():
+            if w.dim() > 3 and w.device.type == "cpu":
+                return torch.stack([inputs_mod.functional(self.module, {"weight": wi},
+                                                          self.inp) for wi in w])
             return torch.vmap(one)(w)
 
     def zeroed_weights(self, zeroed: torch.Tensor, sets: torch.Tensor) -> torch.Tensor:
@@ -404,6 +423,9 @@ class DirectedEvolution:
     # |w| * ||x_j|| (the size of the output change zeroing the weight causes).
     prior: Prior = "magnitude"
     max_rows: int = 1 << 16  # candidates x samples per forward pass (memory bound)
+    # > 0: a round ends after this many generations in a row without a better set (0: all
+    # ``generations`` always run)
+    patience: int = 0
     progress: bool = False
 
     def __post_init__(self) -> None:
@@ -412,6 +434,7 @@ class DirectedEvolution:
             ("population", self.population, 2),
             ("calibration", self.calibration, 1),
             ("max_rows", self.max_rows, 1),
+            ("patience", self.patience, 0),
         )
         for name, value, lo in ints:
             if value < lo:
@@ -440,6 +463,7 @@ class DirectedEvolution:
             set_fraction=cfg.set_fraction,
             calibration=cfg.calibration,
             prior=cfg.de_prior,
+            patience=cfg.patience,
             progress=progress,
         )
 
@@ -477,5 +501,6 @@ class DirectedEvolution:
                 gen=gen,
                 pool_factor=self.pool_factor,
                 on_generation=lambda: bar.update(1),
+                patience=self.patience,
             )
         return order_to_scores(order, layer.shape)

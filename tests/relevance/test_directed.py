@@ -208,3 +208,52 @@ def test_probe_on_skip_connections_and_convs(model, shape, local) -> None:  # no
             de = DirectedEvolution(generations=2, population=4, prior=prior)  # type: ignore[arg-type]
             ranks = scores_to_ranks(de(tg, ref, seed=0))
             assert sorted(ranks.flatten().tolist()) == list(range(ref.numel))
+
+
+def test_patience_ends_a_round_that_stops_improving() -> None:
+    """A fitness that no child can beat (every set costs the same) ends the round after
+    ``patience`` generations: 1 + patience fitness calls instead of 1 + generations, with
+    the progress callback still called once per generation. Without patience, or where
+    every generation improves, all generations run and the result is the same."""
+    m, k, generations = 60, 5, 10
+    prior = torch.arange(m, dtype=torch.float32)
+    avail = torch.ones(m, dtype=torch.bool)
+
+    def run(fitness, patience: int) -> tuple[int, int, torch.Tensor]:  # noqa: ANN001
+        calls, ticks = [0], [0]
+
+        def counted(sets: torch.Tensor) -> torch.Tensor:
+            calls[0] += 1
+            return fitness(sets)
+
+        def tick() -> None:
+            ticks[0] += 1
+
+        pop, _ = evolve_set(prior, avail, counted, k=k, population=6,
+                            generations=generations, mutation=0.2, bias=2.0,
+                            gen=torch.Generator().manual_seed(0), on_generation=tick,
+                            patience=patience)
+        return calls[0], ticks[0], pop
+
+    flat = lambda sets: torch.zeros(sets.shape[0])  # noqa: E731
+    assert run(flat, 2)[:2] == (3, generations)
+    assert run(flat, 0)[:2] == (1 + generations, generations)
+
+    better = [1000.0]
+
+    def improving(sets: torch.Tensor) -> torch.Tensor:  # each call's sets beat all before
+        better[0] -= 1.0
+        return torch.full((sets.shape[0],), better[0]) - torch.arange(sets.shape[0])
+
+    calls, _, pop = run(improving, 1)
+    better[0] = 1000.0
+    calls0, _, pop0 = run(improving, 0)
+    assert calls == calls0 == 1 + generations and torch.equal(pop, pop0)
+
+
+def test_patience_is_read_from_the_problem() -> None:
+    from moecomp.config import RelevanceConfig
+
+    assert DirectedEvolution.from_config(RelevanceConfig(patience=3)).patience == 3
+    with pytest.raises(ValueError, match="relevance.patience"):
+        DirectedEvolution(patience=-1)
