@@ -21,10 +21,11 @@ chosen on) and appended to ``picks.csv`` with a pick number.
 from __future__ import annotations
 
 import copy
+import hashlib
 import os
 import warnings
 from collections.abc import Callable, Sequence
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import pandas as pd
@@ -376,11 +377,11 @@ def validation_measures(
 
     Cached in ``RUN/validation.csv``: a solution measured before is read from there, the
     others are measured now (``chunk`` at a time, each chunk added to the file as it
-    finishes). A cache written for another validation split size is measured again.
+    finishes). Each row keeps a fingerprint of the student it measured (``student``); the
+    cache is measured again when written for another validation split size, or when the
+    first cached solution no longer builds the same student (moecomp's quantizers changed
+    since, or the ranks): its values would describe other models.
     """
-    from moecomp.apply import apply_plan, student_state_dict
-    from moecomp.target import load_state
-
     target = ctx.target
     if target.val is None:
         raise RunError(f"{ctx.run.path}: this target has no validation split")
@@ -390,21 +391,26 @@ def validation_measures(
     if not cache.empty and ("val_samples" not in cache.columns
                             or not (cache["val_samples"] == n_val).all()):
         cache = pd.DataFrame()  # measured on another validation split
+    if not cache.empty and ("student" not in cache.columns or
+                            _student(ctx, int(cache["id"].iloc[0]))[1]
+                            != str(cache["student"].iloc[0])):
+        cache = pd.DataFrame()  # measured on other students
     have = set(cache["id"].astype(int)) if not cache.empty else set()
     todo = [int(i) for i in dict.fromkeys(int(i) for i in ids) if int(i) not in have]
     if todo:
         from tqdm.auto import tqdm
 
-        weights, base = target.weights(), target.student_base()
+        from moecomp.target import load_state
+
         student = copy.deepcopy(target.teacher)
-        rows: list[dict[str, float]] = []
+        rows: list[dict[str, Any]] = []
         bar = tqdm(todo, desc="validation", disable=not progress, leave=False)
         for k, sid in enumerate(bar):
-            layers = apply_plan(ctx.run.plan(sid), weights, ctx.ranks)
-            load_state(student, student_state_dict(base, layers))
+            state, print_ = _student(ctx, sid)
+            load_state(student, state)
             f = target.fidelity(student, "validation")
             rows.append({"id": sid, "val_divergence": f.divergence, "val_metric": f.metric,
-                         "val_drop": f.metric_drop, "val_samples": n_val})
+                         "val_drop": f.metric_drop, "val_samples": n_val, "student": print_})
             if len(rows) == chunk or k == len(todo) - 1:
                 cache = pd.concat([cache, pd.DataFrame(rows)], ignore_index=True)
                 atomic_write_csv(path, cache)
@@ -414,6 +420,23 @@ def validation_measures(
     by_id.index = pd.Index(by_id["id"].astype(int).to_numpy())
     out = by_id.loc[[int(i) for i in ids], ["id", *VALIDATION_COLUMNS]]
     return out.reset_index(drop=True).astype({"id": int})
+
+
+def _student(ctx: RunContext, sid: int) -> tuple[dict[str, torch.Tensor], str]:
+    """Solution ``sid``'s student state dict and its fingerprint: ``s`` and the first 16 hex
+    digits of a sha256 over every tensor's name, dtype, shape and bytes (the letter keeps a
+    CSV reader from taking it for a number)."""
+    from moecomp.apply import apply_plan, student_state_dict
+
+    target = ctx.target
+    layers = apply_plan(ctx.run.plan(sid), target.weights(), ctx.ranks)
+    state = student_state_dict(target.student_base(), layers)
+    h = hashlib.sha256()
+    for name in sorted(state):
+        t = state[name].detach().cpu().contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return state, "s" + h.hexdigest()[:16]
 
 
 def with_validation(ctx: RunContext, front: pd.DataFrame, *, first_feasible: bool = False,

@@ -325,6 +325,52 @@ def test_pick_bounds_on_validation_are_cached_and_picks_are_appended(tiny_run, d
     assert (saved["bounds_on"] == "validation").all()
 
 
+def test_validation_cache_of_other_students_is_measured_again(tiny_run, digits_target,
+                                                              tmp_path, monkeypatch):
+    """A validation.csv whose rows describe other students (the quantizers changed since it
+    was written, or it predates fingerprints) is not trusted: everything asked is measured
+    again and the file rewritten; an intact cache is read without a forward."""
+    import shutil
+
+    from moecomp.pick import validation_measures
+    from moecomp.solution import RunContext
+
+    run, _ = tiny_run
+    folder = tmp_path / "run"
+    shutil.copytree(run.path, folder)
+    (folder / "validation.csv").unlink(missing_ok=True)
+    calls: list[str] = []
+    measure = digits_target.fidelity
+
+    def counted(model, name):
+        calls.append(name)
+        return measure(model, name)
+
+    monkeypatch.setattr(digits_target, "fidelity", counted)
+    ctx = RunContext(folder, target=digits_target)
+    ids = run.front()["id"].astype(int).tolist()[:4]
+    fresh = validation_measures(ctx, ids)
+    assert len(calls) == len(ids)
+    cache = pd.read_csv(folder / "validation.csv", dtype={"student": str})
+    assert cache["student"].str.fullmatch(r"s[0-9a-f]{16}").all()
+    assert cache["student"].nunique() == len(ids)  # different plans, different students
+
+    calls.clear()
+    again = validation_measures(ctx, ids)
+    assert calls == [] and again.equals(fresh)
+
+    for stale in ("s" + "0" * 16, None):  # another student's fingerprint; an old file without any
+        damaged = cache.assign(val_drop=-99.0)
+        damaged = damaged.drop(columns="student") if stale is None else \
+            damaged.assign(student=stale)
+        damaged.to_csv(folder / "validation.csv", index=False)
+        calls.clear()
+        measured = validation_measures(ctx, ids)
+        assert len(calls) == len(ids)
+        assert (measured["val_drop"] > -99.0).all()
+        assert measured["val_drop"].tolist() == fresh["val_drop"].tolist()
+
+
 def test_pick_without_reevaluation_has_no_holdout_columns(tiny_run):
     run, _ = tiny_run
     picks = pick(run.path, weights=(0, 0, 1), reevaluate=False)
