@@ -317,7 +317,7 @@ class LayerProbe:
 
     def layer_outputs(self, w: torch.Tensor) -> torch.Tensor:
         """The layer's outputs (P, n, ...) for weights ``w: (P, *shape)``: one vmapped call,
-        or on the CPU for a convolution one call per candidate (vmap makes it a grouped
+        or on the CPU for an ``nn.Conv2d`` one call per candidate (vmap makes it a grouped
         convolution, 2-3x slower there than channels-last calls one by one; see
         ``moecomp.inputs.channels_last``)."""
         params = {k: v.detach() for k, v in self.module.named_parameters()}
@@ -326,7 +326,7 @@ class LayerProbe:
             return functional_call(self.module, params | {"weight": wi}, (self.inp,))
 
         with torch.no_grad():
-            if w.dim() > 3 and w.device.type == "cpu":
+            if isinstance(self.module, nn.Conv2d) and w.device.type == "cpu":
                 return torch.stack([inputs_mod.functional(self.module, {"weight": wi},
                                                           self.inp) for wi in w])
             return torch.vmap(one)(w)
