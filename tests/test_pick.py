@@ -271,26 +271,32 @@ def test_pick_reevaluates_on_val_and_test(tiny_run, digits_target):
     assert picks["id"].iloc[0] == best and picks["val_drop"].iloc[0] <= 5.0
 
 
-def test_pick_bounds_on_validation_are_cached_and_picks_are_appended(tiny_run, digits_target,
-                                                                     tmp_path, monkeypatch):
+def _fresh_copy(run, target, tmp_path, monkeypatch):  # noqa: ANN001, ANN202
+    """A copy of ``run`` without picks or validation cache, its RunContext on ``target``,
+    and the list of split names ``target.fidelity`` is called with from now on."""
     import shutil
 
     from moecomp.solution import RunContext
 
-    run, _ = tiny_run
     folder = tmp_path / "run"
     shutil.copytree(run.path, folder)
     for name in ("picks.csv", "validation.csv"):
         (folder / name).unlink(missing_ok=True)
     calls: list[str] = []
-    measure = digits_target.fidelity
+    measure = target.fidelity
 
-    def counted(model, name):
+    def counted(model, name):  # noqa: ANN001, ANN202
         calls.append(name)
         return measure(model, name)
 
-    monkeypatch.setattr(digits_target, "fidelity", counted)
-    ctx = RunContext(folder, target=digits_target)
+    monkeypatch.setattr(target, "fidelity", counted)
+    return folder, RunContext(folder, target=target), calls
+
+
+def test_pick_bounds_on_validation_are_cached_and_picks_are_appended(tiny_run, digits_target,
+                                                                     tmp_path, monkeypatch):
+    run, _ = tiny_run
+    folder, ctx, calls = _fresh_copy(run, digits_target, tmp_path, monkeypatch)
     first = pick(ctx, max_drop=2.0)
     cache = pd.read_csv(folder / "validation.csv")
     n_front = len(run.front())
@@ -330,24 +336,10 @@ def test_validation_cache_of_other_students_is_measured_again(tiny_run, digits_t
     """A validation.csv whose rows describe other students (the quantizers changed since it
     was written, or it predates fingerprints) is not trusted: everything asked is measured
     again and the file rewritten; an intact cache is read without a forward."""
-    import shutil
-
     from moecomp.pick import validation_measures
-    from moecomp.solution import RunContext
 
     run, _ = tiny_run
-    folder = tmp_path / "run"
-    shutil.copytree(run.path, folder)
-    (folder / "validation.csv").unlink(missing_ok=True)
-    calls: list[str] = []
-    measure = digits_target.fidelity
-
-    def counted(model, name):
-        calls.append(name)
-        return measure(model, name)
-
-    monkeypatch.setattr(digits_target, "fidelity", counted)
-    ctx = RunContext(folder, target=digits_target)
+    folder, ctx, calls = _fresh_copy(run, digits_target, tmp_path, monkeypatch)
     ids = run.front()["id"].astype(int).tolist()[:4]
     fresh = validation_measures(ctx, ids)
     assert len(calls) == len(ids)
