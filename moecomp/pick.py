@@ -21,7 +21,6 @@ chosen on) and appended to ``picks.csv`` with a pick number.
 from __future__ import annotations
 
 import copy
-import hashlib
 import os
 import warnings
 from collections.abc import Callable, Sequence
@@ -391,8 +390,9 @@ def validation_measures(
     if not cache.empty and ("val_samples" not in cache.columns
                             or not (cache["val_samples"] == n_val).all()):
         cache = pd.DataFrame()  # measured on another validation split
+    weights, base = target.weights(), target.student_base()
     if not cache.empty and ("student" not in cache.columns or
-                            _student(ctx, int(cache["id"].iloc[0]))[1]
+                            _student(ctx, int(cache["id"].iloc[0]), weights, base)[1]
                             != str(cache["student"].iloc[0])):
         cache = pd.DataFrame()  # measured on other students
     have = set(cache["id"].astype(int)) if not cache.empty else set()
@@ -406,7 +406,7 @@ def validation_measures(
         rows: list[dict[str, Any]] = []
         bar = tqdm(todo, desc="validation", disable=not progress, leave=False)
         for k, sid in enumerate(bar):
-            state, print_ = _student(ctx, sid)
+            state, print_ = _student(ctx, sid, weights, base)
             load_state(student, state)
             f = target.fidelity(student, "validation")
             rows.append({"id": sid, "val_divergence": f.divergence, "val_metric": f.metric,
@@ -422,21 +422,17 @@ def validation_measures(
     return out.reset_index(drop=True).astype({"id": int})
 
 
-def _student(ctx: RunContext, sid: int) -> tuple[dict[str, torch.Tensor], str]:
-    """Solution ``sid``'s student state dict and its fingerprint: ``s`` and the first 16 hex
-    digits of a sha256 over every tensor's name, dtype, shape and bytes (the letter keeps a
-    CSV reader from taking it for a number)."""
+def _student(ctx: RunContext, sid: int, weights: dict[str, torch.Tensor],
+             base: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], str]:
+    """Solution ``sid``'s student state dict (built from the teacher's ``weights`` and
+    ``base``, as ``Target.weights`` / ``student_base`` give them) and its fingerprint: ``s``
+    and the first 16 hex digits of :func:`moecomp.solution.state_fingerprint` (the letter
+    keeps a CSV reader from taking it for a number)."""
     from moecomp.apply import apply_plan, student_state_dict
+    from moecomp.solution import state_fingerprint
 
-    target = ctx.target
-    layers = apply_plan(ctx.run.plan(sid), target.weights(), ctx.ranks)
-    state = student_state_dict(target.student_base(), layers)
-    h = hashlib.sha256()
-    for name in sorted(state):
-        t = state[name].detach().cpu().contiguous()
-        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
-    return state, "s" + h.hexdigest()[:16]
+    state = student_state_dict(base, apply_plan(ctx.run.plan(sid), weights, ctx.ranks))
+    return state, "s" + state_fingerprint(state)[:16]
 
 
 def with_validation(ctx: RunContext, front: pd.DataFrame, *, first_feasible: bool = False,

@@ -133,8 +133,13 @@ def check_teacher(run: RunFolder, target: Target) -> None:
 
 def teacher_fingerprint(target: Target) -> str:
     """sha256 (hex) of the teacher's state: names, dtypes, shapes and bytes."""
+    return state_fingerprint(target.state_dict())
+
+
+def state_fingerprint(state: dict[str, torch.Tensor]) -> str:
+    """sha256 (hex) of a state dict: every tensor's name, dtype, shape and bytes, by name."""
     h = hashlib.sha256()
-    for name, t in sorted(target.state_dict().items()):
+    for name, t in sorted(state.items()):
         h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
         h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
