@@ -198,7 +198,9 @@ def call(model: nn.Module | Any, inputs: Inputs, *, layout: bool = True) -> Any:
 def functional(model: nn.Module, params: dict[str, torch.Tensor], inputs: Inputs) -> Any:
     """``torch.func.functional_call`` of ``model`` with ``params`` on ``inputs``; 2-D
     convolution weights on the CPU go channels-last (:func:`channels_last`)."""
-    params = {**params, **channels_last(model, params)}
+    fast = channels_last(model, params)
+    if fast:  # else the caller's dict as it is (no copy per call on a model without convs)
+        params = {**params, **fast}
     if isinstance(inputs, torch.Tensor):
         return torch.func.functional_call(model, params, (inputs,))
     if isinstance(inputs, tuple):
