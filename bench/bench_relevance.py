@@ -121,6 +121,10 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--patience", type=int, nargs="*", default=[],
                     help="also DE (activation prior) with these relevance.patience values")
+    ap.add_argument("--screen", type=int, nargs="*", default=[],
+                    help="also DE (activation prior) with these relevance.screen values "
+                         "(sets evolved on that many calibration images, winners measured "
+                         "on all relevance.calibration)")
     ap.add_argument("--scorers", default="",
                     help="comma-separated row names to keep (default: all), e.g. "
                          "'magnitude,DE (activation prior)'")
@@ -162,11 +166,15 @@ def main() -> None:
         "DE (activation prior)": dataclasses.replace(de, prior="activation"),
         **{f"DE (activation prior, patience {n})":
            dataclasses.replace(de, prior="activation", patience=n) for n in args.patience},
+        **{f"DE (activation prior, screen {n})":
+           dataclasses.replace(de, prior="activation", screen=n) for n in args.screen},
     }
     if args.before:
         scorers[BEFORE] = _Before(dataclasses.replace(de, prior="activation"))
     if args.scorers:
-        keep = [k.strip() for k in args.scorers.split(",")] + ([BEFORE] if args.before else [])
+        extra = [k for k in scorers if "patience" in k or "screen" in k]
+        keep = ([k.strip() for k in args.scorers.split(",")] + ([BEFORE] if args.before else [])
+                + extra)
         unknown = [k for k in keep if k not in scorers]
         if unknown:
             raise SystemExit(f"--scorers: unknown {unknown}; known: {list(scorers)}")

@@ -216,6 +216,11 @@ class RelevanceConfig:
     # Directed Evolution: > 0 ends a round's evolution after this many generations in a row
     # without a better set (0: always all ``generations``).
     patience: int = field(default=0, metadata=_range(0, 1000))
+    # Directed Evolution: > 0 evolves the candidate sets on the first ``screen`` of the
+    # ``calibration`` inputs and picks each round's set zeroed by measuring its last
+    # population on all of them (about calibration / screen times fewer image-forwards;
+    # 0: evolve on all).
+    screen: int = field(default=0, metadata=_range(0, 60000))
     seed: int = 0
     # Taylor scorer's loss: "task" (cross-entropy on calibration labels), or the divergence
     # of a perturbed student, "noise" (teacher + Gaussian noise) or "prune" (teacher

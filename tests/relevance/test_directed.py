@@ -257,3 +257,63 @@ def test_patience_is_read_from_the_problem() -> None:
     assert DirectedEvolution.from_config(RelevanceConfig(patience=3)).patience == 3
     with pytest.raises(ValueError, match="relevance.patience"):
         DirectedEvolution(patience=-1)
+
+
+def test_rescore_picks_the_winner_among_the_final_population() -> None:
+    """With ``rescore``, the sets evolve on ``fitness`` but the round's result is ordered by
+    ``rescore``, called once on the final population: here the two disagree completely
+    (one prefers low indices, the other high), and the winner is rescore's best."""
+    m, k = 40, 4
+    prior = torch.zeros(m)
+    avail = torch.ones(m, dtype=torch.bool)
+    calls = [0]
+
+    def cheap(sets: torch.Tensor) -> torch.Tensor:
+        return sets.float().sum(1)
+
+    def full(sets: torch.Tensor) -> torch.Tensor:
+        calls[0] += 1
+        return -sets.float().sum(1)
+
+    kw = dict(k=k, population=8, generations=6, mutation=0.25, bias=5.0)
+    pop, fit = evolve_set(prior, avail, cheap, gen=torch.Generator().manual_seed(0),
+                          rescore=full, **kw)
+    plain, _ = evolve_set(prior, avail, cheap, gen=torch.Generator().manual_seed(0), **kw)
+    assert calls[0] == 1
+    assert torch.equal(fit, full(pop)) and torch.equal(fit, fit.sort().values)
+    # the same population as without rescoring, in rescore's order
+    assert sorted(map(tuple, pop.sort(1).values.tolist())) == sorted(
+        map(tuple, plain.sort(1).values.tolist()))
+    assert float(cheap(pop[:1])) == float(cheap(pop).max())  # cheap's worst, full's best
+
+
+def test_screen_evolves_on_a_subset_and_still_finds_dead_inputs(make_tiny, monkeypatch) -> None:  # noqa: ANN001
+    """``screen = 16`` of 64 calibration inputs: one probe on 16 inputs scores the
+    generations, one on all 64 picks each round's set; the dead weights still come first."""
+    import moecomp.relevance.directed as directed
+    from moecomp.config import RelevanceConfig
+
+    tg = _dead_column_target(make_tiny)
+    sizes: list[int] = []
+
+    class Spy(directed.LayerProbe):
+        def fitness_for(self, zeroed):  # noqa: ANN001, ANN202
+            fit = super().fitness_for(zeroed)
+
+            def counted(sets: torch.Tensor) -> torch.Tensor:
+                sizes.append(self.n)
+                return fit(sets)
+
+            return counted
+
+    monkeypatch.setattr(directed, "LayerProbe", Spy)
+    de = DirectedEvolution(prior="activation", calibration=64, screen=16, generations=3,
+                           population=6)
+    ranks = scores_to_ranks(de(tg, tg.layers[0], seed=0))
+    assert sorted(ranks[:, :3].flatten().tolist()) == list(range(30))
+    k, rounds = de.plan(tg.layers[0].numel)
+    assert sizes.count(64) == rounds  # one full measure per round
+    assert sizes.count(16) == rounds * (1 + 3)  # the first population and 3 generations
+    assert DirectedEvolution.from_config(RelevanceConfig(screen=32)).screen == 32
+    with pytest.raises(ValueError, match="relevance.screen"):
+        DirectedEvolution(screen=-1)
