@@ -21,13 +21,14 @@ vs the rest: quantizers, k-means, memo, sizes, measures; low-fidelity evaluation
 divided by the evaluations the budget charged.
 
 Run: OMP_NUM_THREADS=1 .venv/bin/python bench/bench_scale.py [PROBLEM] --minutes 60 \\
-         --out runs/scale-base [--reuse] [--threads 1]
+         --out runs/scale-base [--reuse] [--threads 1] [--calibration N]
 Prints Markdown for BENCHMARKS.md and writes ``OUT/scale.json``.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime as dt
 import json
 import os
@@ -64,10 +65,17 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path("runs/scale-base"))
     ap.add_argument("--reuse", action="store_true", help="analyse the run already in --out")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--calibration", type=int, default=None,
+                    help="calibration samples the search measures on (the problem file's "
+                         "data.calibration otherwise): fewer make each forward cheaper, so "
+                         "the hour holds more generations")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     load0 = os.getloadavg()
     cfg = load_problem(args.problem)
+    if args.calibration is not None:
+        cfg = dataclasses.replace(cfg, data=dataclasses.replace(
+            cfg.data, calibration=args.calibration))
     t0 = time.perf_counter()
     target = build_target(cfg, progress=False)
     t_target = time.perf_counter() - t0
