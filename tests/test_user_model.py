@@ -8,6 +8,7 @@ from __future__ import annotations
 import copy
 import shutil
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -111,6 +112,29 @@ def test_looped_stages_on_keyword_inputs_and_dict_outputs_match_the_naive_loop(e
     div, met = naive(t, ranks, plans)
     np.testing.assert_allclose(m.divergence, div, rtol=1e-4, atol=1e-6)
     np.testing.assert_allclose(m.metric, met)
+
+
+def test_fused_attention_is_batched_quietly_and_matches_the_naive_loop():
+    """An encoder written with F.scaled_dot_product_attention (no vmap batching rule on the
+    CPU): the batched evaluator gives the naive loop's numbers, and torch's "performance
+    drop ... please file us an issue" warning does not reach the user."""
+    t = make_target(usermodels.sdpa_encoder(), userdata.token_splits(),
+                    divergence=userdata.one_minus_cos, output="pooled", layers=BOTH,
+                    batch_size=16)
+    ranks = magnitude_ranks(t)
+    s, b, plans = random_plans(t, 6, seed=2)
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        m = Evaluator(t, ranks, chunk_size=3, options=EvalOptions(batched=True)).evaluate(s, b)
+    assert not [w for w in seen if "performance drop" in str(w.message)]
+    div, _ = naive(t, ranks, plans)
+    np.testing.assert_allclose(m.divergence, div, rtol=1e-4, atol=1e-6)
+    # the warning is torch's, and this model does raise it under vmap (so the test can fail)
+    with warnings.catch_warnings(record=True) as raw:
+        warnings.simplefilter("always")
+        q = torch.randn(2, 3, 2, 5, 4)  # students, sequences, heads, tokens, head width
+        torch.vmap(lambda x: torch.nn.functional.scaled_dot_product_attention(x, x, x))(q)
+    assert [w for w in raw if "performance drop" in str(w.message)]
 
 
 def test_batch_size_never_changes_the_outputs(encoder_target):

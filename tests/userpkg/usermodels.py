@@ -7,6 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 VOCAB, DIM, SEQ = 50, 16, 8
@@ -33,6 +34,30 @@ class TinyEncoder(nn.Module):
         scores = self.q(h) @ self.k(h).transpose(-1, -2) / DIM**0.5
         scores = scores.masked_fill(attention_mask[:, None, :] == 0, -1e4)
         h = self.norm(h + torch.softmax(scores, -1) @ self.v(h))
+        h = h + torch.tanh(self.ff(h))
+        m = attention_mask.unsqueeze(-1).to(h.dtype)
+        pooled = (h * m).sum(1) / m.sum(1).clamp_min(1.0)
+        return {"pooled": pooled, "tokens": h}
+
+
+class SdpaEncoder(TinyEncoder):
+    """TinyEncoder with torch's fused attention (``F.scaled_dot_product_attention``, boolean
+    mask), as BERT-style encoders are written: under ``torch.vmap`` on the CPU it has no
+    batching rule and runs one student at a time inside the batched call."""
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor
+                ) -> dict[str, torch.Tensor]:
+        pos = torch.arange(input_ids.shape[1], device=input_ids.device)
+        h = self.tok(input_ids) + self.pos(pos)
+        n, t, d = h.shape
+
+        def heads(z: torch.Tensor) -> torch.Tensor:  # (n, t, d) -> (n, 2, t, d / 2)
+            return z.view(n, t, 2, d // 2).transpose(1, 2)
+
+        keep = (attention_mask != 0)[:, None, None, :]
+        a = F.scaled_dot_product_attention(heads(self.q(h)), heads(self.k(h)), heads(self.v(h)),
+                                           attn_mask=keep)
+        h = self.norm(h + a.transpose(1, 2).reshape(n, t, d))
         h = h + torch.tanh(self.ff(h))
         m = attention_mask.unsqueeze(-1).to(h.dtype)
         pooled = (h * m).sum(1) / m.sum(1).clamp_min(1.0)
@@ -83,6 +108,10 @@ def _seeded(model: nn.Module, seed: int) -> nn.Module:
 
 def encoder() -> nn.Module:
     return _seeded(TinyEncoder(), 0)
+
+
+def sdpa_encoder() -> nn.Module:
+    return _seeded(SdpaEncoder(), 0)
 
 
 def tied_lm() -> nn.Module:
