@@ -21,7 +21,10 @@ vs the rest: quantizers, k-means, memo, sizes, measures; low-fidelity evaluation
 divided by the evaluations the budget charged.
 
 Run: OMP_NUM_THREADS=1 .venv/bin/python bench/bench_scale.py [PROBLEM] --minutes 60 \\
-         --out runs/scale-base [--reuse] [--threads 1] [--calibration N]
+         --out runs/scale-base [--reuse] [--threads 1] [--calibration N] [--budget N]
+
+``--budget N`` stops at N evaluations instead (with ``--minutes`` as a cap): the share of a
+search of that size the relevance ranks take.
 Prints Markdown for BENCHMARKS.md and writes ``OUT/scale.json``.
 """
 
@@ -65,6 +68,9 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path("runs/scale-base"))
     ap.add_argument("--reuse", action="store_true", help="analyse the run already in --out")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--budget", type=int, default=10_000_000,
+                    help="evaluation budget (default: one it cannot reach, so --minutes "
+                         "decides where the search stops)")
     ap.add_argument("--calibration", type=int, default=None,
                     help="calibration samples the search measures on (the problem file's "
                          "data.calibration otherwise): fewer make each forward cheaper, so "
@@ -89,7 +95,7 @@ def main() -> None:
     assert isinstance(problem, CompressionProblem)
 
     if not args.reuse:
-        r = run_search(problem, args.out, budget=10_000_000, progress=False, target=target,
+        r = run_search(problem, args.out, budget=args.budget, progress=False, target=target,
                        time_budget=args.minutes * 60.0)
         print(f"search: {r.status}, {r.n_evals} evaluations, {r.n_gen} generations, "
               f"{r.elapsed_s:.0f} s, HV {r.hv:.4f}", file=sys.stderr, flush=True)
