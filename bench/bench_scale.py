@@ -13,15 +13,18 @@ base``):
    outside the search's time: the search measured them at low fidelity only;
 4. the sets compared in the run's objective space: the probes, the first population
    (generation 1), and the points found after it (generations >= 2). ``dominated by later``:
-   how many points of a set some point of a later generation strictly dominates (pymoo's
-   Dominator: nowhere worse, somewhere better); hypervolume of each set and of the final front.
+   how many points of a set some point of a later generation dominates (pymoo's Dominator:
+   nowhere worse, somewhere better), and how many it beats in every objective at once;
+   the set's *best member* (its front point of largest exclusive hypervolume contribution)
+   and how many later points dominate it; hypervolume of each set and of the final front.
 
 Time per evaluation from ``search.json``: the Evaluator's own clock (forward of the students
 vs the rest: quantizers, k-means, memo, sizes, measures; low-fidelity evaluations included)
 divided by the evaluations the budget charged.
 
 Run: OMP_NUM_THREADS=1 .venv/bin/python bench/bench_scale.py [PROBLEM] --minutes 60 \\
-         --out runs/scale-base [--reuse] [--threads 1] [--calibration N] [--budget N]
+         --out runs/scale-base [--reuse] [--threads 1] [--calibration N] [--budget N] \\
+         [--reallocate N]
 
 ``--budget N`` stops at N evaluations instead (with ``--minutes`` as a cap): the share of a
 search of that size the relevance ranks take.
@@ -61,6 +64,13 @@ def front_hv(F: np.ndarray, ref: np.ndarray) -> float:
     return hypervolume(F[nondominated(F)], ref) if len(F) else 0.0
 
 
+def best_member(front: np.ndarray, ref: np.ndarray) -> int:
+    """Index of the point of ``front`` whose removal loses the most hypervolume."""
+    whole = hypervolume(front, ref)
+    loss = [whole - hypervolume(np.delete(front, i, axis=0), ref) for i in range(len(front))]
+    return int(np.argmax(loss))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("problem", nargs="?", default="examples/transformer/problem-base.toml")
@@ -75,6 +85,9 @@ def main() -> None:
                     help="calibration samples the search measures on (the problem file's "
                          "data.calibration otherwise): fewer make each forward cheaper, so "
                          "the hour holds more generations")
+    ap.add_argument("--reallocate", type=int, default=None,
+                    help="search.reallocate (targeted plans per generation; the problem "
+                         "file's otherwise)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     load0 = os.getloadavg()
@@ -82,6 +95,8 @@ def main() -> None:
     if args.calibration is not None:
         cfg = dataclasses.replace(cfg, data=dataclasses.replace(
             cfg.data, calibration=args.calibration))
+    if args.reallocate is not None:
+        cfg = cfg.replace("search", reallocate=args.reallocate)
     t0 = time.perf_counter()
     target = build_target(cfg, progress=False)
     t_target = time.perf_counter() - t0
@@ -119,10 +134,27 @@ def main() -> None:
     for name, S in (("single-layer probes (in full)", Fp), ("first population (gen 1)", first)):
         front = S[nondominated(S)] if len(S) else S
         beaten = dominated_by(later, front) if len(later) and len(front) else np.zeros(0, bool)
-        rows.append((name, len(S), len(front), int(beaten.sum()), front_hv(S, ref)))
+        every = np.array([np.all(later < f, axis=1).any() for f in front], bool)
+        b = front[best_member(front, ref)] if len(front) else None
+        over_best = (0, 0) if b is None or not len(later) else (
+            int((np.all(later <= b, axis=1) & np.any(later < b, axis=1)).sum()),
+            int(np.all(later < b, axis=1).sum()))
+        rows.append((name, len(S), len(front), int(beaten.sum()), int(every.sum()),
+                     over_best, front_hv(S, ref)))
     final_idx = nondominated(F)
     final_front = F[final_idx]
     from_later = int((gen[final_idx] >= 2).sum())
+    # evaluated points that were targeted plans (search.reallocate), from screened.csv
+    targeted = np.zeros(len(ev), bool)
+    if run.file("screened.csv").is_file():
+        sc = pd.read_csv(run.file("screened.csv"))
+        genes = [c for c in sc.columns if c.startswith(("s:", "b:"))]
+        tg = sc[(sc["kind"] == "targeted") & sc["full"]][genes].drop_duplicates()
+        if len(tg):
+            hit = ev[genes].reset_index(drop=True).merge(
+                tg.assign(_t=True), on=genes, how="left")["_t"].fillna(False)
+            targeted = hit.to_numpy(bool)
+    n_targeted_front = int(targeted[final_idx].sum())
     t = status.get("evaluator_s") or {}
     n_full = int(status.get("n_full", len(ev)))
     fwd = float(t.get("forward", float("nan")))
@@ -133,6 +165,7 @@ def main() -> None:
         "generations": status.get("gen"), "elapsed_s": status.get("elapsed_s"),
         "hv": status.get("hv"), "relevance_s": t_ranks, "target_s": t_target,
         "probes_s": t_probes, "evaluator_s": t, "sets": rows,
+        "targeted_evaluated": int(targeted.sum()), "targeted_on_front": n_targeted_front,
     }
     (args.out / "scale.json").write_text(json.dumps(record, indent=2, default=float))
 
@@ -162,12 +195,16 @@ def main() -> None:
           f"after generation 1: {float(hv['hv'].iloc[min(1, len(hv) - 1)]):.4f} |")
     print(f"| final front points found after generation 1 | {from_later} of "
           f"{len(final_front)} |")
+    print(f"| targeted plans (search.reallocate = {cfg.search.reallocate}) | "
+          f"{int(targeted.sum())} evaluated in full, {n_targeted_front} on the final front |")
     print()
-    print("| set | points | its front | front points strictly dominated by a later "
-          "generation's point | HV of the set |\n| --- | --- | --- | --- | --- |")
-    for name, n, nf, n_beaten, h in rows:
-        print(f"| {name} | {n} | {nf} | {n_beaten} | {h:.4f} |")
-    print(f"| all evaluated (final front) | {len(F)} | {len(final_front)} | | "
+    print("| set | points | its front | front points dominated by a later point (beaten in "
+          "every objective) | later points dominating the set's best member (better in every "
+          "objective) | HV of the set |\n| --- | --- | --- | --- | --- | --- |")
+    for name, n, nf, n_beaten, n_every, (o_dom, o_every), h in rows:
+        print(f"| {name} | {n} | {nf} | {n_beaten} ({n_every}) | {o_dom} ({o_every}) | "
+              f"{h:.4f} |")
+    print(f"| all evaluated (final front) | {len(F)} | {len(final_front)} | | | "
           f"{front_hv(F, ref):.4f} |")
 
 

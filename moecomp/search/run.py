@@ -38,6 +38,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 from pymoo.core.algorithm import Algorithm
+from pymoo.core.population import Population
 from pymoo.core.termination import NoTermination
 
 from moecomp.config import ProblemConfig, load_problem
@@ -56,7 +57,7 @@ from moecomp.search import surrogate as sg
 from moecomp.search.algorithms import make_algorithm
 from moecomp.search.checkpoint import Checkpoint, fingerprint, load_checkpoint, save_checkpoint
 from moecomp.search.front import feasible, hypervolume, nondominated
-from moecomp.search.operators.allocation import AllocationSampling
+from moecomp.search.operators.allocation import AllocationSampling, dominating_plans
 from moecomp.search.operators.mutation import DirectedMutation, local_marginals
 from moecomp.search.plots import draw_front, draw_hv, front_info
 from moecomp.search.problem import CompressionProblem, EvalRecord, SearchProblem, build_problem
@@ -539,8 +540,8 @@ class _Search:
         ids = self.archive.add(rec, self.gen)
         _append_evaluated(self.folder, _frame(self.problem, self.archive, ids))
 
-    def record_screened(self, X: np.ndarray, gen: int, kind: int, *, low: np.ndarray,
-                        predicted: np.ndarray, full: np.ndarray) -> None:
+    def record_screened(self, X: np.ndarray, gen: int, kind: int | np.ndarray, *,
+                        low: np.ndarray, predicted: np.ndarray, full: np.ndarray) -> None:
         """Add what screening looked at to its records and to screened.csv."""
         ids = self.screened.add(X, gen, kind, low=low, predicted=predicted, full=full)
         df = self._screen_frame(ids)
@@ -559,7 +560,7 @@ class _Search:
         cols: dict[str, Any] = {
             "id": ids.astype(int),
             "gen": sc.gen[ids],
-            "kind": np.where(sc.kind[ids] == screening.LADDER, "ladder", "candidate"),
+            "kind": [screening.KIND_LABELS[int(k)] for k in sc.kind[ids]],
             "samples": np.where(np.isfinite(low), self.low_samples, 0).astype(np.int64),
             "low_divergence": low,
             "predicted_divergence": sc.predicted[ids],
@@ -707,12 +708,28 @@ class _Search:
             and not hasattr(alg, "indices")
         )
 
-    def screen(self, X: np.ndarray) -> np.ndarray:
+    def targeted(self, X: np.ndarray) -> np.ndarray:
+        """Up to ``search.reallocate`` plans ``(t, n_var)`` allocated on the corrected tables
+        to dominate points of the front (``allocation.dominating_plans``), none of them
+        evaluated before or among the mated candidates ``X``."""
+        p = self.problem
+        n = self.scfg.reallocate
+        if n <= 0 or self.tables is None or not isinstance(p, CompressionProblem):
+            return np.zeros((0, p.n_var), np.int64)
+        a = self.archive
+        link = sg.fit_on_points(self.tables, p.genes, a.X, a.metrics["divergence"],
+                                per_term=screening.PER_TERM)
+        return dominating_plans(n, self.tables, p.genes, link, a.F[a.front],
+                                mode=self.cfg.objectives.mode,
+                                exclude=np.concatenate([a.X, X]))
+
+    def screen(self, X: np.ndarray, kinds: np.ndarray | None = None) -> np.ndarray:
         """Indices of the candidates ``X (n, n_var)`` that get a full evaluation (see
         ``moecomp.search.screening``): by the surrogate, then, with low fidelity, by the
         divergence on the first samples combined with it. Candidates evaluated in full
         before, or twice among ``X``, are skipped. Every candidate judged is recorded
-        (screened.csv), with its low-fidelity divergence where one was measured."""
+        (screened.csv), with its low-fidelity divergence where one was measured, and its
+        kind (``kinds (n,)``, default all mated candidates)."""
         p = self.problem
         assert isinstance(p, CompressionProblem) and self.tables is not None
         s, a = self.scfg, self.archive
@@ -763,7 +780,8 @@ class _Search:
         chosen = chosen[: max(0, left)]
         full = np.zeros(len(fresh), bool)
         full[chosen] = True
-        self.record_screened(Xf, self.gen + 1, screening.CANDIDATE, low=low,
+        kind = screening.CANDIDATE if kinds is None else np.asarray(kinds)[fresh]
+        self.record_screened(Xf, self.gen + 1, kind, low=low,
                              predicted=np.exp(mu), full=full)
         return fresh[chosen]
 
@@ -782,7 +800,13 @@ class _Search:
             if cand is None or len(cand) == 0:
                 return False
             X = np.rint(np.asarray(cand.get("X"), dtype=float)).astype(np.int64)
-            pop = cand[self.screen(X)]
+            kinds = np.full(len(X), screening.CANDIDATE)
+            extra = self.targeted(X)
+            if len(extra):
+                cand = Population.merge(cand, Population.new("X", extra))
+                X = np.concatenate([X, extra])
+                kinds = np.concatenate([kinds, np.full(len(extra), screening.TARGETED)])
+            pop = cand[self.screen(X, kinds)]
             if len(pop) == 0:
                 return False
         else:

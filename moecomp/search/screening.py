@@ -152,7 +152,8 @@ LOW_SIGMA_PRIOR = 0.5
 MIN_PAIRS = 8
 # Fewest samples a low-fidelity evaluation runs on (a mean over fewer is mostly noise).
 MIN_LOW_SAMPLES = 16
-LADDER, CANDIDATE = 0, 1
+LADDER, CANDIDATE, TARGETED = 0, 1, 2
+KIND_LABELS = {LADDER: "ladder", CANDIDATE: "candidate", TARGETED: "targeted"}
 
 
 def low_fidelity_samples(n_samples: int, share: float) -> int:
@@ -166,8 +167,9 @@ def low_fidelity_samples(n_samples: int, share: float) -> int:
 
 @dataclass
 class ScreenRecords:
-    """Everything screening looked at, in order: the ladder probes (``kind`` ``LADDER``) and
-    every mated candidate (``CANDIDATE``). ``X (n, n_var)`` int64 genes; ``gen (n,)``;
+    """Everything screening looked at, in order: the ladder probes (``kind`` ``LADDER``),
+    every mated candidate (``CANDIDATE``) and the plans allocated to dominate front points
+    (``TARGETED``). ``X (n, n_var)`` int64 genes; ``gen (n,)``;
     ``low (n,)``: the divergence on the low-fidelity samples (NaN: not evaluated so);
     ``predicted (n,)``: the surrogate's divergence at screening time (NaN for the ladder);
     ``full (n,)`` bool: the candidate got a full evaluation."""
@@ -192,14 +194,15 @@ class ScreenRecords:
         """Low-fidelity evaluations made."""
         return int(np.isfinite(self.low).sum())
 
-    def add(self, X: np.ndarray, gen: int, kind: int, *, low: np.ndarray,
+    def add(self, X: np.ndarray, gen: int, kind: int | np.ndarray, *, low: np.ndarray,
             predicted: np.ndarray, full: np.ndarray) -> np.ndarray:
-        """Append rows (every argument ``(n,)`` or ``(n, n_var)``); returns their ids."""
+        """Append rows (every argument ``(n,)`` or ``(n, n_var)``, ``kind`` one for all or
+        per row); returns their ids."""
         start = len(self)
         n = len(X)
         self.X = np.concatenate([self.X, np.asarray(X, np.int64).reshape(n, -1)])
         self.gen = np.concatenate([self.gen, np.full(n, gen, np.int64)])
-        self.kind = np.concatenate([self.kind, np.full(n, kind, np.int64)])
+        self.kind = np.concatenate([self.kind, np.broadcast_to(np.asarray(kind, np.int64), (n,))])
         self.low = np.concatenate([self.low, np.asarray(low, float)])
         self.predicted = np.concatenate([self.predicted, np.asarray(predicted, float)])
         self.full = np.concatenate([self.full, np.asarray(full, bool)])

@@ -247,11 +247,12 @@ def test_shared_codebook_search(tmp_path, make_problem):
     assert plan.shared_k == int(r.front["shared_k"].iloc[0])
 
 
-@pytest.mark.parametrize("algorithm, directed_by",
-                         [("nsga2", "ranks"), ("nsga3", "ranks"), ("moead", "ranks"),
-                          ("nsga2", "tables")])
+@pytest.mark.parametrize("algorithm, directed_by, reallocate",
+                         [("nsga2", "ranks", 0), ("nsga3", "ranks", 0), ("moead", "ranks", 0),
+                          ("nsga2", "tables", 0), ("nsga3", "ranks", 6)])
 def test_on_generation_stops_the_search_and_resume_continues(
-    tmp_path, algorithm, directed_by, digits_problem, digits_target, digits_evaluator
+    tmp_path, algorithm, directed_by, reallocate, digits_problem, digits_target,
+    digits_evaluator
 ):
     seen = []
 
@@ -267,7 +268,7 @@ def test_on_generation_stops_the_search_and_resume_continues(
     kw = {
         "budget": 60,
         "progress": False,
-        "params": {"pop_size": 12, "directed_by": directed_by},
+        "params": {"pop_size": 12, "directed_by": directed_by, "reallocate": reallocate},
         "algorithm": algorithm,
         "plots": False,
     }

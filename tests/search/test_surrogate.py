@@ -4,14 +4,20 @@ the real Evaluator (objectives, divergences), pymoo's hypervolume, brute force."
 from __future__ import annotations
 
 import numpy as np
+import pandas as pd
 import pytest
 from pymoo.indicators.hv import HV
 from scipy.stats import spearmanr
 
 from moecomp.search import run_search, screening
 from moecomp.search import surrogate as sg
-from moecomp.search.operators.allocation import allocation_plans, allocation_pool
-from moecomp.search.sensitivity import probe_genes
+from moecomp.search.front import nondominated
+from moecomp.search.operators.allocation import (
+    allocation_plans,
+    allocation_pool,
+    dominating_plans,
+)
+from moecomp.search.sensitivity import compression_steps, probe_genes
 
 
 @pytest.fixture(scope="module")
@@ -108,6 +114,85 @@ def test_allocation_plans_are_optimal_for_the_model(ladder_tables):
     Fa, Fr = predicted(plans), predicted(
         np.random.default_rng(2).integers(p.xl, p.xu + 1, size=(2000, p.n_var)))
     assert not np.any(np.all(Fr[:, None, :] < Fa[None, :, :], axis=2))
+
+
+def _predicted(tables, g, X, link=None):
+    link = link if link is not None else sg.Link()
+    return np.column_stack([sg.exact_objectives(g, g.numel, X, "3obj"),
+                            np.exp(link.predict(tables, g, X))])
+
+
+def test_signed_prices_reach_three_objective_plans_the_size_prices_miss(ladder_tables):
+    p, _, _, tables = ladder_tables
+    g = p.genes
+    pool = allocation_pool(tables, g, "3obj")
+    signed = allocation_pool(tables, g, "3obj", signed=True)
+    keys = set(screening.row_keys(signed))
+    assert set(screening.row_keys(pool)) <= keys  # the non-negative prices are among them
+    # weights of one are the tables themselves
+    same = allocation_pool(tables, g, "3obj", weights=np.ones(2 * g.n_layers))
+    np.testing.assert_array_equal(same, pool)
+    # plans only negative prices find, on the predicted front of both pools together
+    F = _predicted(tables, g, np.concatenate([pool, signed]))
+    front = set(nondominated(F).tolist())
+    new = [len(pool) + i for i, k in enumerate(screening.row_keys(signed))
+           if k not in set(screening.row_keys(pool))]
+    assert sum(i in front for i in new) >= 3
+    # a layer whose costs weigh 1000x more is compressed less in every plan of equal prices
+    w = np.ones(2 * g.n_layers)
+    w[[0, g.n_layers]] = 1e3
+    heavy = allocation_pool(tables, g, "3obj", weights=w)
+    comp = compression_steps(heavy, p.xl, p.xu, p.compress_dir)
+    base = compression_steps(pool, p.xl, p.xu, p.compress_dir)
+    assert comp[:, [0, g.n_layers]].mean() < base[:, [0, g.n_layers]].mean()
+
+
+def test_dominating_plans_beat_their_targets_by_the_corrected_model(ladder_tables):
+    p, _, _, tables = ladder_tables
+    g = p.genes
+    plans = allocation_plans(12, tables, g, mode="3obj", ref_point=p.ref_point)
+    link = sg.Link(theta=np.linspace(-0.5, 0.5, 2 * g.n_layers))
+    F = _predicted(tables, g, plans, link)
+    front = F.copy()
+    front[:, -1] *= 3.0  # measured worse than the model says: beatable
+    front[::2, -1] /= 10.0  # these far better: the model sees no plan that beats them
+    out = dominating_plans(8, tables, g, link, front, mode="3obj", exclude=plans)
+    assert 0 < len(out) <= 8 and len(set(screening.row_keys(out))) == len(out)
+    assert not set(screening.row_keys(out)) & set(screening.row_keys(plans))
+    Fo = _predicted(tables, g, out, link)
+    for f in Fo:  # each strictly better than some front point, by the corrected model
+        assert np.any(np.all(f < front, axis=1)), f
+    # nothing to offer against a front the model cannot beat, or with n = 0
+    assert len(dominating_plans(8, tables, g, link, F / 10.0, mode="3obj")) == 0
+    assert len(dominating_plans(0, tables, g, link, front, mode="3obj")) == 0
+
+
+def test_reallocated_plans_are_screened_and_offered_only_against_the_front_before(
+        tmp_path, make_problem):
+    """A search with ``reallocate``: the targeted plans of each generation are listed in
+    screened.csv; each was predicted, when offered, to beat a point of the front evaluated
+    before its generation in every objective; the ones chosen were evaluated in full."""
+    p = make_problem()
+    r = run_search(p, tmp_path / "run", budget=200, progress=False, plots=False,
+                   params={"pop_size": 16, "reallocate": 6})
+    ev = r.evaluated()
+    sc = pd.read_csv(tmp_path / "run" / "screened.csv")
+    tg = sc[sc["kind"] == "targeted"]
+    assert len(tg) > 0 and tg["full"].any()
+    g = p.genes
+    s_cols = [f"s:{n}" for n in p.layer_names]
+    b_cols = [f"b:{n}" for n in p.layer_names]
+    full_keys = set(screening.row_keys(g.encode(ev[s_cols].to_numpy(), ev[b_cols].to_numpy())
+                                       .reshape(len(ev), -1)))
+    X = g.encode(tg[s_cols].to_numpy(), tg[b_cols].to_numpy()).reshape(len(tg), -1)
+    exact = sg.exact_objectives(g, g.numel, X, "3obj")
+    for x, e, d, gen, full in zip(X, exact, tg["predicted_divergence"], tg["gen"], tg["full"],
+                                  strict=True):
+        before = ev[ev["gen"] < gen][["density", "bits", "divergence"]].to_numpy()
+        front = before[nondominated(before)]
+        beats = np.all(e < front[:, :2], axis=1) & (d < front[:, 2])
+        assert beats.any()
+        assert x.tobytes() in full_keys or not full
 
 
 def test_first_population_beats_every_probe(tmp_path, make_problem, digits_problem):

@@ -17,6 +17,11 @@ From that pool, the plans of largest predicted hypervolume are chosen (greedily,
 spread along the predicted front), with the divergence predicted through the surrogate's link.
 The rest of the first population comes from another sampling (diversity the model cannot
 judge).
+
+During the search, :func:`dominating_plans` allocates again on the tables as the evaluated
+points have corrected them (the link's per-term weights): for each point of the front, the
+plan of least predicted divergence that keeps fewer weights at fewer mean bits, offered to
+screening when the model says it is better in every objective (``search.reallocate``).
 """
 
 from __future__ import annotations
@@ -43,10 +48,22 @@ N_PRICES = 40
 N_PRICES_2OBJ = 400
 
 
-def allocation_pool(tables: DivergenceTables, genes: LayerGenes, mode: str) -> np.ndarray:
+def allocation_pool(tables: DivergenceTables, genes: LayerGenes, mode: str, *,
+                    weights: np.ndarray | None = None, signed: bool = False) -> np.ndarray:
     """Distinct genes ``(p, 2L)`` int64 that minimise the Lagrangian above for a grid of
-    prices (``mode`` "3obj": kept weights and kept bits priced; "2obj": kept bits)."""
-    cost = np.asarray(tables.cost, float)
+    prices (``mode`` "3obj": kept weights and kept bits priced; "2obj": kept bits).
+
+    weights: ``(2L,)`` multipliers of each layer's pruning and quantisation costs (a fitted
+    link's ``exp(theta)``; default 1). signed: in ``3obj``, kept weights are also priced
+    negatively. A bound on the mean bits ``b*`` prices ``kept * (b - b*)``, i.e. a negative
+    price per kept weight: keeping more weights at few bits lowers the mean, and those plans
+    of the three-objective front are found only so."""
+    if weights is None:
+        cost = np.asarray(tables.cost, float)
+    else:
+        w = np.asarray(weights, float)
+        L = genes.n_layers
+        cost = (tables.prune * w[:L, None])[:, :, None] + tables.quant * w[L:, None, None]
     L, S, B = cost.shape
     kept = kept_counts(genes, genes.numel).astype(float) / float(genes.numel.sum())  # (L, S)
     bits = np.arange(genes.bits_min, genes.bits_max + 1, dtype=float)
@@ -57,6 +74,8 @@ def allocation_pool(tables: DivergenceTables, genes: LayerGenes, mode: str) -> n
     n = N_PRICES if mode == "3obj" else N_PRICES_2OBJ
     prices = np.concatenate([[0.0], np.geomspace(top * 1e-7, top * 1e3, n)])
     lams = prices if mode == "3obj" else np.array([0.0])
+    if signed and mode == "3obj":
+        lams = np.concatenate([-prices[:0:-1], prices])
     kb = kept[:, :, None] * bits[None, None, :]  # (L, S, B)
     out = []
     for lam in lams:
@@ -84,6 +103,55 @@ def allocation_plans(
     F = np.column_stack([exact_objectives(genes, genes.numel, pool, mode), pred])
     picked, _ = hv_greedy(F, np.zeros((0, F.shape[1])), ref_point, n)
     return pool[picked]
+
+
+def dominating_plans(
+    n: int,
+    tables: DivergenceTables,
+    genes: LayerGenes,
+    link: Link,
+    front: np.ndarray,
+    *,
+    mode: str,
+    exclude: np.ndarray | None = None,
+) -> np.ndarray:
+    """Up to ``n`` genes ``(p, 2L)`` predicted to strictly dominate points of ``front``.
+
+    front: ``(m, k + 1)`` the evaluated front (exact objectives, divergence last, raw units);
+    link: the fitted link, whose per-term weights correct the tables before allocating
+    (``allocation_pool`` with ``signed`` prices). For each front point, the pool's plan of
+    least predicted divergence among those strictly better in every exact objective, kept
+    when that prediction is below the point's divergence; the plans of largest predicted
+    margin (log) first, each once; rows of ``exclude (e, 2L)`` (evaluated already) never.
+    """
+    front = np.asarray(front, float)
+    if n <= 0 or len(front) == 0:
+        return np.zeros((0, 2 * genes.n_layers), np.int64)
+    w = None if link.theta is None else np.exp(link.theta)
+    pool = allocation_pool(tables, genes, mode, weights=w, signed=True)
+    if exclude is not None and len(exclude):
+        seen = {r.tobytes() for r in np.ascontiguousarray(np.asarray(exclude, np.int64))}
+        pool = pool[[r.tobytes() not in seen for r in pool]]
+    if len(pool) == 0:
+        return np.zeros((0, 2 * genes.n_layers), np.int64)
+    exact = exact_objectives(genes, genes.numel, pool, mode)  # (p, k)
+    pred = link.predict(tables, genes, pool)  # (p,) log divergence
+    better = np.all(exact[None, :, :] < front[:, None, :-1], axis=2)  # (m, p)
+    masked = np.where(better, pred[None, :], np.inf)
+    best = masked.argmin(axis=1)  # (m,)
+    with np.errstate(divide="ignore"):
+        margin = np.log(np.maximum(front[:, -1], 1e-300)) - masked[np.arange(len(front)), best]
+    ok = np.isfinite(margin) & (margin > 0)
+    order = np.flatnonzero(ok)[np.argsort(-margin[ok], kind="stable")]
+    picked: list[int] = []
+    for i in order:
+        j = int(best[i])
+        if j not in picked:
+            picked.append(j)
+        if len(picked) == n:
+            break
+    return pool[np.asarray(picked, np.int64)] if picked else \
+        np.zeros((0, 2 * genes.n_layers), np.int64)
 
 
 class AllocationSampling(Sampling):
