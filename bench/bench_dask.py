@@ -18,12 +18,14 @@ rounding (the Dask test in tests/tune checks equality at one thread). Worker mem
 worker's resident set after the search and its peak (``DaskRunner.worker_memory``).
 
 Run: .venv/bin/python bench/bench_dask.py [--problem P] [--budget 500] [--workers 2]
+         [--calibration N]
 Prints Markdown for BENCHMARKS.md.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime as dt
 import os
 import platform
@@ -55,8 +57,13 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--threads", type=int, default=2, help="torch threads of run 2")
+    ap.add_argument("--calibration", type=int, default=None,
+                    help="calibration samples (the problem file's data.calibration otherwise)")
     args = ap.parse_args()
     cfg = load_problem(args.problem)
+    if args.calibration is not None:
+        cfg = dataclasses.replace(cfg, data=dataclasses.replace(
+            cfg.data, calibration=args.calibration))
     build_target(cfg, progress=False)  # the teacher trained / cached before any clock
     print("# Dask speed-up\n")
     print(f"- command: `{' '.join([Path(sys.executable).name, *sys.argv])}`")
