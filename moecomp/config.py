@@ -279,9 +279,10 @@ class SearchConfig:
     # 1: no screening (every offspring is evaluated), the tables still seed the population.
     screen_factor: int = field(default=4, metadata=_range(1, 64))
     # Plans allocated again each generation on the tables as the evaluated points corrected
-    # them, one per front point the model says it can beat in every objective at once
-    # (``allocation.dominating_plans``), offered to screening beside the mated candidates;
-    # at most this many per generation (0: none). Needs the surrogate and screening.
+    # them, among those the model says beat a front point in every objective at once, the
+    # ones of largest predicted hypervolume gain (``allocation.dominating_plans``), offered to
+    # screening beside the mated candidates; at most this many per generation (0: none).
+    # Needs the surrogate and screening.
     reallocate: int = field(default=0, metadata=_range(0, 10000))
     # Share of the calibration samples a low-fidelity evaluation (ladder probes, screening)
     # runs on; the budget charges it that share of an evaluation. 0: no low fidelity (the

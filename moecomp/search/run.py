@@ -720,7 +720,7 @@ class _Search:
         link = sg.fit_on_points(self.tables, p.genes, a.X, a.metrics["divergence"],
                                 per_term=screening.PER_TERM)
         return dominating_plans(n, self.tables, p.genes, link, a.F[a.front],
-                                mode=self.cfg.objectives.mode,
+                                mode=self.cfg.objectives.mode, ref_point=p.ref_point,
                                 exclude=np.concatenate([a.X, X]))
 
     def screen(self, X: np.ndarray, kinds: np.ndarray | None = None) -> np.ndarray:

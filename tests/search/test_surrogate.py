@@ -11,7 +11,7 @@ from scipy.stats import spearmanr
 
 from moecomp.search import run_search, screening
 from moecomp.search import surrogate as sg
-from moecomp.search.front import nondominated
+from moecomp.search.front import hypervolume, nondominated
 from moecomp.search.operators.allocation import (
     allocation_plans,
     allocation_pool,
@@ -156,15 +156,28 @@ def test_dominating_plans_beat_their_targets_by_the_corrected_model(ladder_table
     front = F.copy()
     front[:, -1] *= 3.0  # measured worse than the model says: beatable
     front[::2, -1] /= 10.0  # these far better: the model sees no plan that beats them
-    out = dominating_plans(8, tables, g, link, front, mode="3obj", exclude=plans)
+    ref = p.ref_point
+    out = dominating_plans(8, tables, g, link, front, mode="3obj", ref_point=ref, exclude=plans)
     assert 0 < len(out) <= 8 and len(set(screening.row_keys(out))) == len(out)
     assert not set(screening.row_keys(out)) & set(screening.row_keys(plans))
     Fo = _predicted(tables, g, out, link)
     for f in Fo:  # each strictly better than some front point, by the corrected model
         assert np.any(np.all(f < front, axis=1)), f
+    # chosen greedily by predicted hypervolume gain: each pick adds at least as much to the
+    # front and the picks before it as any later pick would have added in its place
+    for i in range(len(Fo)):
+        base = np.vstack([front, Fo[:i]])
+        gain = [hypervolume(np.vstack([base, f]), ref) - hypervolume(base, ref) for f in Fo[i:]]
+        assert gain[0] > 0 and gain[0] >= max(gain) - 1e-12
+    # the first pick is the best single plan among every candidate the model offers
+    every = dominating_plans(10_000, tables, g, link, front, mode="3obj", ref_point=ref,
+                             exclude=plans)
+    Fe = _predicted(tables, g, every, link)
+    gains = [hypervolume(np.vstack([front, f]), ref) for f in Fe]
+    assert np.isclose(hypervolume(np.vstack([front, Fo[0]]), ref), max(gains))
     # nothing to offer against a front the model cannot beat, or with n = 0
-    assert len(dominating_plans(8, tables, g, link, F / 10.0, mode="3obj")) == 0
-    assert len(dominating_plans(0, tables, g, link, front, mode="3obj")) == 0
+    assert len(dominating_plans(8, tables, g, link, F / 10.0, mode="3obj", ref_point=ref)) == 0
+    assert len(dominating_plans(0, tables, g, link, front, mode="3obj", ref_point=ref)) == 0
 
 
 def test_reallocated_plans_are_screened_and_offered_only_against_the_front_before(

@@ -19,9 +19,9 @@ The rest of the first population comes from another sampling (diversity the mode
 judge).
 
 During the search, :func:`dominating_plans` allocates again on the tables as the evaluated
-points have corrected them (the link's per-term weights): for each point of the front, the
-plan of least predicted divergence that keeps fewer weights at fewer mean bits, offered to
-screening when the model says it is better in every objective (``search.reallocate``).
+points have corrected them (the link's per-term weights): the plans the model says beat a
+point of the front in every objective, those of largest predicted hypervolume gain first,
+are offered to screening (``search.reallocate``).
 """
 
 from __future__ import annotations
@@ -113,16 +113,18 @@ def dominating_plans(
     front: np.ndarray,
     *,
     mode: str,
+    ref_point: np.ndarray,
     exclude: np.ndarray | None = None,
 ) -> np.ndarray:
     """Up to ``n`` genes ``(p, 2L)`` predicted to strictly dominate points of ``front``.
 
     front: ``(m, k + 1)`` the evaluated front (exact objectives, divergence last, raw units);
     link: the fitted link, whose per-term weights correct the tables before allocating
-    (``allocation_pool`` with ``signed`` prices). For each front point, the pool's plan of
-    least predicted divergence among those strictly better in every exact objective, kept
-    when that prediction is below the point's divergence; the plans of largest predicted
-    margin (log) first, each once; rows of ``exclude (e, 2L)`` (evaluated already) never.
+    (``allocation_pool`` with ``signed`` prices). Candidates: the pool's plans strictly better
+    than some front point in every exact objective and in predicted divergence; chosen
+    greedily by predicted hypervolume gain over ``front`` (``hv_greedy``, ``ref_point`` raw
+    units), so the points that hold most of the front's volume are attacked first and the
+    picks spread; rows of ``exclude (e, 2L)`` (evaluated already) never.
     """
     front = np.asarray(front, float)
     if n <= 0 or len(front) == 0:
@@ -135,23 +137,11 @@ def dominating_plans(
     if len(pool) == 0:
         return np.zeros((0, 2 * genes.n_layers), np.int64)
     exact = exact_objectives(genes, genes.numel, pool, mode)  # (p, k)
-    pred = link.predict(tables, genes, pool)  # (p,) log divergence
-    better = np.all(exact[None, :, :] < front[:, None, :-1], axis=2)  # (m, p)
-    masked = np.where(better, pred[None, :], np.inf)
-    best = masked.argmin(axis=1)  # (m,)
-    with np.errstate(divide="ignore"):
-        margin = np.log(np.maximum(front[:, -1], 1e-300)) - masked[np.arange(len(front)), best]
-    ok = np.isfinite(margin) & (margin > 0)
-    order = np.flatnonzero(ok)[np.argsort(-margin[ok], kind="stable")]
-    picked: list[int] = []
-    for i in order:
-        j = int(best[i])
-        if j not in picked:
-            picked.append(j)
-        if len(picked) == n:
-            break
-    return pool[np.asarray(picked, np.int64)] if picked else \
-        np.zeros((0, 2 * genes.n_layers), np.int64)
+    F = np.column_stack([exact, np.exp(link.predict(tables, genes, pool))])  # (p, k + 1)
+    beats = np.all(F[None, :, :] < front[:, None, :], axis=2).any(axis=0)  # (p,)
+    cand = np.flatnonzero(beats)
+    picked, _ = hv_greedy(F[cand], front, ref_point, n)
+    return pool[cand[picked]]
 
 
 class AllocationSampling(Sampling):
