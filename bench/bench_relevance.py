@@ -164,6 +164,10 @@ def main() -> None:
         "taylor (KL of 50 %-pruned student)": Taylor(loss="prune", calibration=cfg.calibration),
         "DE (magnitude prior)": dataclasses.replace(de, prior="magnitude"),
         "DE (activation prior)": dataclasses.replace(de, prior="activation"),
+        # sets evolved on the layer's own output change, each round's best 4 measured on
+        # the network (relevance.de_fitness = "output")
+        "DE (activation prior) on outputs": dataclasses.replace(de, prior="activation",
+                                                             fitness="output"),
         **{f"DE (activation prior, patience {n})":
            dataclasses.replace(de, prior="activation", patience=n) for n in args.patience},
         **{f"DE (activation prior, screen {n})":

@@ -221,6 +221,12 @@ class RelevanceConfig:
     # population on all of them (about calibration / screen times fewer image-forwards;
     # 0: evolve on all).
     screen: int = field(default=0, metadata=_range(0, 60000))
+    # Directed Evolution: what the candidate sets evolve on: "network", the divergence of the
+    # network's output (every candidate a forward of the whole model); "output", the change of
+    # the layer's own output (no network forward), with each round's best 4 sets measured by
+    # the network divergence on the ``calibration`` inputs to pick the set zeroed (for large
+    # models; see moecomp.relevance.directed).
+    de_fitness: Literal["network", "output"] = "network"
     seed: int = 0
     # Taylor scorer's loss: "task" (cross-entropy on calibration labels), or the divergence
     # of a perturbed student, "noise" (teacher + Gaussian noise) or "prune" (teacher

@@ -317,3 +317,183 @@ def test_screen_evolves_on_a_subset_and_still_finds_dead_inputs(make_tiny, monke
     assert DirectedEvolution.from_config(RelevanceConfig(screen=32)).screen == 32
     with pytest.raises(ValueError, match="relevance.screen"):
         DirectedEvolution(screen=-1)
+
+
+def test_output_fitness_is_the_layers_relative_output_change(make_tiny) -> None:  # noqa: ANN001
+    """``output_fitness_for``: ||x W'^T + b - (x W^T + b)||^2 / ||x W^T + b||^2 over the
+    calibration inputs, W' the weight with ``zeroed`` and the set at zero (torch's own
+    linear as the oracle), in chunks or not."""
+    tg = make_tiny()
+    ref = tg.layers[0]
+    mod = tg.teacher.get_submodule(ref.module)
+    zeroed = torch.zeros(ref.numel, dtype=torch.bool)
+    zeroed[:7] = True
+    sets = torch.tensor([[10, 20, 30], [0, 1, 119], [3, 50, 90]])
+    x = tg.calib.inputs
+    y0 = torch.nn.functional.linear(x, mod.weight, mod.bias).detach()
+    want = []
+    for row in sets:
+        w = mod.weight.detach().clone().reshape(-1)
+        w[:7] = 0
+        w[row] = 0
+        y = torch.nn.functional.linear(x, w.reshape(ref.shape), mod.bias).detach()
+        want.append(float((y - y0).pow(2).sum() / y0.pow(2).sum()))
+    for rows in (2 * len(x), 10_000):  # two sets per chunk; all at once
+        probe = LayerProbe(tg, ref, x, tg.teacher_out, max_rows=rows)
+        got = probe.output_fitness_for(zeroed)(sets)
+        assert got.tolist() == pytest.approx(want, rel=1e-4)
+    assert float(probe.output_fitness_for(torch.zeros_like(zeroed))(sets[:, :0])[0]) == 0.0
+
+
+def test_rescore_top_measures_only_the_best_sets() -> None:
+    """``rescore_top = 3``: rescore sees exactly the 3 best sets by ``fitness`` (one call),
+    orders them first by its own measure; the rest follow in ``fitness`` order."""
+    m, k = 40, 4
+    prior = torch.zeros(m)
+    avail = torch.ones(m, dtype=torch.bool)
+    seen: list[torch.Tensor] = []
+
+    def cheap(sets: torch.Tensor) -> torch.Tensor:
+        return sets.float().sum(1)
+
+    def full(sets: torch.Tensor) -> torch.Tensor:
+        seen.append(sets.clone())
+        return -sets.float().sum(1)
+
+    kw = dict(k=k, population=8, generations=6, mutation=0.25, bias=5.0)
+    plain, plain_fit = evolve_set(prior, avail, cheap, gen=torch.Generator().manual_seed(0), **kw)
+    pop, fit = evolve_set(prior, avail, cheap, gen=torch.Generator().manual_seed(0),
+                          rescore=full, rescore_top=3, **kw)
+    assert len(seen) == 1 and torch.equal(seen[0], plain[:3])
+    assert torch.equal(pop[3:], plain[3:]) and torch.equal(fit[3:], plain_fit[3:])
+    assert torch.equal(fit[:3], full(pop[:3])) and bool((fit[:3][1:] >= fit[:3][:-1]).all())
+    assert float(cheap(pop[:1])) == float(cheap(plain[:3]).max())  # full's best of the 3
+
+
+def test_output_fitness_ranks_beat_magnitude_on_digits(digits_target: Target) -> None:
+    """DE evolving on the layers' own outputs (``fitness = "output"``, the network measure
+    only on each round's best 4 sets, on 64 inputs) still zeroes a half of each layer that
+    diverges less than magnitude's half, and is read from the problem."""
+    from moecomp.config import RelevanceConfig
+
+    tg = digits_target
+    de = DirectedEvolution(generations=6, population=16, set_fraction=0.1, evolved_fraction=0.5,
+                           fitness="output", calibration=64)
+    for ref in tg.layers:
+        d = _kl_pruned(tg, {ref.name: scores_to_ranks(de(tg, ref, seed=0))}, 0.5, 256)
+        m = _kl_pruned(tg, {ref.name: scores_to_ranks(Magnitude()(tg, ref, seed=0))}, 0.5, 256)
+        assert d < m, f"{ref.name}: DE (output) {d:.5f} >= magnitude {m:.5f}"
+    assert DirectedEvolution.from_config(RelevanceConfig(de_fitness="output")).fitness == "output"
+    with pytest.raises(ValueError, match="relevance.de_fitness"):
+        DirectedEvolution(fitness="loss")  # type: ignore[arg-type]
+
+
+class _Embed(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.tok = torch.nn.Embedding(10, 4)
+        self.fc = torch.nn.Linear(4 * 5, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.tok(x).flatten(1))
+
+
+@pytest.mark.parametrize(("model", "x"), [
+    (_Conv, torch.randn(16, 2, 6, 6)),
+    (_Embed, torch.randint(0, 7, (16, 5))),  # tokens 7..9 never seen: zeroing them is free
+])
+def test_output_fitness_of_convs_and_embeddings(model, x) -> None:  # noqa: ANN001
+    """The layer's relative output change for every layer kind (an Embedding's summed in
+    closed form, a Conv's by calling it), against the module called on its zeroed weight."""
+    from moecomp.target import select_layers
+
+    torch.manual_seed(0)
+    net = model()
+    tg = Target(teacher=net, layers=select_layers(net, types=["Linear", "Conv2d", "Embedding"]),
+                calib=Split(x))
+    for ref in tg.layers:
+        probe = LayerProbe(tg, ref, x, tg.teacher_out, max_rows=1 << 16)
+        mod = net.get_submodule(ref.module)
+        zeroed = torch.zeros(ref.numel, dtype=torch.bool)
+        zeroed[::7] = True
+        sets = torch.stack([torch.randperm(ref.numel)[:5] for _ in range(3)])
+        got = probe.output_fitness_for(zeroed)(sets)
+        y0 = mod(probe.inp).detach()
+        for row, s in zip(got, sets, strict=True):
+            w = mod.weight.detach().clone().reshape(-1)
+            w[zeroed] = 0
+            w[s] = 0
+            y = torch.func.functional_call(mod, {"weight": w.reshape(ref.shape)}, (probe.inp,))
+            want = float((y - y0).pow(2).sum() / y0.pow(2).sum())
+            assert float(row) == pytest.approx(want, rel=1e-4, abs=1e-9)
+    if model is _Embed:  # an unseen token's weights cost nothing
+        probe = LayerProbe(tg, tg.layers[0], x, tg.teacher_out, max_rows=1 << 16)
+        unseen = torch.arange(7 * 4, 10 * 4).unsqueeze(0)
+        assert float(probe.output_fitness_for(torch.zeros(40, dtype=torch.bool))(unseen)) == 0
+
+
+class _Positions(torch.nn.Module):
+    """A position table called on arange(T): its output has no sample axis."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.tok = torch.nn.Embedding(10, 4)
+        self.pos = torch.nn.Embedding(5, 4)
+        self.fc = torch.nn.Linear(4 * 5, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.tok(x) + self.pos(torch.arange(x.shape[1]))
+        return self.fc(h.flatten(1))
+
+
+@pytest.mark.parametrize("n", [16, 5])  # 5: as many samples as positions
+def test_probe_on_a_layer_without_a_sample_axis(n) -> None:  # noqa: ANN001
+    """The position table's candidates are measured one forward each (no batching of its
+    outputs), equal to a plain forward; the other layers stay batched; DE ranks it."""
+    from moecomp.target import select_layers
+
+    torch.manual_seed(0)
+    net = _Positions()
+    x = torch.randint(0, 10, (n, 5))
+    tg = Target(teacher=net, layers=select_layers(net, types=["Linear", "Embedding"]),
+                calib=Split(x))
+    per_sample = {ref.name: LayerProbe(tg, ref, x, tg.teacher_out, max_rows=64).per_sample
+                  for ref in tg.layers}
+    assert per_sample == {"tok.weight": True, "pos.weight": False, "fc.weight": True}
+    ref = next(r for r in tg.layers if r.name == "pos.weight")
+    probe = LayerProbe(tg, ref, x, tg.teacher_out, max_rows=64)
+    sets = torch.stack([torch.randperm(ref.numel)[:3] for _ in range(4)])
+    got = probe.fitness_for(torch.zeros(ref.numel, dtype=torch.bool))(sets)
+    for row, s in zip(got, sets, strict=True):
+        w = net.pos.weight.detach().clone().reshape(-1)
+        w[s] = 0
+        out = torch.func.functional_call(net, tg.state_dict() | {ref.name: w.reshape(ref.shape)},
+                                         (x,))
+        want = float(divergence(tg.teacher_out, out, "kl"))
+        assert float(row) == pytest.approx(want, rel=1e-4, abs=1e-7)
+    for fitness in ("network", "output"):
+        de = DirectedEvolution(generations=2, population=4, fitness=fitness)  # type: ignore[arg-type]
+        ranks = scores_to_ranks(de(tg, ref, seed=0))
+        assert sorted(ranks.flatten().tolist()) == list(range(ref.numel))
+
+
+def test_output_ranks_of_an_embedding_follow_its_separable_cost() -> None:
+    """An Embedding's output change is count * w^2 per entry: with ``fitness = "output"``
+    its ranks are the order of (count + 1) * w^2, counts over every calibration sample (not
+    only the ``calibration`` DE reads), no evolution."""
+    from moecomp.target import select_layers
+
+    torch.manual_seed(0)
+    net = _Embed()
+    x = torch.randint(0, 7, (16, 5))
+    tg = Target(teacher=net, layers=select_layers(net, types=["Linear", "Embedding"]),
+                calib=Split(x))
+    ref = next(r for r in tg.layers if r.name == "tok.weight")
+    ranks = scores_to_ranks(DirectedEvolution(fitness="output", calibration=2)(tg, ref, seed=0))
+    counts = torch.bincount(x.reshape(-1), minlength=10).float()
+    cost = (counts + 1).unsqueeze(1) * net.tok.weight.detach().pow(2)
+    assert torch.equal(ranks.flatten().argsort(), cost.flatten().argsort(stable=True))
+    two = torch.bincount(x[:2].reshape(-1), minlength=10).float()  # what 2 samples see
+    assert not torch.equal(ranks.flatten().argsort(),
+                           ((two + 1).unsqueeze(1) * net.tok.weight.detach().pow(2))
+                           .flatten().argsort(stable=True))
