@@ -179,6 +179,25 @@ class _Conv(torch.nn.Module):
         return self.fc(torch.relu(self.conv(x)).flatten(1))
 
 
+def _check_probe_and_ranks(tg: Target, probe: LayerProbe, sets: torch.Tensor,
+                           settings: list[dict]) -> None:
+    """The probe's divergence of each set zeroed equals a plain forward of the teacher with
+    that weight; DE with each of ``settings`` ranks the layer (a permutation)."""
+    ref = next(r for r in tg.layers if r.name == probe.name)
+    got = probe.fitness_for(torch.zeros(ref.numel, dtype=torch.bool))(sets)
+    for row, s in zip(got, sets, strict=True):
+        w = tg.weights()[ref.name].clone().reshape(-1)
+        w[s] = 0
+        sd = tg.state_dict() | {ref.name: w.reshape(ref.shape)}
+        out = torch.func.functional_call(tg.teacher, sd, (probe.x,))
+        want = float(divergence(tg.teacher_out, out, "kl"))
+        assert float(row) == pytest.approx(want, rel=1e-4, abs=1e-7)
+    for kw in settings:
+        ranks = scores_to_ranks(DirectedEvolution(generations=2, population=4, **kw)(
+            tg, ref, seed=0))
+        assert sorted(ranks.flatten().tolist()) == list(range(ref.numel))
+
+
 @pytest.mark.parametrize(
     ("model", "shape", "local"),
     [(_Residual, (32, 6), [False, True]), (_Conv, (32, 2, 6, 6), [True, True])],
@@ -196,18 +215,7 @@ def test_probe_on_skip_connections_and_convs(model, shape, local) -> None:  # no
         probe = LayerProbe(tg, ref, x, tg.teacher_out, max_rows=1 << 16)
         assert probe.local_prefix is want_local
         sets = torch.stack([torch.randperm(ref.numel)[:5] for _ in range(3)])
-        got = probe.fitness_for(torch.zeros(ref.numel, dtype=torch.bool))(sets)
-        for row, s in zip(got, sets, strict=True):
-            w = tg.weights()[ref.name].clone().reshape(-1)
-            w[s] = 0
-            sd = tg.state_dict() | {ref.name: w.reshape(ref.shape)}
-            out = torch.func.functional_call(net, sd, (x,))
-            want = float(divergence(tg.teacher_out, out, "kl"))
-            assert float(row) == pytest.approx(want, rel=1e-4, abs=1e-7)
-        for prior in ("magnitude", "activation"):
-            de = DirectedEvolution(generations=2, population=4, prior=prior)  # type: ignore[arg-type]
-            ranks = scores_to_ranks(de(tg, ref, seed=0))
-            assert sorted(ranks.flatten().tolist()) == list(range(ref.numel))
+        _check_probe_and_ranks(tg, probe, sets, [{"prior": "magnitude"}, {"prior": "activation"}])
 
 
 def test_patience_ends_a_round_that_stops_improving() -> None:
@@ -463,18 +471,7 @@ def test_probe_on_a_layer_without_a_sample_axis(n) -> None:  # noqa: ANN001
     ref = next(r for r in tg.layers if r.name == "pos.weight")
     probe = LayerProbe(tg, ref, x, tg.teacher_out, max_rows=64)
     sets = torch.stack([torch.randperm(ref.numel)[:3] for _ in range(4)])
-    got = probe.fitness_for(torch.zeros(ref.numel, dtype=torch.bool))(sets)
-    for row, s in zip(got, sets, strict=True):
-        w = net.pos.weight.detach().clone().reshape(-1)
-        w[s] = 0
-        out = torch.func.functional_call(net, tg.state_dict() | {ref.name: w.reshape(ref.shape)},
-                                         (x,))
-        want = float(divergence(tg.teacher_out, out, "kl"))
-        assert float(row) == pytest.approx(want, rel=1e-4, abs=1e-7)
-    for fitness in ("network", "output"):
-        de = DirectedEvolution(generations=2, population=4, fitness=fitness)  # type: ignore[arg-type]
-        ranks = scores_to_ranks(de(tg, ref, seed=0))
-        assert sorted(ranks.flatten().tolist()) == list(range(ref.numel))
+    _check_probe_and_ranks(tg, probe, sets, [{"fitness": "network"}, {"fitness": "output"}])
 
 
 def test_output_ranks_of_an_embedding_follow_its_separable_cost() -> None:
