@@ -22,6 +22,7 @@ Prints Markdown for BENCHMARKS.md.
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import os
 import platform
@@ -34,7 +35,6 @@ from pathlib import Path
 import torch
 
 from moecomp import inputs as inputs_mod
-from moecomp import outputs
 from moecomp.config import load_problem
 from moecomp.data import Split
 from moecomp.relevance import compute_ranks
@@ -45,9 +45,9 @@ from moecomp.target import Target, build_target
 def divergence(target: Target, sd: dict[str, torch.Tensor], split: Split, n: int) -> float:
     """Mean divergence of the student ``sd`` from the teacher on the first ``n`` samples."""
     x = inputs_mod.head(split.inputs, n)
-    t = outputs.select(inputs_mod.call(target.teacher, x), target.output)
-    s = outputs.select(inputs_mod.functional(target.teacher, sd, x), target.output)
-    return float(target.divergence(t, s).mean())
+    student = copy.deepcopy(target.teacher)
+    student.load_state_dict(sd)
+    return float(target.divergence(target.run(target.teacher, x), target.run(student, x)).mean())
 
 
 def main() -> None:

@@ -337,11 +337,14 @@ class LayerProbe:
         self.inp = _layer_input(self.model, self.module, x, batch_size=target.batch_size)
         self.per_chunk = max(1, max_rows // self.n)
         self._teacher_layer_out: torch.Tensor | None = None
-        # A layer whose input has no sample axis (e.g. a position embedding called on
-        # arange(T)) cannot have its outputs batched over candidates: each candidate is a
-        # forward of the model with its weight.
-        self.per_sample = self.inp.shape[0] == self.n and _layer_input(
-            self.model, self.module, inputs_mod.head(x, 1)).shape[0] == 1
+        # The layer's rows must follow the samples (its leading axis n * r for n samples, r
+        # per sample, as a sample axis or tokens flattened into it) for its outputs to be
+        # batched over candidates; a layer called on something else (e.g. a position table
+        # on arange(T)) is probed one forward of the model per candidate.
+        one = inputs_mod.head(x, 1)
+        r1 = _layer_input(self.model, self.module, one).shape[0]
+        r2 = _layer_input(self.model, self.module, inputs_mod.repeat(one, 2)).shape[0]
+        self.per_sample = r2 == 2 * r1 and self.inp.shape[0] == self.n * r1
         self.local_prefix = True
         self.local_prefix = self.per_sample and self._prefix_is_local()
 
@@ -418,27 +421,14 @@ class LayerProbe:
     def output_fitness_for(self, zeroed: torch.Tensor) -> Fitness:
         """fitness(sets: (P, k)) -> (P,) the change of the layer's own output with ``zeroed``
         and each set at zero: squared error over the calibration inputs, relative to the
-        teacher layer output's squared norm. No network forward: an Embedding's change is
-        separable (a token's count times the squared weight); any other layer is called on
-        the batch of zeroed weights (a dense call beat summing the zeroed weights' products
-        by index on the encoder's Linear layers, 768 rows)."""
+        teacher layer output's squared norm. No network forward: the layer is called on the
+        batch of zeroed weights (a dense call beat summing the zeroed weights' products by
+        index on the encoder's Linear layers, 768 rows). (An Embedding's change is separable;
+        ``DirectedEvolution`` orders it directly, see ``embedding_order``.)"""
         if self._teacher_layer_out is None:
             self._teacher_layer_out = self.layer_outputs(self.weight.unsqueeze(0))[0]
         y0 = self._teacher_layer_out
         scale = float(y0.float().pow(2).sum()) or 1.0
-        dev = self.weight.device
-        flat_w = self.weight.reshape(-1)
-        gone = zeroed.to(dev)
-
-        if isinstance(self.module, nn.Embedding):
-            cost = self.input_scale().reshape(-1).to(dev).pow(2) * flat_w.float().pow(2)
-            base = float(cost[gone].sum())
-
-            def separable(sets: torch.Tensor) -> torch.Tensor:
-                sets = sets.to(dev)
-                return ((base + (cost[sets] * ~gone[sets]).sum(1)) / scale).cpu()
-
-            return separable
 
         def called(sets: torch.Tensor) -> torch.Tensor:
             out = []
@@ -456,9 +446,7 @@ class LayerProbe:
         input channel."""
         if isinstance(self.module, nn.Embedding):
             # a row's "input" is the one-hot of its token: its norm is sqrt(occurrences)
-            counts = torch.bincount(self.inp.reshape(-1).long(),
-                                    minlength=self.shape[0]).float()
-            return counts.sqrt().unsqueeze(1).expand(self.shape)
+            return _token_counts(self.inp, self.shape[0]).sqrt().unsqueeze(1).expand(self.shape)
         inp = self.inp.float()
         if isinstance(self.module, nn.Linear):
             norm = inp.reshape(-1, inp.shape[-1]).norm(dim=0)
@@ -471,6 +459,22 @@ class LayerProbe:
             f"'activation' needs a Linear, an Embedding or a Conv with "
             f"groups=1; {type(self.module).__name__} is none of them",
         )
+
+
+def _token_counts(ids: torch.Tensor, rows: int) -> torch.Tensor:
+    """How often each of ``rows`` table rows is read by the ids ``ids`` (float, CPU)."""
+    return torch.bincount(ids.reshape(-1).long().cpu(), minlength=rows).float()
+
+
+def embedding_order(target: Target, probe: LayerProbe) -> torch.Tensor:
+    """An Embedding's flat indices ordered by the output change zeroing each entry causes,
+    (count + 1) * w^2, counts over every calibration sample of ``target`` (not only the
+    probe's): a row the sample never reads is not free."""
+    x_all, _y, _t = calibration_slice(target, len(target.calib))
+    ids = _layer_input(target.teacher, probe.module, x_all, batch_size=target.batch_size)
+    counts = _token_counts(ids, probe.shape[0]) + 1.0
+    cost = counts.unsqueeze(1) * probe.weight.float().cpu().pow(2)
+    return torch.argsort(cost.reshape(-1), stable=True)
 
 
 Prior = Literal["magnitude", "activation"]
@@ -579,13 +583,7 @@ class DirectedEvolution:
             # over every calibration sample, plus one: a row the sample never reads is not
             # free (on the encoder, counts from 2 sequences zeroed whole rows of tokens the
             # validation text uses: divergence 0.39 against magnitude's 0.026 at 50 %).
-            x_all, _y, _t = calibration_slice(target, len(target.calib))
-            ids = _layer_input(target.teacher, probe.module, x_all,
-                               batch_size=target.batch_size)
-            counts = torch.bincount(ids.reshape(-1).long().cpu(), minlength=layer.shape[0])
-            cost = (counts.float() + 1.0).unsqueeze(1) * probe.weight.float().cpu().pow(2)
-            order = torch.argsort(cost.reshape(-1), stable=True)
-            return order_to_scores(order, layer.shape)
+            return order_to_scores(embedding_order(target, probe), layer.shape)
         prior = probe.weight.abs().float().cpu()
         if self.prior == "activation":
             prior = prior * probe.input_scale().cpu()

@@ -411,8 +411,8 @@ class _Embed(torch.nn.Module):
     (_Embed, torch.randint(0, 7, (16, 5))),  # tokens 7..9 never seen: zeroing them is free
 ])
 def test_output_fitness_of_convs_and_embeddings(model, x) -> None:  # noqa: ANN001
-    """The layer's relative output change for every layer kind (an Embedding's summed in
-    closed form, a Conv's by calling it), against the module called on its zeroed weight."""
+    """The layer's relative output change for a Conv and an Embedding (and the Linear after
+    each), against the module called on its zeroed weight."""
     from moecomp.target import select_layers
 
     torch.manual_seed(0)
@@ -454,7 +454,7 @@ class _Positions(torch.nn.Module):
         return self.fc(h.flatten(1))
 
 
-@pytest.mark.parametrize("n", [16, 5])  # 5: as many samples as positions
+@pytest.mark.parametrize("n", [16, 5, 1])  # 5: as many samples as positions; 1: one
 def test_probe_on_a_layer_without_a_sample_axis(n) -> None:  # noqa: ANN001
     """The position table's candidates are measured one forward each (no batching of its
     outputs), equal to a plain forward; the other layers stay batched; DE ranks it."""
@@ -494,3 +494,34 @@ def test_output_ranks_of_an_embedding_follow_its_separable_cost() -> None:
     assert not torch.equal(ranks.flatten().argsort(),
                            ((two + 1).unsqueeze(1) * net.tok.weight.detach().pow(2))
                            .flatten().argsort(stable=True))
+
+
+class _FlatTokens(torch.nn.Module):
+    """Token states flattened to (n * T, d) before a Linear, as some encoders do."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.tok = torch.nn.Embedding(10, 4)
+        self.proj = torch.nn.Linear(4, 4)
+        self.fc = torch.nn.Linear(4 * 5, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n, t = x.shape
+        h = torch.relu(self.proj(self.tok(x).reshape(n * t, -1)))
+        return self.fc(h.reshape(n, -1))
+
+
+def test_probe_batches_a_layer_that_reads_tokens_flattened_into_the_sample_axis() -> None:
+    """A Linear fed (n * T, d) rows still has its candidates batched (its rows follow the
+    samples), and its divergences equal a plain forward's."""
+    from moecomp.target import select_layers
+
+    torch.manual_seed(0)
+    net = _FlatTokens()
+    x = torch.randint(0, 10, (12, 5))
+    tg = Target(teacher=net, layers=select_layers(net), calib=Split(x))
+    ref = next(r for r in tg.layers if r.name == "proj.weight")
+    probe = LayerProbe(tg, ref, x, tg.teacher_out, max_rows=64)
+    assert probe.per_sample and probe.inp.shape[0] == 12 * 5
+    sets = torch.stack([torch.randperm(ref.numel)[:3] for _ in range(4)])
+    _check_probe_and_ranks(tg, probe, sets, [{"fitness": "network"}, {"fitness": "output"}])
