@@ -12,10 +12,13 @@ Scorers: ``magnitude``; ``DE (output)``: Directed Evolution whose candidate sets
 layer's own output change and whose rounds pick their set by the network divergence
 (``relevance.de_fitness = "output"``), with the settings given here; ``DE (network)`` only
 with ``--network`` (every candidate a forward of the model: hours on the encoder).
+``--time-layers NAME ...`` only times DE (network) on those tensors, one at a time, and
+prints the seconds of each (what the whole model would cost, without waiting hours).
 
 Run: OMP_NUM_THREADS=1 .venv/bin/python bench/bench_relevance_scale.py [PROBLEM]
          [--calibration 8] [--screen 2] [--generations 8] [--population 16]
          [--set-fraction 0.1] [--sparsities 0.5 0.7 0.9] [--threads 1] [--network]
+         [--time-layers NAME ...]
 Prints Markdown for BENCHMARKS.md.
 """
 
@@ -37,7 +40,7 @@ import torch
 from moecomp import inputs as inputs_mod
 from moecomp.config import load_problem
 from moecomp.data import Split
-from moecomp.relevance import compute_ranks
+from moecomp.relevance import DirectedEvolution, compute_ranks
 from moecomp.target import Target, build_target
 
 
@@ -65,6 +68,8 @@ def main() -> None:
                     help="validation and test samples the pruned students are measured on")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--network", action="store_true", help="also DE (network)")
+    ap.add_argument("--time-layers", nargs="+", default=[],
+                    help="only time DE (network) on these tensors and stop")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     load0 = os.getloadavg()[0]
@@ -79,6 +84,20 @@ def main() -> None:
                "DE (output)": dataclasses.replace(de, de_fitness="output")}
     if args.network:
         scorers["DE (network)"] = dataclasses.replace(de, de_fitness="network")
+
+    if args.time_layers:
+        scorer = DirectedEvolution.from_config(dataclasses.replace(de, de_fitness="network"))
+        refs = {ref.name: ref for ref in target.layers}
+        print(f"# DE (network) per tensor: `{shlex.join([sys.executable, *sys.argv])}`, "
+              f"{time.strftime('%Y-%m-%dT%H:%M%z')}, load {load0:.1f} at start\n")
+        print("| tensor | shape | (set size, rounds) | seconds |\n| --- | --- | --- | ---: |")
+        for name in args.time_layers:
+            ref = refs[name]
+            t0 = time.perf_counter()
+            scorer(target, ref, seed=cfg.relevance.seed)
+            print(f"| {name} | {ref.shape} | {scorer.plan(ref.numel)} | "
+                  f"{time.perf_counter() - t0:.1f} |", flush=True)
+        return
 
     ranks, secs = {}, {}
     for name, rc in scorers.items():
