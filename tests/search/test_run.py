@@ -312,8 +312,13 @@ def test_a_spent_time_budget_stops_before_the_next_generation_and_resume_finishe
 # test signals it: no timing decides where the signal lands. ``after``: checkpoints written
 # before the stop (probes, set-up, then one per generation).
 STOP_SCRIPT = """
-import sys, time
+import signal, sys, time
 from pathlib import Path
+# A test run started in the background of a non-interactive shell (``cmd &``: nohup, CI
+# wrappers) inherits SIGINT ignored, and Python then installs no KeyboardInterrupt handler:
+# the parent's SIGINT would be lost and the child wait forever (seen: a fresh-clone run
+# launched as ``(bash scripts/test.sh &)``). The child is the user's terminal session here.
+signal.signal(signal.SIGINT, signal.default_int_handler)
 import moecomp.search.run as run_mod
 from moecomp.search.runner import LocalRunner
 
