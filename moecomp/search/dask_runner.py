@@ -160,7 +160,13 @@ class DaskRunner:
     def n_workers(self) -> int:
         """Workers the scheduler has now: a search splits each population into at least
         this many chunks."""
-        return len(self._client.scheduler_info()["workers"])
+        return len(self._workers())
+
+    def _workers(self) -> list[str]:
+        """The workers' addresses, asked of the scheduler now. Not ``scheduler_info()``: the
+        client refreshes that cache in the background without per-worker entries, so its
+        ``"workers"`` may read empty while every worker is up."""
+        return sorted(self._client.nthreads())
 
     def worker_memory(self) -> dict[str, dict[str, int]]:
         """Each worker process's resident memory now and its peak so far, bytes: ``{address:
@@ -187,10 +193,10 @@ class DaskRunner:
         # chunk i to the same worker every call (a preference: others may take it), so a
         # worker sees the same region of gene-sorted populations (problem._gene_order) and
         # its prefix cache the neighbours' activations
-        workers = sorted(self._client.scheduler_info()["workers"])
+        workers = self._workers()
         futures = [self._client.submit(_call, c, token=token, pure=False,
-                                       workers=[workers[i % len(workers)]],
-                                       allow_other_workers=True)
+                                       workers=[workers[i % len(workers)]] if workers else None,
+                                       allow_other_workers=bool(workers))
                    for i, c in enumerate(chunks)]
         try:
             return list(self._client.gather(futures))

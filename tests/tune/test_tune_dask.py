@@ -49,6 +49,16 @@ def test_results_in_chunk_order_and_errors_propagate(dask_runner):
         dask_runner.map_chunks(fn, [[1], []])
 
 
+def test_workers_are_counted_when_the_clients_cached_info_has_none(dask_runner, monkeypatch):
+    # the client refreshes scheduler_info() in the background with no per-worker entries;
+    # a search that read workers from it once split a population by zero workers (CI, stop 24)
+    monkeypatch.setattr(type(dask_runner.client), "scheduler_info",
+                        lambda self, *a, **k: {"workers": {}})
+    assert dask_runner.n_workers == 2
+    chunks = [[i] for i in range(5)]
+    assert dask_runner.map_chunks(Scale(2, []), chunks) == [[2 * i] for i in range(5)]
+
+
 def test_dask_search_gives_the_in_process_front(tmp_path, dask_runner, digits_ready):
     problem = load_problem(DIGITS)
     # One thread here as on the workers: the float sums of a matrix product may depend on
