@@ -53,7 +53,7 @@ from moecomp.config import load_problem
 from moecomp.relevance import compute_ranks
 from moecomp.runs import RunFolder
 from moecomp.search import build_problem, run_search
-from moecomp.search.front import hypervolume, nondominated
+from moecomp.search.front import contributions, hypervolume, nondominated
 from moecomp.search.objectives import objective_space
 from moecomp.search.problem import CompressionProblem
 from moecomp.search.sensitivity import probe_genes
@@ -66,9 +66,7 @@ def front_hv(F: np.ndarray, ref: np.ndarray) -> float:
 
 def best_member(front: np.ndarray, ref: np.ndarray) -> int:
     """Index of the point of ``front`` whose removal loses the most hypervolume."""
-    whole = hypervolume(front, ref)
-    loss = [whole - hypervolume(np.delete(front, i, axis=0), ref) for i in range(len(front))]
-    return int(np.argmax(loss))
+    return int(np.argmax(contributions(front, ref)))
 
 
 def main() -> None:

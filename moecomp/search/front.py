@@ -37,3 +37,12 @@ def hypervolume(F: np.ndarray, ref_point: np.ndarray) -> float:
         return 0.0
     ref = np.asarray(ref_point, dtype=float)
     return float(HV(ref_point=np.ones(len(ref)))(F / ref))
+
+
+def contributions(F: np.ndarray, ref_point: np.ndarray) -> np.ndarray:
+    """``(n,)`` each point's exclusive share of the hypervolume of ``F (n, n_obj)`` (what
+    removing it alone loses; units of :func:`hypervolume`)."""
+    F = np.asarray(F, dtype=float)
+    whole = hypervolume(F, ref_point)
+    return np.array([whole - hypervolume(np.delete(F, i, axis=0), ref_point)
+                     for i in range(len(F))])

@@ -15,6 +15,7 @@ from moecomp.search.front import hypervolume, nondominated
 from moecomp.search.operators.allocation import (
     allocation_plans,
     allocation_pool,
+    budget_plans,
     dominating_plans,
 )
 from moecomp.search.sensitivity import compression_steps, probe_genes
@@ -145,6 +146,61 @@ def test_signed_prices_reach_three_objective_plans_the_size_prices_miss(ladder_t
     comp = compression_steps(heavy, p.xl, p.xu, p.compress_dir)
     base = compression_steps(pool, p.xl, p.xu, p.compress_dir)
     assert comp[:, [0, g.n_layers]].mean() < base[:, [0, g.n_layers]].mean()
+
+
+def _small_space(seed):
+    """Four layers of unequal sizes, ten sparsity steps, bits 1-4: every plan enumerable
+    (40^4). Costs rise with sparsity and fall with bits, at random rates."""
+    from moecomp.search.problem import LayerGenes
+
+    numel = np.array([3000, 800, 12000, 200], np.int64)
+    g = LayerGenes(names=("a", "b", "c", "d"), step=0.1, s_idx_max=np.full(4, 9), bits_min=1,
+                   bits_max=4, weight_share=numel / numel.sum(), numel=numel)
+    rng = np.random.default_rng(seed)
+    prune = np.cumsum(rng.exponential(1.0, (4, 10)) * np.linspace(0.2, 3.0, 10), axis=1)
+    prune -= prune[:, :1]
+    quant = np.cumsum(rng.exponential(1.0, (4, 4))[:, ::-1], axis=1)[:, ::-1] * [4, 1, 0.3, 0]
+    cost = prune[:, :, None] + quant[:, None, :] * rng.uniform(0.2, 2.0, (4, 1, 1))
+    return g, cost
+
+
+def _brute_force(cost, g, mode):
+    """Every plan: genes (n, 2L), exact objectives, cost."""
+    L, S, B = cost.shape
+    flat = np.stack(np.meshgrid(*[np.arange(S * B)] * L, indexing="ij"), -1).reshape(-1, L)
+    s, b = np.divmod(flat, B)
+    X = np.concatenate([s, b + g.bits_min], axis=1)
+    c = cost.reshape(L, -1)[np.arange(L), flat].sum(axis=1)
+    return X, sg.exact_objectives(g, g.numel, X, mode), c
+
+
+@pytest.mark.parametrize("mode", ["3obj", "2obj"])
+def test_budget_plans_meet_each_budget_near_the_brute_force_optimum(mode):
+    gaps, n_targets = [], 0
+    for seed in range(3):
+        g, cost = _small_space(seed)
+        X, E, c = _brute_force(cost, g, mode)
+        rng = np.random.default_rng(seed)
+        targets = E[rng.choice(len(E), 30, replace=False)]
+        out = budget_plans(cost, g, targets, mode)
+        Eo = sg.exact_objectives(g, g.numel, out, mode)
+        L, B = g.n_layers, cost.shape[2]
+        co = cost.reshape(L, -1)[np.arange(L), out[:, :L] * B + out[:, L:] - g.bits_min].sum(1)
+        j = 0
+        for t in targets:
+            inside = np.all(E < t, axis=1)
+            if not inside.any():
+                continue
+            assert np.all(Eo[j] < t)  # strictly within the target in every exact objective
+            gaps.append(co[j] / c[inside].min() - 1.0)
+            j += 1
+        assert j == len(out)  # a plan for every target some plan beats, none for the others
+        n_targets += j
+    gaps = np.asarray(gaps)
+    assert n_targets >= 60
+    # measured: the optimum itself for 80 % (3obj) / 86 % (2obj) of the budgets, within
+    # 2.1 % / 0.4 % of it for 90 %
+    assert (gaps < 1e-9).mean() >= 0.7 and np.quantile(gaps, 0.9) <= 0.05
 
 
 def test_dominating_plans_beat_their_targets_by_the_corrected_model(ladder_tables):

@@ -32,6 +32,7 @@ import numpy as np
 from pymoo.core.problem import Problem
 from pymoo.core.sampling import Sampling
 
+from moecomp.search.front import contributions
 from moecomp.search.problem import LayerGenes
 from moecomp.search.screening import hv_greedy
 from moecomp.search.surrogate import (
@@ -48,6 +49,20 @@ N_PRICES = 40
 N_PRICES_2OBJ = 400
 
 
+def table_costs(tables: DivergenceTables, genes: LayerGenes,
+                weights: np.ndarray | None = None) -> np.ndarray:
+    """``(L, S, B)`` predicted cost of each layer's (step, bits), each layer's pruning and
+    quantisation terms times ``weights (2L,)`` when given; inf beyond a layer's step bound."""
+    if weights is None:
+        cost = np.asarray(tables.cost, float)
+    else:
+        w = np.asarray(weights, float)
+        L = genes.n_layers
+        cost = (tables.prune * w[:L, None])[:, :, None] + tables.quant * w[L:, None, None]
+    valid = np.arange(cost.shape[1])[None, :] <= genes.s_idx_max[:, None]
+    return np.where(valid[:, :, None], cost, np.inf)
+
+
 def allocation_pool(tables: DivergenceTables, genes: LayerGenes, mode: str, *,
                     weights: np.ndarray | None = None, signed: bool = False) -> np.ndarray:
     """Distinct genes ``(p, 2L)`` int64 that minimise the Lagrangian above for a grid of
@@ -58,17 +73,10 @@ def allocation_pool(tables: DivergenceTables, genes: LayerGenes, mode: str, *,
     negatively. A bound on the mean bits ``b*`` prices ``kept * (b - b*)``, i.e. a negative
     price per kept weight: keeping more weights at few bits lowers the mean, and those plans
     of the three-objective front are found only so."""
-    if weights is None:
-        cost = np.asarray(tables.cost, float)
-    else:
-        w = np.asarray(weights, float)
-        L = genes.n_layers
-        cost = (tables.prune * w[:L, None])[:, :, None] + tables.quant * w[L:, None, None]
-    L, S, B = cost.shape
+    C = table_costs(tables, genes, weights)
+    L, S, B = C.shape
     kept = kept_counts(genes, genes.numel).astype(float) / float(genes.numel.sum())  # (L, S)
     bits = np.arange(genes.bits_min, genes.bits_max + 1, dtype=float)
-    valid = np.arange(S)[None, :] <= genes.s_idx_max[:, None]
-    C = np.where(valid[:, :, None], cost, np.inf)
     finite = C[np.isfinite(C)]
     top = max(float(finite.max()) if finite.size else 1.0, 1e-9)
     n = N_PRICES if mode == "3obj" else N_PRICES_2OBJ
@@ -84,6 +92,152 @@ def allocation_pool(tables: DivergenceTables, genes: LayerGenes, mode: str, *,
         s, b = np.divmod(arg, B)
         out.append(np.concatenate([s, b + genes.bits_min], axis=1))
     return np.unique(np.concatenate(out), axis=0).astype(np.int64)
+
+
+# Targeted allocation: Lagrange prices on the bits bound tried per front point, each with a
+# bisection on the kept-weight price; then exchange moves (one or two layers at a time).
+N_BITS_PRICES = 16
+N_BISECT = 40
+# up to 3 sparsity steps and 2 bits at once: on 4-layer spaces enumerated in full these moves
+# end within 2 % of the optimum for 90 % of budgets (neighbour moves only: 17 %)
+SHIFTS = tuple((ds, db) for ds in range(-3, 4) for db in range(-2, 3) if (ds, db) != (0, 0))
+MAX_EXCHANGES = 60
+BUDGET_TARGETS = 24  # dominating_plans: front points given a budget plan, at most
+CHUNK = 16  # targets solved together (memory: CHUNK * N_BITS_PRICES * L * S * B floats)
+
+
+def _resources(genes: LayerGenes, mode: str, exact: np.ndarray
+               ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """For targets with exact objectives ``exact (p, k)``: ``a (L, S, B)`` and ``g (p, L, S,
+    B)``, the per-layer shares of the two bounded sums, and their caps ``(p,)``, ``(p,)``; a
+    plan beats target ``i`` in its exact objectives iff ``sum_l a < cap_a[i]`` and ``sum_l
+    g[i] < cap_g[i]``. ``3obj``: a = kept share (density), g = kept * (b - target's mean
+    bits) (the mean-bits bound made linear); ``2obj``: a = kept * b / 32 (size), no g."""
+    kept = kept_counts(genes, genes.numel).astype(float) / float(genes.numel.sum())  # (L, S)
+    bits = np.arange(genes.bits_min, genes.bits_max + 1, dtype=float)
+    if mode == "2obj":
+        a = kept[:, :, None] * bits[None, None, :] / 32.0
+        return a, np.zeros((len(exact),) + a.shape), exact[:, 0], np.ones(len(exact))
+    a = np.broadcast_to(kept[:, :, None], kept.shape + (len(bits),))
+    g = kept[None, :, :, None] * (bits[None, None, None, :] - exact[:, 1, None, None, None])
+    return a, g, exact[:, 0], np.zeros(len(exact))
+
+
+def budget_plans(cost: np.ndarray, genes: LayerGenes, exact: np.ndarray, mode: str
+                 ) -> np.ndarray:
+    """Genes ``(q, 2L)`` (``q <= p``): for each target ``exact (p, k)`` (exact objectives of
+    front points), the plan of least table cost ``cost (L, S, B)`` (inf: not allowed) that
+    beats the target strictly in every exact objective, or none where no plan does.
+
+    The Lagrangian of both bounds separates over layers (module docstring); for each of
+    ``N_BITS_PRICES`` prices on the bits bound, a bisection finds the least kept price that
+    meets the size bound; the cheapest plan meeting both is then improved by exchange moves
+    (``SHIFTS``: one layer's sparsity step or bits moved, alone or with another layer's
+    move) that keep both bounds, until none lowers the cost. The Lagrangian alone reaches
+    only the plans on the lower convex hull; the exchanges reach the budget itself."""
+    exact = np.asarray(exact, float).reshape(len(exact), -1)
+    L = cost.shape[0]
+    parts = [_budget_chunk(cost, genes, exact[i: i + CHUNK], mode)
+             for i in range(0, len(exact), CHUNK)]
+    return np.concatenate(parts) if parts else np.zeros((0, 2 * L), np.int64)
+
+
+def _budget_chunk(cost: np.ndarray, genes: LayerGenes, exact: np.ndarray, mode: str
+                  ) -> np.ndarray:
+    L, S, B = cost.shape
+    a, g, cap_a, cap_g = _resources(genes, mode, exact)
+    P = len(exact)
+    finite = cost[np.isfinite(cost)]
+    top = max(float(finite.max()) if finite.size else 1.0, 1e-9)
+    scale = max(float(a.max()), 1e-12)
+    mus = np.concatenate([[0.0], np.geomspace(top * 1e-6, top * 1e4, N_BITS_PRICES - 1)])
+    if mode == "2obj":
+        mus = mus[:1]
+    mus = mus / scale
+    M = len(mus)
+    base = cost[None, None] + mus[None, :, None, None, None] * g[:, None]  # (P, M, L, S, B)
+    base = base.reshape(P, M, L, S * B)
+    a_flat = a.reshape(L, S * B)
+
+    def solve(lam: np.ndarray) -> np.ndarray:  # lam (P, M) -> argmin (P, M, L)
+        return np.argmin(base + lam[:, :, None, None] * a_flat, axis=3)
+
+    rows = np.arange(L)
+
+    def sums(arg: np.ndarray) -> np.ndarray:  # (..., L) -> (..., ) sum of a
+        return a_flat[rows, arg].sum(axis=-1)
+
+    lo = np.full((P, M), np.log(top * 1e-9 / scale))
+    hi = np.full((P, M), np.log(top * 1e5 / scale))
+    for _ in range(N_BISECT):
+        mid = 0.5 * (lo + hi)
+        ok = sums(solve(np.exp(mid))) < cap_a[:, None]
+        hi = np.where(ok, mid, hi)
+        lo = np.where(ok, lo, mid)
+    free = solve(np.zeros((P, M)))
+    arg = np.where((sums(free) < cap_a[:, None])[..., None], free, solve(np.exp(hi)))
+    g_flat = g.reshape(P, L, S * B)
+    out = []
+    for i in range(P):
+        gi = g_flat[i]
+        A = sums(arg[i])
+        G = gi[rows, arg[i]].sum(axis=-1)
+        c = cost.reshape(L, S * B)[rows, arg[i]].sum(axis=-1)
+        ok = (A < cap_a[i]) & (G < cap_g[i]) & np.isfinite(c)
+        if not ok.any():
+            continue
+        m = int(np.flatnonzero(ok)[np.argmin(c[ok])])
+        sb = np.stack(np.divmod(arg[i, m], B), axis=1)  # (L, 2): step, bits index
+        sb = _exchange(cost, a_flat.reshape(L, S, B), gi.reshape(L, S, B), sb,
+                       cap_a[i], cap_g[i])
+        out.append(np.concatenate([sb[:, 0], sb[:, 1] + genes.bits_min]))
+    return np.asarray(out, np.int64).reshape(-1, 2 * L)
+
+
+def _exchange(cost: np.ndarray, a: np.ndarray, g: np.ndarray, sb: np.ndarray,
+              cap_a: float, cap_g: float) -> np.ndarray:
+    """``sb (L, 2)`` improved by the best single or paired ``SHIFTS`` move that keeps
+    ``sum a < cap_a`` and ``sum g < cap_g``, repeated (``MAX_EXCHANGES`` at most)."""
+    L, S, B = cost.shape
+    sb = sb.copy()
+    rows = np.arange(L)
+    for _ in range(MAX_EXCHANGES):
+        s0, b0 = sb[:, 0], sb[:, 1]
+        c0, a0, g0 = cost[rows, s0, b0], a[rows, s0, b0], g[rows, s0, b0]
+        slack_a = cap_a - a0.sum()
+        slack_g = cap_g - g0.sum()
+        lay, ns, nb = [], [], []
+        for ds, db in SHIFTS:
+            s1, b1 = s0 + ds, b0 + db
+            inside = (s1 >= 0) & (s1 < S) & (b1 >= 0) & (b1 < B)
+            lay.append(rows[inside])
+            ns.append(s1[inside])
+            nb.append(b1[inside])
+        li, si, bi = np.concatenate(lay), np.concatenate(ns), np.concatenate(nb)
+        dc = cost[li, si, bi] - c0[li]
+        usable = np.isfinite(dc)
+        li, si, bi, dc = li[usable], si[usable], bi[usable], dc[usable]
+        da = a[li, si, bi] - a0[li]
+        dg = g[li, si, bi] - g0[li]
+        tol = 1e-12
+        # pairs (the single move is the pair with a null second move)
+        dc2 = np.concatenate([dc, [0.0]])
+        da2 = np.concatenate([da, [0.0]])
+        dg2 = np.concatenate([dg, [0.0]])
+        l2 = np.concatenate([li, [-1]])
+        tot = dc[:, None] + dc2[None, :]
+        fits = ((da[:, None] + da2[None, :] < slack_a - tol)
+                & (dg[:, None] + dg2[None, :] < slack_g - tol)
+                & (li[:, None] != l2[None, :]))
+        tot = np.where(fits, tot, np.inf)
+        k = int(np.argmin(tot))
+        if not tot.flat[k] < -1e-12 * max(1.0, float(np.abs(c0).sum())):
+            break
+        i, j = np.divmod(k, len(dc2))
+        sb[li[i]] = (si[i], bi[i])
+        if j < len(dc):
+            sb[li[j]] = (si[j], bi[j])
+    return sb
 
 
 def allocation_plans(
@@ -120,7 +274,9 @@ def dominating_plans(
 
     front: ``(m, k + 1)`` the evaluated front (exact objectives, divergence last, raw units);
     link: the fitted link, whose per-term weights correct the tables before allocating
-    (``allocation_pool`` with ``signed`` prices). Candidates: the pool's plans strictly better
+    (``allocation_pool`` with ``signed`` prices; and, for the ``BUDGET_TARGETS`` front points
+    of largest exclusive hypervolume, the least-cost plan within each one's exact
+    objectives, ``budget_plans``). Candidates: the plans strictly better
     than some front point in every exact objective and in predicted divergence; chosen
     greedily by predicted hypervolume gain over ``front`` (``hv_greedy``, ``ref_point`` raw
     units), so the points that hold most of the front's volume are attacked first and the
@@ -131,6 +287,10 @@ def dominating_plans(
         return np.zeros((0, 2 * genes.n_layers), np.int64)
     w = None if link.theta is None else np.exp(link.theta)
     pool = allocation_pool(tables, genes, mode, weights=w, signed=True)
+    # the front points holding most volume alone get a plan within their own budgets
+    order = np.argsort(-contributions(front, ref_point), kind="stable")[:BUDGET_TARGETS]
+    budget = budget_plans(table_costs(tables, genes, w), genes, front[order, :-1], mode)
+    pool = np.unique(np.concatenate([pool, budget]), axis=0)
     if exclude is not None and len(exclude):
         seen = {r.tobytes() for r in np.ascontiguousarray(np.asarray(exclude, np.int64))}
         pool = pool[[r.tobytes() not in seen for r in pool]]
