@@ -708,28 +708,32 @@ class _Search:
             and not hasattr(alg, "indices")
         )
 
-    def targeted(self, X: np.ndarray) -> np.ndarray:
+    def targeted(self, X: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Up to ``search.reallocate`` plans ``(t, n_var)`` allocated on the corrected tables
         to dominate points of the front (``allocation.dominating_plans``), none of them
-        evaluated before or among the mated candidates ``X``."""
+        evaluated before or among the mated candidates ``X``, and their predicted
+        divergences ``(t,)``."""
         p = self.problem
         n = self.scfg.reallocate
         if n <= 0 or self.tables is None or not isinstance(p, CompressionProblem):
-            return np.zeros((0, p.n_var), np.int64)
+            return np.zeros((0, p.n_var), np.int64), np.zeros(0)
         a = self.archive
         link = sg.fit_on_points(self.tables, p.genes, a.X, a.metrics["divergence"],
                                 per_term=screening.PER_TERM)
         return dominating_plans(n, self.tables, p.genes, link, a.F[a.front],
                                 mode=self.cfg.objectives.mode, ref_point=p.ref_point,
-                                exclude=np.concatenate([a.X, X]))
+                                exclude=np.concatenate([a.X, X]), front_X=a.X[a.front])
 
-    def screen(self, X: np.ndarray, kinds: np.ndarray | None = None) -> np.ndarray:
+    def screen(self, X: np.ndarray, kinds: np.ndarray | None = None,
+               predicted: np.ndarray | None = None) -> np.ndarray:
         """Indices of the candidates ``X (n, n_var)`` that get a full evaluation (see
         ``moecomp.search.screening``): by the surrogate, then, with low fidelity, by the
         divergence on the first samples combined with it. Candidates evaluated in full
         before, or twice among ``X``, are skipped. Every candidate judged is recorded
         (screened.csv), with its low-fidelity divergence where one was measured, and its
-        kind (``kinds (n,)``, default all mated candidates)."""
+        kind (``kinds (n,)``, default all mated candidates). ``predicted (n,)``: divergences
+        already predicted for some rows (the targeted plans; NaN for the others), used
+        instead of the link's."""
         p = self.problem
         assert isinstance(p, CompressionProblem) and self.tables is not None
         s, a = self.scfg, self.archive
@@ -748,6 +752,9 @@ class _Search:
         link = sg.fit_on_points(self.tables, g, a.X, a.metrics["divergence"], gen=a.gen,
                                 per_term=screening.PER_TERM)
         mu = link.predict(self.tables, g, Xf)
+        if predicted is not None:
+            given = np.asarray(predicted, float)[fresh]
+            mu = np.where(np.isfinite(given), np.log(np.maximum(given, 1e-300)), mu)
         front = a.F[a.front]
         n_min = max(1, int(round(screening.MIN_SHARE * s.pop_size)))
         max_div = self.cfg.objectives.max_divergence
@@ -801,12 +808,14 @@ class _Search:
                 return False
             X = np.rint(np.asarray(cand.get("X"), dtype=float)).astype(np.int64)
             kinds = np.full(len(X), screening.CANDIDATE)
-            extra = self.targeted(X)
+            predicted = np.full(len(X), np.nan)
+            extra, extra_pred = self.targeted(X)
             if len(extra):
                 cand = Population.merge(cand, Population.new("X", extra))
                 X = np.concatenate([X, extra])
                 kinds = np.concatenate([kinds, np.full(len(extra), screening.TARGETED)])
-            pop = cand[self.screen(X, kinds)]
+                predicted = np.concatenate([predicted, extra_pred])
+            pop = cand[self.screen(X, kinds, predicted)]
             if len(pop) == 0:
                 return False
         else:

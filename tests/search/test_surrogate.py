@@ -17,6 +17,8 @@ from moecomp.search.operators.allocation import (
     allocation_pool,
     budget_plans,
     dominating_plans,
+    near_plans,
+    table_costs,
 )
 from moecomp.search.sensitivity import compression_steps, probe_genes
 
@@ -213,10 +215,12 @@ def test_dominating_plans_beat_their_targets_by_the_corrected_model(ladder_table
     front[:, -1] *= 3.0  # measured worse than the model says: beatable
     front[::2, -1] /= 10.0  # these far better: the model sees no plan that beats them
     ref = p.ref_point
-    out = dominating_plans(8, tables, g, link, front, mode="3obj", ref_point=ref, exclude=plans)
+    out, pred = dominating_plans(8, tables, g, link, front, mode="3obj", ref_point=ref,
+                                 exclude=plans)
     assert 0 < len(out) <= 8 and len(set(screening.row_keys(out))) == len(out)
     assert not set(screening.row_keys(out)) & set(screening.row_keys(plans))
     Fo = _predicted(tables, g, out, link)
+    np.testing.assert_allclose(pred, Fo[:, -1])
     for f in Fo:  # each strictly better than some front point, by the corrected model
         assert np.any(np.all(f < front, axis=1)), f
     # chosen greedily by predicted hypervolume gain: each pick adds at least as much to the
@@ -226,14 +230,44 @@ def test_dominating_plans_beat_their_targets_by_the_corrected_model(ladder_table
         gain = [hypervolume(np.vstack([base, f]), ref) - hypervolume(base, ref) for f in Fo[i:]]
         assert gain[0] > 0 and gain[0] >= max(gain) - 1e-12
     # the first pick is the best single plan among every candidate the model offers
-    every = dominating_plans(10_000, tables, g, link, front, mode="3obj", ref_point=ref,
-                             exclude=plans)
+    every, _ = dominating_plans(10_000, tables, g, link, front, mode="3obj", ref_point=ref,
+                                exclude=plans)
     Fe = _predicted(tables, g, every, link)
     gains = [hypervolume(np.vstack([front, f]), ref) for f in Fe]
     assert np.isclose(hypervolume(np.vstack([front, Fo[0]]), ref), max(gains))
     # nothing to offer against a front the model cannot beat, or with n = 0
-    assert len(dominating_plans(8, tables, g, link, F / 10.0, mode="3obj", ref_point=ref)) == 0
-    assert len(dominating_plans(0, tables, g, link, front, mode="3obj", ref_point=ref)) == 0
+    assert len(dominating_plans(8, tables, g, link, F / 10.0, mode="3obj", ref_point=ref)[0]) == 0
+    assert len(dominating_plans(0, tables, g, link, front, mode="3obj", ref_point=ref)[0]) == 0
+
+
+def test_near_plans_stay_inside_their_origin_and_are_predicted_from_it(ladder_tables):
+    p, _, _, tables = ladder_tables
+    g = p.genes
+    plans = allocation_plans(12, tables, g, mode="3obj", ref_point=p.ref_point)
+    link = sg.Link(theta=np.linspace(-0.5, 0.5, 2 * g.n_layers))
+    cost = table_costs(tables, g, np.exp(link.theta))
+    near, origin = near_plans(cost, g, plans, "3obj")
+    assert np.all(near >= p.xl) and np.all(near <= p.xu)
+    E0 = sg.exact_objectives(g, g.numel, plans, "3obj")
+    # every plan but those at the bits floor (nothing has fewer mean bits) has one
+    assert origin.tolist() == np.flatnonzero(E0[:, 1] > g.bits_min).tolist()
+    assert len(origin) >= 5
+    En = sg.exact_objectives(g, g.numel, near, "3obj")
+    assert np.all(En < E0[origin])  # strictly inside the plan each came from
+    # measured divergence 0.8x the model's at every front point: the model alone sees
+    # nothing to gain near them; predicted from the points, the near plans are offered,
+    # at 0.8x the model's prediction; pool plans keep the model's own
+    F = _predicted(tables, g, plans, link)
+    front = F.copy()
+    front[:, -1] *= 0.8
+    ref = p.ref_point
+    out, pred = dominating_plans(50, tables, g, link, front, mode="3obj", ref_point=ref,
+                                 exclude=plans, front_X=plans)
+    model = _predicted(tables, g, out, link)[:, -1]
+    is_near = np.array([k in set(screening.row_keys(near)) for k in screening.row_keys(out)])
+    assert is_near.any()
+    np.testing.assert_allclose(pred[is_near], 0.8 * model[is_near])
+    np.testing.assert_allclose(pred[~is_near], model[~is_near])
 
 
 def test_reallocated_plans_are_screened_and_offered_only_against_the_front_before(

@@ -34,7 +34,7 @@ from pymoo.core.sampling import Sampling
 
 from moecomp.search.front import contributions
 from moecomp.search.problem import LayerGenes
-from moecomp.search.screening import hv_greedy
+from moecomp.search.screening import hv_greedy, row_keys
 from moecomp.search.surrogate import (
     DivergenceTables,
     Link,
@@ -103,6 +103,7 @@ N_BISECT = 40
 SHIFTS = tuple((ds, db) for ds in range(-3, 4) for db in range(-2, 3) if (ds, db) != (0, 0))
 MAX_EXCHANGES = 60
 BUDGET_TARGETS = 24  # dominating_plans: front points given a budget plan, at most
+NEAR_EACH = 3  # near_plans: starts per evaluated point (its cheapest ways inside)
 CHUNK = 16  # targets solved together (memory: CHUNK * N_BITS_PRICES * L * S * B floats)
 
 
@@ -125,9 +126,9 @@ def _resources(genes: LayerGenes, mode: str, exact: np.ndarray
 
 def budget_plans(cost: np.ndarray, genes: LayerGenes, exact: np.ndarray, mode: str
                  ) -> np.ndarray:
-    """Genes ``(q, 2L)`` (``q <= p``): for each target ``exact (p, k)`` (exact objectives of
-    front points), the plan of least table cost ``cost (L, S, B)`` (inf: not allowed) that
-    beats the target strictly in every exact objective, or none where no plan does.
+    """Genes ``(q, 2L)``: for each target ``exact (p, k)`` (exact objectives of front
+    points), the plan of least table cost ``cost (L, S, B)`` (inf: not allowed) found that
+    beats the target strictly in every exact objective; none where no plan does.
 
     The Lagrangian of both bounds separates over layers (module docstring); for each of
     ``N_BITS_PRICES`` prices on the bits bound, a bisection finds the least kept price that
@@ -142,11 +143,43 @@ def budget_plans(cost: np.ndarray, genes: LayerGenes, exact: np.ndarray, mode: s
     return np.concatenate(parts) if parts else np.zeros((0, 2 * L), np.int64)
 
 
+def near_plans(cost: np.ndarray, genes: LayerGenes, X: np.ndarray, mode: str
+               ) -> tuple[np.ndarray, np.ndarray]:
+    """``(plans (q, 2L), origin (q,))``: each plan ``X (p, 2L)`` (evaluated points) moved
+    just inside its own exact objectives by each of the ``NEAR_EACH`` cheapest one- or
+    two-layer ``SHIFTS`` moves that do it, then improved by :func:`budget_plans`'
+    exchanges; ``origin`` indexes the row of ``X`` each came from (rows no move fits in
+    are left out). Plans near an evaluated one, where the model's error is mostly the one it
+    makes there (:func:`dominating_plans` predicts them relative to it)."""
+    X = np.asarray(X, np.int64)
+    L = genes.n_layers
+    exact = exact_objectives(genes, genes.numel, X, mode)
+    a, g, cap_a, cap_g = _resources(genes, mode, exact)
+    a = np.ascontiguousarray(a)
+    out, origin = [], []
+    for i in range(len(X)):
+        sb = np.stack([X[i, :L], X[i, L:] - genes.bits_min], axis=1)
+        seen: set[bytes] = set()
+        for r in range(NEAR_EACH):
+            moved = _step(cost, a, g[i], sb, cap_a[i], cap_g[i], improve=False, rank=r)
+            if moved is None:
+                break
+            plan = _exchange(cost, a, g[i], moved, cap_a[i], cap_g[i])
+            row = np.concatenate([plan[:, 0], plan[:, 1] + genes.bits_min])
+            if row.tobytes() not in seen:
+                seen.add(row.tobytes())
+                out.append(row)
+                origin.append(i)
+    return np.asarray(out, np.int64).reshape(-1, 2 * L), np.asarray(origin, np.int64)
+
+
 def _budget_chunk(cost: np.ndarray, genes: LayerGenes, exact: np.ndarray, mode: str
                   ) -> np.ndarray:
     L, S, B = cost.shape
     a, g, cap_a, cap_g = _resources(genes, mode, exact)
     P = len(exact)
+    a3 = np.ascontiguousarray(a)
+    out = []
     finite = cost[np.isfinite(cost)]
     top = max(float(finite.max()) if finite.size else 1.0, 1e-9)
     scale = max(float(a.max()), 1e-12)
@@ -157,7 +190,7 @@ def _budget_chunk(cost: np.ndarray, genes: LayerGenes, exact: np.ndarray, mode: 
     M = len(mus)
     base = cost[None, None] + mus[None, :, None, None, None] * g[:, None]  # (P, M, L, S, B)
     base = base.reshape(P, M, L, S * B)
-    a_flat = a.reshape(L, S * B)
+    a_flat = a3.reshape(L, S * B)
 
     def solve(lam: np.ndarray) -> np.ndarray:  # lam (P, M) -> argmin (P, M, L)
         return np.argmin(base + lam[:, :, None, None] * a_flat, axis=3)
@@ -177,7 +210,6 @@ def _budget_chunk(cost: np.ndarray, genes: LayerGenes, exact: np.ndarray, mode: 
     free = solve(np.zeros((P, M)))
     arg = np.where((sums(free) < cap_a[:, None])[..., None], free, solve(np.exp(hi)))
     g_flat = g.reshape(P, L, S * B)
-    out = []
     for i in range(P):
         gi = g_flat[i]
         A = sums(arg[i])
@@ -188,8 +220,7 @@ def _budget_chunk(cost: np.ndarray, genes: LayerGenes, exact: np.ndarray, mode: 
             continue
         m = int(np.flatnonzero(ok)[np.argmin(c[ok])])
         sb = np.stack(np.divmod(arg[i, m], B), axis=1)  # (L, 2): step, bits index
-        sb = _exchange(cost, a_flat.reshape(L, S, B), gi.reshape(L, S, B), sb,
-                       cap_a[i], cap_g[i])
+        sb = _exchange(cost, a3, g[i], sb, cap_a[i], cap_g[i])
         out.append(np.concatenate([sb[:, 0], sb[:, 1] + genes.bits_min]))
     return np.asarray(out, np.int64).reshape(-1, 2 * L)
 
@@ -198,46 +229,63 @@ def _exchange(cost: np.ndarray, a: np.ndarray, g: np.ndarray, sb: np.ndarray,
               cap_a: float, cap_g: float) -> np.ndarray:
     """``sb (L, 2)`` improved by the best single or paired ``SHIFTS`` move that keeps
     ``sum a < cap_a`` and ``sum g < cap_g``, repeated (``MAX_EXCHANGES`` at most)."""
-    L, S, B = cost.shape
-    sb = sb.copy()
-    rows = np.arange(L)
     for _ in range(MAX_EXCHANGES):
-        s0, b0 = sb[:, 0], sb[:, 1]
-        c0, a0, g0 = cost[rows, s0, b0], a[rows, s0, b0], g[rows, s0, b0]
-        slack_a = cap_a - a0.sum()
-        slack_g = cap_g - g0.sum()
-        lay, ns, nb = [], [], []
-        for ds, db in SHIFTS:
-            s1, b1 = s0 + ds, b0 + db
-            inside = (s1 >= 0) & (s1 < S) & (b1 >= 0) & (b1 < B)
-            lay.append(rows[inside])
-            ns.append(s1[inside])
-            nb.append(b1[inside])
-        li, si, bi = np.concatenate(lay), np.concatenate(ns), np.concatenate(nb)
-        dc = cost[li, si, bi] - c0[li]
-        usable = np.isfinite(dc)
-        li, si, bi, dc = li[usable], si[usable], bi[usable], dc[usable]
-        da = a[li, si, bi] - a0[li]
-        dg = g[li, si, bi] - g0[li]
-        tol = 1e-12
-        # pairs (the single move is the pair with a null second move)
-        dc2 = np.concatenate([dc, [0.0]])
-        da2 = np.concatenate([da, [0.0]])
-        dg2 = np.concatenate([dg, [0.0]])
-        l2 = np.concatenate([li, [-1]])
-        tot = dc[:, None] + dc2[None, :]
-        fits = ((da[:, None] + da2[None, :] < slack_a - tol)
-                & (dg[:, None] + dg2[None, :] < slack_g - tol)
-                & (li[:, None] != l2[None, :]))
-        tot = np.where(fits, tot, np.inf)
-        k = int(np.argmin(tot))
-        if not tot.flat[k] < -1e-12 * max(1.0, float(np.abs(c0).sum())):
+        nxt = _step(cost, a, g, sb, cap_a, cap_g, improve=True)
+        if nxt is None:
             break
-        i, j = np.divmod(k, len(dc2))
-        sb[li[i]] = (si[i], bi[i])
-        if j < len(dc):
-            sb[li[j]] = (si[j], bi[j])
+        sb = nxt
     return sb
+
+
+def _step(cost: np.ndarray, a: np.ndarray, g: np.ndarray, sb: np.ndarray,
+          cap_a: float, cap_g: float, *, improve: bool, rank: int = 0) -> np.ndarray | None:
+    """The plan ``sb (L, 2)`` after the least-cost single or paired ``SHIFTS`` move that
+    leaves ``sum a < cap_a`` and ``sum g < cap_g`` (with ``rank`` k, the k-th least); with
+    ``improve``, only a move that lowers the cost. None when there is no such move."""
+    L, S, B = cost.shape
+    rows = np.arange(L)
+    s0, b0 = sb[:, 0], sb[:, 1]
+    c0, a0, g0 = cost[rows, s0, b0], a[rows, s0, b0], g[rows, s0, b0]
+    slack_a = cap_a - a0.sum()
+    slack_g = cap_g - g0.sum()
+    lay, ns, nb = [], [], []
+    for ds, db in SHIFTS:
+        s1, b1 = s0 + ds, b0 + db
+        inside = (s1 >= 0) & (s1 < S) & (b1 >= 0) & (b1 < B)
+        lay.append(rows[inside])
+        ns.append(s1[inside])
+        nb.append(b1[inside])
+    li, si, bi = np.concatenate(lay), np.concatenate(ns), np.concatenate(nb)
+    dc = cost[li, si, bi] - c0[li]
+    usable = np.isfinite(dc)
+    li, si, bi, dc = li[usable], si[usable], bi[usable], dc[usable]
+    da = a[li, si, bi] - a0[li]
+    dg = g[li, si, bi] - g0[li]
+    tol = 1e-12
+    # pairs (first, second); the single move is the pair with a null second move. A pair
+    # that lowers the cost has a first move that does (the cheaper of the two).
+    first = np.flatnonzero(dc < 0) if improve else np.arange(len(dc))
+    dc2 = np.concatenate([dc, [0.0]])
+    da2 = np.concatenate([da, [0.0]])
+    dg2 = np.concatenate([dg, [0.0]])
+    l2 = np.concatenate([li, [-1]])
+    fits = ((da[first, None] + da2[None, :] < slack_a - tol)
+            & (dg[first, None] + dg2[None, :] < slack_g - tol)
+            & (li[first, None] != l2[None, :]))
+    tot = np.where(fits, dc[first, None] + dc2[None, :], np.inf).ravel()
+    if tot.size <= rank:
+        return None
+    k = int(np.argpartition(tot, rank)[rank]) if rank else int(np.argmin(tot))
+    best = tot[k]
+    if not np.isfinite(best) or (improve and not best < -1e-12 * max(1.0, float(np.abs(c0).sum()))):
+        return None
+    i, j = np.divmod(k, len(dc2))
+    i = first[i]
+    out = sb.copy()
+    out[li[i]] = (si[i], bi[i])
+    if j < len(dc):
+        out[li[j]] = (si[j], bi[j])
+    return out
 
 
 def allocation_plans(
@@ -269,39 +317,58 @@ def dominating_plans(
     mode: str,
     ref_point: np.ndarray,
     exclude: np.ndarray | None = None,
-) -> np.ndarray:
-    """Up to ``n`` genes ``(p, 2L)`` predicted to strictly dominate points of ``front``.
+    front_X: np.ndarray | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Up to ``n`` genes ``(p, 2L)`` predicted to strictly dominate points of ``front``, and
+    their predicted divergences ``(p,)``.
 
     front: ``(m, k + 1)`` the evaluated front (exact objectives, divergence last, raw units);
     link: the fitted link, whose per-term weights correct the tables before allocating
     (``allocation_pool`` with ``signed`` prices; and, for the ``BUDGET_TARGETS`` front points
     of largest exclusive hypervolume, the least-cost plan within each one's exact
-    objectives, ``budget_plans``). Candidates: the plans strictly better
+    objectives, ``budget_plans``; with ``front_X (m, 2L)``, the front's genes, also each of
+    those points moved just inside its own budget, ``near_plans``, predicted relative to
+    it). Candidates: the plans strictly better
     than some front point in every exact objective and in predicted divergence; chosen
     greedily by predicted hypervolume gain over ``front`` (``hv_greedy``, ``ref_point`` raw
     units), so the points that hold most of the front's volume are attacked first and the
     picks spread; rows of ``exclude (e, 2L)`` (evaluated already) never.
     """
     front = np.asarray(front, float)
+    L = genes.n_layers
+    none = np.zeros((0, 2 * L), np.int64), np.zeros(0)
     if n <= 0 or len(front) == 0:
-        return np.zeros((0, 2 * genes.n_layers), np.int64)
+        return none
     w = None if link.theta is None else np.exp(link.theta)
+    cost = table_costs(tables, genes, w)
     pool = allocation_pool(tables, genes, mode, weights=w, signed=True)
     # the front points holding most volume alone get a plan within their own budgets
     order = np.argsort(-contributions(front, ref_point), kind="stable")[:BUDGET_TARGETS]
-    budget = budget_plans(table_costs(tables, genes, w), genes, front[order, :-1], mode)
-    pool = np.unique(np.concatenate([pool, budget]), axis=0)
+    pool = np.unique(np.concatenate([pool, budget_plans(cost, genes, front[order, :-1], mode)]),
+                     axis=0)
+    pred = np.exp(link.predict(tables, genes, pool))
+    if front_X is not None:
+        near, origin = near_plans(cost, genes, np.asarray(front_X)[order], mode)
+        # predicted relative to the evaluated point each came from: its measured divergence
+        # times the model's ratio between the two plans
+        x0 = np.asarray(front_X, np.int64)[order][origin]
+        ratio = np.exp(link.predict(tables, genes, near) - link.predict(tables, genes, x0))
+        keys = set(row_keys(near))
+        keep = np.array([k not in keys for k in row_keys(pool)], bool)
+        pool = np.concatenate([pool[keep], near])
+        pred = np.concatenate([pred[keep], front[order][origin, -1] * ratio])
     if exclude is not None and len(exclude):
-        seen = {r.tobytes() for r in np.ascontiguousarray(np.asarray(exclude, np.int64))}
-        pool = pool[[r.tobytes() not in seen for r in pool]]
+        seen = set(row_keys(np.asarray(exclude, np.int64)))
+        fresh = np.array([k not in seen for k in row_keys(pool)], bool)
+        pool, pred = pool[fresh], pred[fresh]
     if len(pool) == 0:
-        return np.zeros((0, 2 * genes.n_layers), np.int64)
+        return none
     exact = exact_objectives(genes, genes.numel, pool, mode)  # (p, k)
-    F = np.column_stack([exact, np.exp(link.predict(tables, genes, pool))])  # (p, k + 1)
+    F = np.column_stack([exact, pred])  # (p, k + 1)
     beats = np.all(F[None, :, :] < front[:, None, :], axis=2).any(axis=0)  # (p,)
     cand = np.flatnonzero(beats)
     picked, _ = hv_greedy(F[cand], front, ref_point, n)
-    return pool[cand[picked]]
+    return pool[cand[picked]], pred[cand[picked]]
 
 
 class AllocationSampling(Sampling):
