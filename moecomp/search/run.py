@@ -708,21 +708,22 @@ class _Search:
             and not hasattr(alg, "indices")
         )
 
-    def targeted(self, X: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def targeted(self, X: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Up to ``search.reallocate`` plans ``(t, n_var)`` allocated on the corrected tables
         to dominate points of the front (``allocation.dominating_plans``), none of them
-        evaluated before or among the mated candidates ``X``, and their predicted
-        divergences ``(t,)``."""
+        evaluated before or among the mated candidates ``X``; their predicted divergences
+        ``(t,)`` and kinds ``(t,)`` (``TARGETED`` or ``NEAR``)."""
         p = self.problem
         n = self.scfg.reallocate
         if n <= 0 or self.tables is None or not isinstance(p, CompressionProblem):
-            return np.zeros((0, p.n_var), np.int64), np.zeros(0)
+            return np.zeros((0, p.n_var), np.int64), np.zeros(0), np.zeros(0, np.int64)
         a = self.archive
         link = sg.fit_on_points(self.tables, p.genes, a.X, a.metrics["divergence"],
                                 per_term=screening.PER_TERM)
-        return dominating_plans(n, self.tables, p.genes, link, a.F[a.front],
-                                mode=self.cfg.objectives.mode, ref_point=p.ref_point,
-                                exclude=np.concatenate([a.X, X]), front_X=a.X[a.front])
+        plans, pred, near = dominating_plans(
+            n, self.tables, p.genes, link, a.F[a.front], mode=self.cfg.objectives.mode,
+            ref_point=p.ref_point, exclude=np.concatenate([a.X, X]), front_X=a.X[a.front])
+        return plans, pred, np.where(near, screening.NEAR, screening.TARGETED)
 
     def screen(self, X: np.ndarray, kinds: np.ndarray | None = None,
                predicted: np.ndarray | None = None) -> np.ndarray:
@@ -809,11 +810,11 @@ class _Search:
             X = np.rint(np.asarray(cand.get("X"), dtype=float)).astype(np.int64)
             kinds = np.full(len(X), screening.CANDIDATE)
             predicted = np.full(len(X), np.nan)
-            extra, extra_pred = self.targeted(X)
+            extra, extra_pred, extra_kinds = self.targeted(X)
             if len(extra):
                 cand = Population.merge(cand, Population.new("X", extra))
                 X = np.concatenate([X, extra])
-                kinds = np.concatenate([kinds, np.full(len(extra), screening.TARGETED)])
+                kinds = np.concatenate([kinds, extra_kinds])
                 predicted = np.concatenate([predicted, extra_pred])
             pop = cand[self.screen(X, kinds, predicted)]
             if len(pop) == 0:

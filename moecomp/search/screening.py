@@ -152,8 +152,8 @@ LOW_SIGMA_PRIOR = 0.5
 MIN_PAIRS = 8
 # Fewest samples a low-fidelity evaluation runs on (a mean over fewer is mostly noise).
 MIN_LOW_SAMPLES = 16
-LADDER, CANDIDATE, TARGETED = 0, 1, 2
-KIND_LABELS = {LADDER: "ladder", CANDIDATE: "candidate", TARGETED: "targeted"}
+LADDER, CANDIDATE, TARGETED, NEAR = 0, 1, 2, 3
+KIND_LABELS = {LADDER: "ladder", CANDIDATE: "candidate", TARGETED: "targeted", NEAR: "near"}
 
 
 def low_fidelity_samples(n_samples: int, share: float) -> int:
@@ -169,7 +169,8 @@ def low_fidelity_samples(n_samples: int, share: float) -> int:
 class ScreenRecords:
     """Everything screening looked at, in order: the ladder probes (``kind`` ``LADDER``),
     every mated candidate (``CANDIDATE``) and the plans allocated to dominate front points
-    (``TARGETED``). ``X (n, n_var)`` int64 genes; ``gen (n,)``;
+    (``TARGETED``; ``NEAR``: those moved from a front point, ``allocation.near_plans``).
+    ``X (n, n_var)`` int64 genes; ``gen (n,)``;
     ``low (n,)``: the divergence on the low-fidelity samples (NaN: not evaluated so);
     ``predicted (n,)``: the surrogate's divergence at screening time (NaN for the ladder);
     ``full (n,)`` bool: the candidate got a full evaluation."""

@@ -104,6 +104,12 @@ SHIFTS = tuple((ds, db) for ds in range(-3, 4) for db in range(-2, 3) if (ds, db
 MAX_EXCHANGES = 60
 BUDGET_TARGETS = 24  # dominating_plans: front points given a budget plan, at most
 NEAR_EACH = 3  # near_plans: starts per evaluated point (its cheapest ways inside)
+# A near plan's prediction relative to its measured neighbour is assumed to err by
+# NEAR_SIGMA times the link's (absolute) sigma; it is offered when NEAR_KAPPA such standard
+# deviations below it beat the front (the model's point estimate alone never beats the plan
+# it came from, which was optimal for the model).
+NEAR_SIGMA = 0.5
+NEAR_KAPPA = 1.0
 CHUNK = 16  # targets solved together (memory: CHUNK * N_BITS_PRICES * L * S * B floats)
 
 
@@ -318,9 +324,9 @@ def dominating_plans(
     ref_point: np.ndarray,
     exclude: np.ndarray | None = None,
     front_X: np.ndarray | None = None,
-) -> tuple[np.ndarray, np.ndarray]:
-    """Up to ``n`` genes ``(p, 2L)`` predicted to strictly dominate points of ``front``, and
-    their predicted divergences ``(p,)``.
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Up to ``n`` genes ``(p, 2L)`` predicted to strictly dominate points of ``front``,
+    their predicted divergences ``(p,)`` and which of them are near plans ``(p,)`` bool.
 
     front: ``(m, k + 1)`` the evaluated front (exact objectives, divergence last, raw units);
     link: the fitted link, whose per-term weights correct the tables before allocating
@@ -328,15 +334,17 @@ def dominating_plans(
     of largest exclusive hypervolume, the least-cost plan within each one's exact
     objectives, ``budget_plans``; with ``front_X (m, 2L)``, the front's genes, also each of
     those points moved just inside its own budget, ``near_plans``, predicted relative to
-    it). Candidates: the plans strictly better
-    than some front point in every exact objective and in predicted divergence; chosen
+    it, and judged optimistically: ``NEAR_KAPPA`` standard deviations of
+    ``NEAR_SIGMA * link.sigma`` below, the error assumed of a prediction relative to a
+    measured neighbour). Candidates: the plans strictly better than some front point in
+    every exact objective and in (so) predicted divergence; chosen
     greedily by predicted hypervolume gain over ``front`` (``hv_greedy``, ``ref_point`` raw
     units), so the points that hold most of the front's volume are attacked first and the
     picks spread; rows of ``exclude (e, 2L)`` (evaluated already) never.
     """
     front = np.asarray(front, float)
     L = genes.n_layers
-    none = np.zeros((0, 2 * L), np.int64), np.zeros(0)
+    none = np.zeros((0, 2 * L), np.int64), np.zeros(0), np.zeros(0, bool)
     if n <= 0 or len(front) == 0:
         return none
     w = None if link.theta is None else np.exp(link.theta)
@@ -347,6 +355,7 @@ def dominating_plans(
     pool = np.unique(np.concatenate([pool, budget_plans(cost, genes, front[order, :-1], mode)]),
                      axis=0)
     pred = np.exp(link.predict(tables, genes, pool))
+    is_near = np.zeros(len(pool), bool)
     if front_X is not None:
         near, origin = near_plans(cost, genes, np.asarray(front_X)[order], mode)
         # predicted relative to the evaluated point each came from: its measured divergence
@@ -357,18 +366,22 @@ def dominating_plans(
         keep = np.array([k not in keys for k in row_keys(pool)], bool)
         pool = np.concatenate([pool[keep], near])
         pred = np.concatenate([pred[keep], front[order][origin, -1] * ratio])
+        is_near = np.concatenate([is_near[keep], np.ones(len(near), bool)])
     if exclude is not None and len(exclude):
         seen = set(row_keys(np.asarray(exclude, np.int64)))
         fresh = np.array([k not in seen for k in row_keys(pool)], bool)
-        pool, pred = pool[fresh], pred[fresh]
+        pool, pred, is_near = pool[fresh], pred[fresh], is_near[fresh]
     if len(pool) == 0:
         return none
     exact = exact_objectives(genes, genes.numel, pool, mode)  # (p, k)
-    F = np.column_stack([exact, pred])  # (p, k + 1)
+    sigma = min(float(link.sigma), 1.0) * NEAR_SIGMA
+    judged = np.where(is_near, pred * np.exp(-NEAR_KAPPA * sigma), pred)
+    F = np.column_stack([exact, judged])  # (p, k + 1)
     beats = np.all(F[None, :, :] < front[:, None, :], axis=2).any(axis=0)  # (p,)
     cand = np.flatnonzero(beats)
     picked, _ = hv_greedy(F[cand], front, ref_point, n)
-    return pool[cand[picked]], pred[cand[picked]]
+    chosen = cand[picked]
+    return pool[chosen], pred[chosen], is_near[chosen]
 
 
 class AllocationSampling(Sampling):
