@@ -286,7 +286,7 @@ class SearchConfig:
     screen_factor: int = field(default=4, metadata=_range(1, 64))
     # Plans allocated again each generation on the tables as the evaluated points corrected
     # them, among those the model says beat a front point in every objective at once, the
-    # ones of largest predicted hypervolume gain (``allocation.dominating_plans``), offered to
+    # ones of largest predicted hypervolume gain (``reallocation.dominating_plans``), offered to
     # screening beside the mated candidates; at most this many per generation (0: none).
     # Needs the surrogate and screening.
     reallocate: int = field(default=0, metadata=_range(0, 10000))

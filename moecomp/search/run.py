@@ -57,8 +57,9 @@ from moecomp.search import surrogate as sg
 from moecomp.search.algorithms import make_algorithm
 from moecomp.search.checkpoint import Checkpoint, fingerprint, load_checkpoint, save_checkpoint
 from moecomp.search.front import feasible, hypervolume, nondominated
-from moecomp.search.operators.allocation import AllocationSampling, dominating_plans
+from moecomp.search.operators.allocation import AllocationSampling
 from moecomp.search.operators.mutation import DirectedMutation, local_marginals
+from moecomp.search.operators.reallocation import dominating_plans
 from moecomp.search.plots import draw_front, draw_hv, front_info
 from moecomp.search.problem import CompressionProblem, EvalRecord, SearchProblem, build_problem
 from moecomp.search.progress import SearchProgress
@@ -710,7 +711,7 @@ class _Search:
 
     def targeted(self, X: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Up to ``search.reallocate`` plans ``(t, n_var)`` allocated on the corrected tables
-        to dominate points of the front (``allocation.dominating_plans``), none of them
+        to dominate points of the front (``reallocation.dominating_plans``), none of them
         evaluated before or among the mated candidates ``X``; their predicted divergences
         ``(t,)`` and kinds ``(t,)`` (``TARGETED`` or ``NEAR``)."""
         p = self.problem

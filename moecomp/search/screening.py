@@ -169,7 +169,7 @@ def low_fidelity_samples(n_samples: int, share: float) -> int:
 class ScreenRecords:
     """Everything screening looked at, in order: the ladder probes (``kind`` ``LADDER``),
     every mated candidate (``CANDIDATE``) and the plans allocated to dominate front points
-    (``TARGETED``; ``NEAR``: those moved from a front point, ``allocation.near_plans``).
+    (``TARGETED``; ``NEAR``: those moved from a front point, ``reallocation.near_plans``).
     ``X (n, n_var)`` int64 genes; ``gen (n,)``;
     ``low (n,)``: the divergence on the low-fidelity samples (NaN: not evaluated so);
     ``predicted (n,)``: the surrogate's divergence at screening time (NaN for the ladder);

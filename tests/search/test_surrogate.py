@@ -15,11 +15,9 @@ from moecomp.search.front import hypervolume, nondominated
 from moecomp.search.operators.allocation import (
     allocation_plans,
     allocation_pool,
-    budget_plans,
-    dominating_plans,
-    near_plans,
     table_costs,
 )
+from moecomp.search.operators.reallocation import budget_plans, dominating_plans, near_plans
 from moecomp.search.sensitivity import compression_steps, probe_genes
 
 
@@ -296,7 +294,7 @@ def test_reallocated_plans_are_screened_and_offered_only_against_the_front_befor
                                         tg["full"], tg["kind"], strict=True):
         before = ev[ev["gen"] < gen][["density", "bits", "divergence"]].to_numpy()
         front = before[nondominated(before)]
-        # near plans are judged optimistically (allocation.NEAR_KAPPA): exact objectives only
+        # near plans are judged optimistically (reallocation.NEAR_KAPPA): exact objectives only
         beats = np.all(e < front[:, :2], axis=1) & ((d < front[:, 2]) | (kind == "near"))
         assert beats.any()
         assert x.tobytes() in full_keys or not full
