@@ -142,17 +142,20 @@ def main() -> None:
     final_idx = nondominated(F)
     final_front = F[final_idx]
     from_later = int((gen[final_idx] >= 2).sum())
-    # evaluated points that were targeted plans (search.reallocate), from screened.csv
-    targeted = np.zeros(len(ev), bool)
+    # evaluated points that were plans of search.reallocate, by kind, from screened.csv
+    kinds = {"targeted": np.zeros(len(ev), bool), "near": np.zeros(len(ev), bool)}
     if run.file("screened.csv").is_file():
         sc = pd.read_csv(run.file("screened.csv"))
         genes = [c for c in sc.columns if c.startswith(("s:", "b:"))]
-        tg = sc[(sc["kind"] == "targeted") & sc["full"]][genes].drop_duplicates()
-        if len(tg):
-            hit = ev[genes].reset_index(drop=True).merge(
-                tg.assign(_t=True), on=genes, how="left")["_t"].fillna(False)
-            targeted = hit.to_numpy(bool)
+        for kind in kinds:
+            tg = sc[(sc["kind"] == kind) & sc["full"]][genes].drop_duplicates()
+            if len(tg):
+                hit = ev[genes].reset_index(drop=True).merge(
+                    tg.assign(_t=True), on=genes, how="left")["_t"].fillna(False)
+                kinds[kind] = hit.to_numpy(bool)
+    targeted = kinds["targeted"] | kinds["near"]
     n_targeted_front = int(targeted[final_idx].sum())
+    n_near, n_near_front = int(kinds["near"].sum()), int(kinds["near"][final_idx].sum())
     t = status.get("evaluator_s") or {}
     n_full = int(status.get("n_full", len(ev)))
     fwd = float(t.get("forward", float("nan")))
@@ -164,6 +167,7 @@ def main() -> None:
         "hv": status.get("hv"), "relevance_s": t_ranks, "target_s": t_target,
         "probes_s": t_probes, "evaluator_s": t, "sets": rows,
         "targeted_evaluated": int(targeted.sum()), "targeted_on_front": n_targeted_front,
+        "near_evaluated": n_near, "near_on_front": n_near_front,
     }
     (args.out / "scale.json").write_text(json.dumps(record, indent=2, default=float))
 
@@ -194,7 +198,8 @@ def main() -> None:
     print(f"| final front points found after generation 1 | {from_later} of "
           f"{len(final_front)} |")
     print(f"| targeted plans (search.reallocate = {cfg.search.reallocate}) | "
-          f"{int(targeted.sum())} evaluated in full, {n_targeted_front} on the final front |")
+          f"{int(targeted.sum())} evaluated in full, {n_targeted_front} on the final front "
+          f"(near plans: {n_near}, {n_near_front}) |")
     print()
     print("| set | points | its front | front points dominated by a later point (beaten in "
           "every objective) | later points dominating the set's best member (better in every "
