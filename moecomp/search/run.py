@@ -421,6 +421,10 @@ class _Search:
             predicted=ck.array("screen.predicted", kinds="f", shape=(ns,)),
             full=ck.array("screen.full", kinds="u", shape=(ns,)).astype(bool),
         )
+        unknown = np.setdiff1d(screened.kind, list(screening.KIND_LABELS))
+        if len(unknown):
+            raise RunError(f"{ck.path}: checkpoint's array 'screen.kind' holds {int(unknown[0])}, "
+                           f"not one of {sorted(screening.KIND_LABELS)}")
         low_samples = ck.value("low_samples", int)
         if low_samples and not (isinstance(p, CompressionProblem)
                                 and 0 < low_samples < p.n_samples):

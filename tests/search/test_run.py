@@ -164,6 +164,17 @@ def test_refuses_foreign_legacy_and_incomplete_checkpoints(
     with pytest.raises(RunError, match="checkpoint lacks array 'archive.X'"):
         run_search(p, run, **kw)
 
+    run = copy_of_run("unknown-kind")  # a screened row of a kind no search writes
+    with safe_open(str(out / "checkpoint.safetensors"), framework="numpy") as f:
+        arrays = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
+        meta = f.metadata()
+    assert len(arrays["screen.kind"]) > 0
+    arrays["screen.kind"] = arrays["screen.kind"].copy()
+    arrays["screen.kind"][0] = 9
+    save_file(arrays, str(run / "checkpoint.safetensors"), metadata=meta)
+    with pytest.raises(RunError, match="'screen.kind' holds 9"):
+        run_search(p, run, **kw)
+
 
 def test_other_files_are_not_overwritten(tmp_path, digits_problem, digits_target, digits_evaluator):
     (tmp_path / "notes.txt").write_text("mine")
