@@ -86,6 +86,10 @@ def main() -> None:
     ap.add_argument("--reallocate", type=int, default=None,
                     help="search.reallocate (targeted plans per generation; the problem "
                          "file's otherwise)")
+    ap.add_argument("--local", type=int, default=None,
+                    help="search.local (evaluations per generation on moves around front "
+                         "points and plans on their measured slopes; the problem file's "
+                         "otherwise)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     load0 = os.getloadavg()
@@ -95,6 +99,8 @@ def main() -> None:
             cfg.data, calibration=args.calibration))
     if args.reallocate is not None:
         cfg = cfg.replace("search", reallocate=args.reallocate)
+    if args.local is not None:
+        cfg = cfg.replace("search", local=args.local)
     t0 = time.perf_counter()
     target = build_target(cfg, progress=False)
     t_target = time.perf_counter() - t0
@@ -143,7 +149,7 @@ def main() -> None:
     final_front = F[final_idx]
     from_later = int((gen[final_idx] >= 2).sum())
     # evaluated points that were plans of search.reallocate, by kind, from screened.csv
-    kinds = {"targeted": np.zeros(len(ev), bool), "near": np.zeros(len(ev), bool)}
+    kinds = {k: np.zeros(len(ev), bool) for k in ("targeted", "near", "local move", "local")}
     if run.file("screened.csv").is_file():
         sc = pd.read_csv(run.file("screened.csv"))
         genes = [c for c in sc.columns if c.startswith(("s:", "b:"))]
@@ -168,6 +174,9 @@ def main() -> None:
         "probes_s": t_probes, "evaluator_s": t, "sets": rows,
         "targeted_evaluated": int(targeted.sum()), "targeted_on_front": n_targeted_front,
         "near_evaluated": n_near, "near_on_front": n_near_front,
+        "local_moves_evaluated": int(kinds["local move"].sum()),
+        "local_evaluated": int(kinds["local"].sum()),
+        "local_on_front": int(kinds["local"][final_idx].sum()),
     }
     (args.out / "scale.json").write_text(json.dumps(record, indent=2, default=float))
 
@@ -200,6 +209,9 @@ def main() -> None:
     print(f"| targeted plans (search.reallocate = {cfg.search.reallocate}) | "
           f"{int(targeted.sum())} evaluated in full, {n_targeted_front} on the final front "
           f"(near plans: {n_near}, {n_near_front}) |")
+    print(f"| local (search.local = {cfg.search.local}) | {record['local_moves_evaluated']} "
+          f"moves of anchors, {record['local_evaluated']} plans on their slopes evaluated, "
+          f"{record['local_on_front']} on the final front |")
     print()
     print("| set | points | its front | front points dominated by a later point (beaten in "
           "every objective) | later points dominating the set's best member (better in every "

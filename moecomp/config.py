@@ -290,6 +290,12 @@ class SearchConfig:
     # screening beside the mated candidates; at most this many per generation (0: none).
     # Needs the surrogate and screening.
     reallocate: int = field(default=0, metadata=_range(0, 10000))
+    # Full evaluations per generation, at most, spent around front points
+    # (``operators.local``): an anchor's single moves (each layer one sparsity step and one
+    # bit either way) measured for real, then the plans those measured slopes say beat the
+    # anchor in every objective. Not screened (they are measurements, not guesses); layer-wise
+    # problems, algorithms with a population. 0: none.
+    local: int = field(default=0, metadata=_range(0, 10000))
     # Share of the calibration samples a low-fidelity evaluation (ladder probes, screening)
     # runs on; the budget charges it that share of an evaluation. 0: no low fidelity (the
     # ladder is evaluated in full and listed in evaluated.csv; screening by the model alone).

@@ -58,6 +58,7 @@ from moecomp.search.algorithms import make_algorithm
 from moecomp.search.checkpoint import Checkpoint, fingerprint, load_checkpoint, save_checkpoint
 from moecomp.search.front import feasible, hypervolume, nondominated
 from moecomp.search.operators.allocation import AllocationSampling
+from moecomp.search.operators.local import local_offers
 from moecomp.search.operators.mutation import DirectedMutation, local_marginals
 from moecomp.search.operators.reallocation import dominating_plans
 from moecomp.search.plots import draw_front, draw_hv, front_info
@@ -296,6 +297,9 @@ class _Search:
         # when off; low-fidelity evaluations (ladder, screening) and their sample count
         self.tables: sg.DivergenceTables | None = None
         self.screened = screening.ScreenRecords.empty(problem.n_var)
+        # search.local: the anchors taken so far and whether each one's plans were offered
+        self.anchors = np.zeros((0, problem.n_var), np.int64)
+        self.anchors_done = np.zeros(0, bool)
         self.low_samples = 0
         self.elapsed_before = 0.0
         self.status = "running"
@@ -356,7 +360,9 @@ class _Search:
         sc = self.screened
         arrays.update({"screen.X": sc.X, "screen.gen": sc.gen, "screen.kind": sc.kind,
                        "screen.low": sc.low, "screen.predicted": sc.predicted,
-                       "screen.full": sc.full.astype(np.uint8)})
+                       "screen.full": sc.full.astype(np.uint8),
+                       "local.anchors": self.anchors,
+                       "local.done": self.anchors_done.astype(np.uint8)})
         algorithm = None
         if self.algorithm is not None:
             algorithm, arrays["algorithm.values"] = capture_algorithm(self.algorithm)
@@ -421,6 +427,14 @@ class _Search:
             predicted=ck.array("screen.predicted", kinds="f", shape=(ns,)),
             full=ck.array("screen.full", kinds="u", shape=(ns,)).astype(bool),
         )
+        anchors = np.zeros((0, p.n_var), np.int64)
+        anchors_done = np.zeros(0, bool)
+        if "local.anchors" in ck.arrays:  # (checkpoints before search.local have none)
+            anchors = ck.array("local.anchors", kinds="iu", shape=(None, p.n_var))
+            anchors_done = ck.array("local.done", kinds="u", shape=(len(anchors),))
+            if len(anchors) and (np.any(anchors < p.xl) or np.any(anchors > p.xu)):
+                raise RunError(f"{ck.path}: checkpoint's array 'local.anchors' holds genes "
+                               "outside the problem's bounds")
         unknown = np.setdiff1d(screened.kind, list(screening.KIND_LABELS))
         if len(unknown):
             raise RunError(f"{ck.path}: checkpoint's array 'screen.kind' holds {int(unknown[0])}, "
@@ -442,6 +456,8 @@ class _Search:
         self.probe_sensitivity = probe
         self.tables = tables
         self.screened = screened
+        self.anchors = anchors.astype(np.int64)
+        self.anchors_done = anchors_done.astype(bool)
         self.low_samples = low_samples
         if low_samples:
             assert isinstance(p, CompressionProblem)
@@ -730,6 +746,30 @@ class _Search:
             ref_point=p.ref_point, exclude=np.concatenate([a.X, X]), front_X=a.X[a.front])
         return plans, pred, np.where(near, screening.NEAR, screening.TARGETED)
 
+    def local(self, pop: Population) -> Population:
+        """``pop`` with up to ``search.local`` rows added (``operators.local``): the moves of
+        front points and the plans their measured slopes say beat them, none evaluated
+        before or in ``pop``, within the budget left; recorded in screened.csv as evaluated
+        in full."""
+        p, alg = self.problem, self.algorithm
+        left = self.scfg.budget - self.n_evals - len(pop)
+        n = min(self.scfg.local, left)
+        if (n <= 0 or not isinstance(p, CompressionProblem) or alg is None
+                or hasattr(alg, "indices") or len(self.archive) == 0):
+            return pop
+        a = self.archive
+        X0 = np.rint(np.asarray(pop.get("X"), float)).astype(np.int64).reshape(-1, p.n_var)
+        rows, is_plan, pred, self.anchors, self.anchors_done = local_offers(
+            n, p.genes, a.X, a.metrics["divergence"], self.anchors, self.anchors_done,
+            a.front, a.F[a.front], p.ref_point, self.cfg.objectives.mode, exclude=X0)
+        if len(rows) == 0:
+            return pop
+        self.record_screened(rows, self.gen + 1,
+                             np.where(is_plan, screening.LOCAL, screening.LOCAL_MOVE),
+                             low=np.full(len(rows), np.nan), predicted=pred,
+                             full=np.ones(len(rows), bool))
+        return Population.merge(pop, Population.new("X", rows))
+
     def screen(self, X: np.ndarray, kinds: np.ndarray | None = None,
                predicted: np.ndarray | None = None) -> np.ndarray:
         """Indices of the candidates ``X (n, n_var)`` that get a full evaluation (see
@@ -821,11 +861,11 @@ class _Search:
                 X = np.concatenate([X, extra])
                 kinds = np.concatenate([kinds, extra_kinds])
                 predicted = np.concatenate([predicted, extra_pred])
-            pop = cand[self.screen(X, kinds, predicted)]
-            if len(pop) == 0:
-                return False
+            pop = self.local(cand[self.screen(X, kinds, predicted)])
         else:
             pop = alg.ask()
+            if pop is not None and len(pop) and alg.is_initialized:
+                pop = self.local(pop)
         if pop is None or len(pop) == 0:
             return False
         left = self.scfg.budget - self.n_evals

@@ -152,8 +152,9 @@ LOW_SIGMA_PRIOR = 0.5
 MIN_PAIRS = 8
 # Fewest samples a low-fidelity evaluation runs on (a mean over fewer is mostly noise).
 MIN_LOW_SAMPLES = 16
-LADDER, CANDIDATE, TARGETED, NEAR = 0, 1, 2, 3
-KIND_LABELS = {LADDER: "ladder", CANDIDATE: "candidate", TARGETED: "targeted", NEAR: "near"}
+LADDER, CANDIDATE, TARGETED, NEAR, LOCAL_MOVE, LOCAL = 0, 1, 2, 3, 4, 5
+KIND_LABELS = {LADDER: "ladder", CANDIDATE: "candidate", TARGETED: "targeted", NEAR: "near",
+               LOCAL_MOVE: "local move", LOCAL: "local"}
 
 
 def low_fidelity_samples(n_samples: int, share: float) -> int:
@@ -169,7 +170,9 @@ def low_fidelity_samples(n_samples: int, share: float) -> int:
 class ScreenRecords:
     """Everything screening looked at, in order: the ladder probes (``kind`` ``LADDER``),
     every mated candidate (``CANDIDATE``) and the plans allocated to dominate front points
-    (``TARGETED``; ``NEAR``: those moved from a front point, ``reallocation.near_plans``).
+    (``TARGETED``; ``NEAR``: those moved from a front point, ``reallocation.near_plans``);
+    the moves around front points and plans on their measured slopes (``LOCAL_MOVE``,
+    ``LOCAL``: ``operators.local``, always evaluated in full).
     ``X (n, n_var)`` int64 genes; ``gen (n,)``;
     ``low (n,)``: the divergence on the low-fidelity samples (NaN: not evaluated so);
     ``predicted (n,)``: the surrogate's divergence at screening time (NaN for the ladder);

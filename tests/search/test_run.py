@@ -175,6 +175,14 @@ def test_refuses_foreign_legacy_and_incomplete_checkpoints(
     with pytest.raises(RunError, match="'screen.kind' holds 9"):
         run_search(p, run, **kw)
 
+    run = copy_of_run("bad-anchor")  # a search.local anchor outside the gene bounds
+    arrays["screen.kind"][0] = 1
+    arrays["local.anchors"] = np.full((1, p.n_var), 10_000, np.int64)
+    arrays["local.done"] = np.zeros(1, np.uint8)
+    save_file(arrays, str(run / "checkpoint.safetensors"), metadata=meta)
+    with pytest.raises(RunError, match="'local.anchors' holds genes outside"):
+        run_search(p, run, **kw)
+
 
 def test_other_files_are_not_overwritten(tmp_path, digits_problem, digits_target, digits_evaluator):
     (tmp_path / "notes.txt").write_text("mine")
@@ -258,11 +266,12 @@ def test_shared_codebook_search(tmp_path, make_problem):
     assert plan.shared_k == int(r.front["shared_k"].iloc[0])
 
 
-@pytest.mark.parametrize("algorithm, directed_by, reallocate",
-                         [("nsga2", "ranks", 0), ("nsga3", "ranks", 0), ("moead", "ranks", 0),
-                          ("nsga2", "tables", 0), ("nsga3", "ranks", 6)])
+@pytest.mark.parametrize("algorithm, directed_by, reallocate, local",
+                         [("nsga2", "ranks", 0, 0), ("nsga3", "ranks", 0, 0),
+                          ("moead", "ranks", 0, 0), ("nsga2", "tables", 0, 0),
+                          ("nsga3", "ranks", 6, 0), ("nsga2", "ranks", 0, 8)])
 def test_on_generation_stops_the_search_and_resume_continues(
-    tmp_path, algorithm, directed_by, reallocate, digits_problem, digits_target,
+    tmp_path, algorithm, directed_by, reallocate, local, digits_problem, digits_target,
     digits_evaluator
 ):
     seen = []
@@ -279,7 +288,8 @@ def test_on_generation_stops_the_search_and_resume_continues(
     kw = {
         "budget": 60,
         "progress": False,
-        "params": {"pop_size": 12, "directed_by": directed_by, "reallocate": reallocate},
+        "params": {"pop_size": 12, "directed_by": directed_by, "reallocate": reallocate,
+                   "local": local},
         "algorithm": algorithm,
         "plots": False,
     }
