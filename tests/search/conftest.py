@@ -46,3 +46,17 @@ def make_problem(
         return CompressionProblem(cfg, digits_evaluator, layer_genes(cfg, digits_target))
 
     return make
+
+
+@pytest.fixture
+def screened_genes() -> Callable[[CompressionProblem, Any], Any]:
+    """``screened_genes(problem, df)``: genes ``(n, 2L)`` of the rows of a run's
+    screened.csv or evaluated.csv ``df``."""
+
+    def genes(problem: CompressionProblem, df: Any) -> Any:
+        s_cols = [f"s:{n}" for n in problem.layer_names]
+        b_cols = [f"b:{n}" for n in problem.layer_names]
+        return problem.genes.encode(df[s_cols].to_numpy(),
+                                    df[b_cols].to_numpy()).reshape(len(df), -1)
+
+    return genes

@@ -131,7 +131,8 @@ def test_an_anchor_is_measured_then_its_plans_offered_and_nothing_twice():
     assert plans_seen > 0
 
 
-def test_a_search_with_local_evaluates_its_moves_and_plans_in_full(tmp_path, make_problem):
+def test_a_search_with_local_evaluates_its_moves_and_plans_in_full(tmp_path, make_problem,
+                                                                  screened_genes):
     """``search.local``: the anchors' moves and plans are listed in screened.csv, all
     evaluated in full (rows of evaluated.csv), at most ``local`` per generation."""
     p = make_problem()
@@ -143,9 +144,5 @@ def test_a_search_with_local_evaluates_its_moves_and_plans_in_full(tmp_path, mak
     assert (lo["kind"] == "local move").any() and lo["full"].all()
     assert lo.groupby("gen").size().max() <= 8
     assert lo["predicted_divergence"].isna().eq(lo["kind"] == "local move").all()
-    g = p.genes
-    s_cols = [f"s:{n}" for n in p.layer_names]
-    b_cols = [f"b:{n}" for n in p.layer_names]
-    full = set(screening.row_keys(g.encode(ev[s_cols].to_numpy(), ev[b_cols].to_numpy())))
-    X = g.encode(lo[s_cols].to_numpy(), lo[b_cols].to_numpy())
-    assert set(screening.row_keys(X)) <= full
+    full = set(screening.row_keys(screened_genes(p, ev)))
+    assert set(screening.row_keys(screened_genes(p, lo))) <= full

@@ -275,7 +275,7 @@ def test_near_plans_stay_inside_their_origin_and_are_predicted_from_it(ladder_ta
 
 
 def test_reallocated_plans_are_screened_and_offered_only_against_the_front_before(
-        tmp_path, make_problem):
+        tmp_path, make_problem, screened_genes):
     """A search with ``reallocate``: the targeted plans of each generation are listed in
     screened.csv; each was predicted, when offered, to beat a point of the front evaluated
     before its generation in every objective; the ones chosen were evaluated in full."""
@@ -288,11 +288,8 @@ def test_reallocated_plans_are_screened_and_offered_only_against_the_front_befor
     assert (tg["kind"] == "near").any()  # front points moved inside their own budgets
     assert len(tg) > 0 and tg["full"].any()
     g = p.genes
-    s_cols = [f"s:{n}" for n in p.layer_names]
-    b_cols = [f"b:{n}" for n in p.layer_names]
-    full_keys = set(screening.row_keys(g.encode(ev[s_cols].to_numpy(), ev[b_cols].to_numpy())
-                                       .reshape(len(ev), -1)))
-    X = g.encode(tg[s_cols].to_numpy(), tg[b_cols].to_numpy()).reshape(len(tg), -1)
+    full_keys = set(screening.row_keys(screened_genes(p, ev)))
+    X = screened_genes(p, tg)
     exact = sg.exact_objectives(g, g.numel, X, "3obj")
     for x, e, d, gen, full, kind in zip(X, exact, tg["predicted_divergence"], tg["gen"],
                                         tg["full"], tg["kind"], strict=True):
