@@ -116,9 +116,10 @@ def local_offers(n: int, genes: LayerGenes, X: np.ndarray, divergence: np.ndarra
     X ``(e, 2L)`` and divergence ``(e,)``: every point evaluated in full; anchors ``(k,
     2L)``: the points taken as anchors so far, in order, ``done (k,)`` those whose plans were
     all offered (or had none); front: indices of the front in ``X``, front_F their
-    objectives and ref_point its reference point (the hypervolume's units). First the plans of anchors whose moves are all measured, then the moves of the
-    others, in order; with room left, the front point of largest exclusive hypervolume not
-    yet an anchor becomes one (and so on). Rows of ``X`` or ``exclude`` are never offered;
+    objectives and ref_point its reference point (the hypervolume's units). First the plans
+    of anchors whose moves are all measured, then the moves of the others, in order; with
+    room left, the front point of largest exclusive hypervolume not yet an anchor becomes
+    one (and so on). Rows of ``X`` or ``exclude`` are never offered;
     an anchor stays one after it leaves the front (its moves may beat it), so its work is
     finished.
     """
