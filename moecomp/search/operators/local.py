@@ -119,9 +119,8 @@ def local_offers(n: int, genes: LayerGenes, X: np.ndarray, divergence: np.ndarra
     objectives and ref_point its reference point (the hypervolume's units). First the plans
     of anchors whose moves are all measured, then the moves of the others, in order; with
     room left, the front point of largest exclusive hypervolume not yet an anchor becomes
-    one (and so on). Rows of ``X`` or ``exclude`` are never offered;
-    an anchor stays one after it leaves the front (its moves may beat it), so its work is
-    finished.
+    one (and so on). Rows of ``X`` or ``exclude`` are never offered; an anchor stays one
+    after it leaves the front (its moves may beat it), so its work is finished.
     """
     X = np.asarray(X, np.int64)
     n_var = 2 * genes.n_layers
