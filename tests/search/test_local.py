@@ -89,8 +89,8 @@ def test_local_plans_are_predicted_exactly_and_beat_the_anchor_when_a_plan_can(m
     assert optimal >= found - 1  # 12 of 12 in both modes when written
 
 
-def _evaluate_offers(g, div, X, gens, n, anchors, done, mode, gen):
-    """One generation of local_offers on an archive ``X``, the offers evaluated."""
+def _offers(g, div, X, n, anchors, done, mode):
+    """One generation of local_offers on an archive ``X`` (its front by ``div``)."""
     F = np.column_stack([sg.exact_objectives(g, g.numel, X, mode), div(X)])
     front = nondominated(F)
     ref = F.max(axis=0) * 1.1 + 1.0
@@ -108,9 +108,8 @@ def test_an_anchor_is_measured_then_its_plans_offered_and_nothing_twice():
     seen = set(screening.row_keys(X))
     plans_seen = 0
     first = None
-    for gen in range(12):
-        rows, is_plan, pred, anchors, done = _evaluate_offers(g, div, X, None, 5, anchors,
-                                                              done, "3obj", gen)
+    for _ in range(12):
+        rows, is_plan, pred, anchors, done = _offers(g, div, X, 5, anchors, done, "3obj")
         assert len(rows) <= 5
         keys = screening.row_keys(rows)
         assert not seen.intersection(keys) and len(set(keys)) == len(keys)  # nothing twice
@@ -119,8 +118,12 @@ def test_an_anchor_is_measured_then_its_plans_offered_and_nothing_twice():
             first = anchors[0].copy()
             n_moves = len(probe_moves(g, first))
         # plans only once their anchor's moves are all in the archive
+        measured = set(screening.row_keys(X))
+        complete = [a for a in anchors
+                    if set(screening.row_keys(probe_moves(g, a))) <= measured]
         for r, p in zip(rows[is_plan], pred[is_plan], strict=True):
             plans_seen += 1
+            assert any(np.abs(r - a).max() <= 1 for a in complete)
             assert p == pytest.approx(div(r)[0])  # within one step of its anchor: exact
         np.testing.assert_array_equal(np.isnan(pred), ~is_plan)
         X = np.concatenate([X, rows])
@@ -131,13 +134,15 @@ def test_an_anchor_is_measured_then_its_plans_offered_and_nothing_twice():
     assert plans_seen > 0
 
 
-def test_a_search_with_local_evaluates_its_moves_and_plans_in_full(tmp_path, make_problem,
-                                                                  screened_genes):
+@pytest.mark.parametrize("surrogate", [True, False])
+def test_a_search_with_local_evaluates_its_moves_and_plans_in_full(
+        tmp_path, make_problem, screened_genes, surrogate):
     """``search.local``: the anchors' moves and plans are listed in screened.csv, all
-    evaluated in full (rows of evaluated.csv), at most ``local`` per generation."""
+    evaluated in full (rows of evaluated.csv), at most ``local`` per generation; with the
+    surrogate (screened offspring) and without (every offspring evaluated)."""
     p = make_problem()
     r = run_search(p, tmp_path / "run", budget=200, progress=False, plots=False,
-                   params={"pop_size": 16, "local": 8})
+                   params={"pop_size": 16, "local": 8, "surrogate": surrogate})
     ev = r.evaluated()
     sc = pd.read_csv(tmp_path / "run" / "screened.csv")
     lo = sc[sc["kind"].isin(["local move", "local"])]
