@@ -149,10 +149,13 @@ class _Strategy:
 
 # --- records -------------------------------------------------------------------------------
 def _settings(*, measure: str, reconstruct: bool, finetune_epochs: int, lr: float, seed: int,
-              calibration: int, masks: str = "fixed") -> str:
+              calibration: int, masks: str = "fixed", repair_masks: bool = False) -> str:
     """What a refined candidate depends on, as a key: a resumed compress reuses a candidate
     only when these are equal (fixed masks leave the key as it was before masks moved)."""
-    moving = {"masks": masks} if masks != "fixed" and finetune_epochs > 0 else {}
+    moving: dict[str, Any] = {"masks": masks} if masks != "fixed" and finetune_epochs > 0 \
+        else {}
+    if repair_masks and finetune_epochs > 0:
+        moving["repair_masks"] = True
     return json.dumps({"measure": measure, "reconstruct": reconstruct,
                        "finetune_epochs": finetune_epochs, "lr": lr, "seed": seed,
                        "calibration": calibration if reconstruct else None, **moving},
@@ -193,6 +196,7 @@ def compress(
     progress: bool = True,
     device: str = "auto",
     masks: str = "fixed",
+    repair_masks: bool = False,
 ) -> CompressResult:
     """The smallest file whose validation drop (or divergence) is within a budget.
 
@@ -213,7 +217,8 @@ def compress(
         after which no new candidate is started (the search is bounded by ``budget``).
     device: where the search and the refine steps run (``auto``, ``cpu``, ``cuda``,
         ``cuda:N``; see ``run_search`` and ``refine``). masks: with fine-tuning, ``fixed``,
-        ``gradual`` or ``rigl`` (``refine``'s ``masks``).
+        ``gradual`` or ``rigl`` (``refine``'s ``masks``); repair_masks: with fine-tuning,
+        survivors on hidden units that cannot matter move first (``refine``'s).
     Returns a :class:`CompressResult`; raises :class:`NoCandidateWithinBudget` when nothing
     is within the budget (compress.json says so and lists what was tried).
     """
@@ -232,8 +237,11 @@ def compress(
         raise ConfigError("finetune_epochs", f"must be >= 0, got {finetune_epochs!r}")
     from moecomp.finetune import MaskSchedule
 
-    if MaskSchedule(masks).mode != "fixed" and finetune_epochs == 0:
+    if MaskSchedule(masks, repair=repair_masks).mode != "fixed" and finetune_epochs == 0:
         raise ConfigError("masks", f"{masks!r} moves the masks while fine-tuning: give "
+                          "finetune_epochs > 0")
+    if repair_masks and finetune_epochs == 0:
+        raise ConfigError("repair_masks", "the masks are repaired before fine-tuning: give "
                           "finetune_epochs > 0")
     if reconstruct is None:
         reconstruct = finetune_epochs == 0
@@ -252,11 +260,11 @@ def compress(
     out_dir.mkdir(parents=True, exist_ok=True)
     settings = _settings(measure=metric, reconstruct=bool(reconstruct),
                          finetune_epochs=finetune_epochs, lr=lr, seed=seed,
-                         calibration=calibration, masks=masks)
+                         calibration=calibration, masks=masks, repair_masks=repair_masks)
     run_compress = _Compress(ctx, out_dir, metric=metric, limit=limit, settings=settings,
                              reconstruct=bool(reconstruct), finetune_epochs=finetune_epochs,
                              lr=lr, seed=seed, calibration=calibration, progress=progress,
-                             device=device, masks=masks)
+                             device=device, masks=masks, repair_masks=repair_masks)
     run_compress.write_status("running", started=t0)
     try:
         status = run_compress.run(candidates=candidates, merge=merge, time_budget=time_budget,
@@ -312,8 +320,9 @@ class _Compress:
     def __init__(self, ctx: RunContext, out: Path, *, metric: str, limit: float, settings: str,
                  reconstruct: bool, finetune_epochs: int, lr: float, seed: int,
                  calibration: int, progress: bool, device: str = "auto",
-                 masks: str = "fixed") -> None:
+                 masks: str = "fixed", repair_masks: bool = False) -> None:
         self.ctx, self.out, self.metric, self.limit = ctx, out, metric, limit
+        self.repair_masks = repair_masks
         self.settings = settings
         self.reconstruct, self.finetune_epochs = reconstruct, finetune_epochs
         self.lr, self.seed, self.calibration, self.progress = lr, seed, calibration, progress
@@ -376,7 +385,8 @@ class _Compress:
             r = refine(self.ctx, source, reconstruct=self.reconstruct,
                        finetune_epochs=self.finetune_epochs, lr=self.lr, seed=self.seed,
                        calibration=self.calibration, metric=self.metric, progress=False,
-                       device=self.device, masks=self.masks)
+                       device=self.device, masks=self.masks,
+                       repair_masks=self.repair_masks)
         measure = r.val_measure
         steps = " | ".join(o.line() for o in r.steps) or "none"
         if stage == "merge":  # the steps of the candidate merged come first (its lineage)

@@ -94,6 +94,11 @@ class MaskSchedule:
     score: what a weight is kept by: ``magnitude`` ``|w|``, or ``activation`` ``|w|`` times
         the root mean square of the input it multiplies (its typical contribution, measured
         once on the teacher; as Wanda, Sun et al. 2023, and the DE prior of the same name).
+    repair: before training, survivors spent on units that cannot matter (a hidden unit
+        whose row keeps no survivor, or whose output no survivor of the next layer reads)
+        move to the best free positions of units that do, by ``score`` on the teacher's
+        weights, each tensor keeping its count (``moecomp.structured.repair_masks``); the
+        moved survivors start from the teacher's values.
     """
 
     mode: str = "fixed"
@@ -102,6 +107,7 @@ class MaskSchedule:
     update_every: int = 0
     regrow: float = 0.3
     score: str = "magnitude"
+    repair: bool = False
 
     def __post_init__(self) -> None:
         if self.mode not in MASK_MODES:
@@ -120,16 +126,20 @@ class MaskSchedule:
         if self.score not in SCORES:
             raise ConfigError("masks.score", f"must be one of {', '.join(SCORES)}, got "
                               f"{self.score!r}")
+        if not isinstance(self.repair, bool):
+            raise ConfigError("masks.repair", f"must be true or false, got {self.repair!r}")
 
 
 @dataclass(frozen=True)
 class Distilled:
     """What fine-tuning gives: ``weights`` every parameter of the model (float; a compressed
     tensor exactly 0 off its mask), ``masks`` the final survivors of every compressed tensor
-    (as many per tensor as the plan keeps)."""
+    (as many per tensor as the plan keeps), ``repaired`` how many survivors the mask repair
+    moved before training (``MaskSchedule.repair``)."""
 
     weights: dict[str, torch.Tensor]
     masks: dict[str, torch.Tensor]
+    repaired: int = 0
 
     def quantized(self, bits: dict[str, int], quantizers: dict[str, str]
                   ) -> dict[str, QuantizedLayer]:
@@ -297,11 +307,15 @@ def distil(model: nn.Module, target: Target, layers: dict[str, QuantizedLayer],
     every = sched_cfg.update_every or max(1, end // 32)
     mode = sched_cfg.mode
     scales = input_scales(target, list(layers), train) \
-        if mode != "fixed" and sched_cfg.score == "activation" else {}
+        if (mode != "fixed" or sched_cfg.repair) and sched_cfg.score == "activation" else {}
 
     def score(k: str) -> torch.Tensor:
         w = params[k].detach().abs()
         return w * scales[k] if k in scales else w
+
+    repaired = 0
+    if sched_cfg.repair:
+        plan_masks, repaired = _repaired(target, params, plan_masks, scales, train)
 
     if mode == "gradual":
         current = _start_masks(params, plan_masks, target.weights(), sched_cfg.start, scales)
@@ -369,7 +383,28 @@ def distil(model: nn.Module, target: Target, layers: dict[str, QuantizedLayer],
                 current[k] = top_mask(score(k), final[k])
                 params[k].mul_(current[k])
     return Distilled({k: v.detach().cpu() for k, v in params.items()},
-                     {k: m.cpu().clone() for k, m in current.items()})
+                     {k: m.cpu().clone() for k, m in current.items()}, repaired)
+
+
+def _repaired(target: Target, params: dict[str, torch.Tensor],
+              plan_masks: dict[str, torch.Tensor], scales: dict[str, torch.Tensor],
+              train: Split) -> tuple[dict[str, torch.Tensor], int]:
+    """``plan_masks`` repaired (``MaskSchedule.repair``), scored on the teacher's weights;
+    the positions that gain a survivor take the teacher's value in ``params``."""
+    from moecomp.structured import coupled_tensors, repair_masks
+
+    device = next(iter(plan_masks.values())).device
+    few = inputs_mod.to(inputs_mod.head(train.inputs, 2), device)
+    pairs = coupled_tensors(target.teacher, few, list(plan_masks))
+    teacher = target.weights()
+    scores = {k: teacher[k].detach().abs().float() * scales[k] if k in scales
+              else teacher[k].detach().abs().float() for k in plan_masks}
+    masks, moved = repair_masks(plan_masks, pairs, scores)
+    with torch.no_grad():
+        for k, m in masks.items():
+            gained = m & ~plan_masks[k]
+            params[k].copy_(torch.where(gained, teacher[k].to(params[k].dtype), params[k]))
+    return masks, moved
 
 
 def _on(split: Split, device: torch.device) -> Split:

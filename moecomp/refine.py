@@ -219,7 +219,8 @@ def refine(run: RunContext | str | os.PathLike[str], solution: str | int, *,
            reconstruct: bool = False, finetune_epochs: int = 0, merge: bool = False,
            tolerance: float = 0.0, metric: str | None = None, lr: float = 2e-3,
            seed: int = 0, calibration: int = 8192, guide_samples: int = GUIDE_SAMPLES,
-           progress: bool = True, device: str = "auto", masks: str = "fixed") -> RefineResult:
+           progress: bool = True, device: str = "auto", masks: str = "fixed",
+           repair_masks: bool = False) -> RefineResult:
     """Refine one solution of a run and add it to the run as ``refined/rN.mcz``.
 
     reconstruct: re-fit survivors and biases layer by layer on ``calibration`` samples of
@@ -229,6 +230,9 @@ def refine(run: RunContext | str | os.PathLike[str], solution: str | int, *,
     masks: how the survivors move while fine-tuning (``moecomp.finetune.MaskSchedule``):
         ``fixed`` (the plan's), ``gradual`` (pruned from denser masks toward the plan's
         counts) or ``rigl`` (drop and regrow); every mode ends at the plan's counts.
+    repair_masks: before fine-tuning, survivors on hidden units that cannot matter (no
+        survivor computes them, or none reads them) move to units that do
+        (``MaskSchedule.repair``); the step's detail says how many moved.
     merge: merge bins; ``tolerance``: how much worse than before merging the validation
         measure may end, in units of ``metric`` (points for accuracy, or divergence).
     metric: the validation measure steps are kept by: "metric" (the metric's drop) or
@@ -251,10 +255,13 @@ def refine(run: RunContext | str | os.PathLike[str], solution: str | int, *,
         raise ConfigError("tolerance", f"must be a finite number >= 0, got {tolerance!r}")
     if finetune_epochs < 0:
         raise ConfigError("finetune_epochs", f"must be >= 0, got {finetune_epochs!r}")
-    schedule = MaskSchedule(masks)
+    schedule = MaskSchedule(masks, repair=repair_masks)
     if schedule.mode != "fixed" and finetune_epochs == 0:
         raise ConfigError("masks", f"{schedule.mode!r} moves the masks while fine-tuning: "
                           "give finetune_epochs > 0")
+    if schedule.repair and finetune_epochs == 0:
+        raise ConfigError("repair_masks", "the masks are repaired before fine-tuning: give "
+                          "finetune_epochs > 0")
     if reconstruct and not calibration >= 1:
         raise ConfigError("calibration", f"must be >= 1 samples, got {calibration!r}")
     if not guide_samples >= 1:
@@ -305,21 +312,24 @@ def refine(run: RunContext | str | os.PathLike[str], solution: str | int, *,
         if judge("reconstruct", after, f"{min(calibration, len(pool))} calibration samples"):
             layers, state, now = new_layers, new_state, after
     if finetune_epochs > 0:
-        if schedule.mode == "fixed":
+        detail = f"{finetune_epochs} epoch(s), masks {schedule.mode}"
+        if schedule.mode == "fixed" and not schedule.repair:
             trained = finetune(student_model(target.teacher, state), target, layers, bits,
                                pool, epochs=finetune_epochs, lr=lr, seed=seed,
                                quantizers=kinds, progress=progress)
             new_layers = requantize(trained, layers, bits, kinds)
-        else:  # the masks move: the survivors are the distillation's own
+        else:  # the masks move (or were repaired): the survivors are the distillation's own
             distilled = distil(student_model(target.teacher, state), target, layers, bits,
                                pool, epochs=finetune_epochs, masks=schedule, lr=lr,
                                seed=seed, quantizers=kinds, progress=progress)
             trained, new_layers = distilled.weights, distilled.quantized(bits, kinds)
+            if schedule.repair:
+                detail += f", {distilled.repaired} survivor(s) repaired"
         # fine-tuned biases are rounded as they will be stored
         new_state = target.round_dense(
             student_state_dict({k: trained.get(k, v) for k, v in state.items()}, new_layers))
         after = measure(new_state)
-        if judge("finetune", after, f"{finetune_epochs} epoch(s), masks {schedule.mode}"):
+        if judge("finetune", after, detail):
             layers, state, now = new_layers, new_state, after
     before_merge = now
     levels_before = {n: ql.n_levels for n, ql in layers.items()}

@@ -343,3 +343,75 @@ def resize(model: nn.Module, shapes: dict[str, list[int]]) -> nn.Module:
         if attr == "weight":
             _sync(mod)
     return model
+
+
+# --- masks that spend no survivor on a unit that cannot matter -----------------------------
+
+def wasted_units(masks: dict[str, torch.Tensor], pairs: list[tuple[str, str]]
+                 ) -> dict[tuple[str, str], torch.Tensor]:
+    """Per coupled pair ``(A, B)`` of compressed tensors (keys of ``masks``: bool, in the
+    weights' shapes), bool ``(units,)``: the units of ``A`` that cannot matter, those whose
+    row in ``A`` keeps no survivor (a constant output) or whose columns in ``B`` keep none
+    (an output nobody reads)."""
+    out = {}
+    for a, b in pairs:
+        units = masks[a].shape[0]
+        computed = masks[a].reshape(units, -1).any(1)
+        read = masks[b].reshape(masks[b].shape[0], units, -1).any(2).any(0)
+        out[(a, b)] = ~(computed & read)
+    return out
+
+
+def repair_masks(masks: dict[str, torch.Tensor], pairs: list[tuple[str, str]],
+                 scores: dict[str, torch.Tensor], *, rounds: int = 64
+                 ) -> tuple[dict[str, torch.Tensor], int]:
+    """Move the survivors a unit that cannot matter holds (:func:`wasted_units`: in ``A``
+    the rows, in ``B`` the columns of those units) to the positions of highest ``scores``
+    among units that do; every tensor keeps its number of survivors. Removing survivors
+    can leave more units wasted, so this repeats until nothing moves (at most ``rounds``
+    times); a tensor without enough room among useful units is left as it is. Survivors
+    are only added to useful units, so no unit becomes useful by the repair.
+
+    masks: bool, in the weights' shapes; pairs: ``(A, B)`` names of coupled tensors
+    (:func:`find_couplings` of their modules); scores: same shapes, larger is kept first.
+    Returns the repaired masks (new tensors) and how many survivors moved."""
+    out = {k: m.clone() for k, m in masks.items()}
+    counts = {k: int(m.sum()) for k, m in out.items()}
+    moved = 0
+    for _ in range(rounds):
+        allowed = {k: torch.ones_like(m) for k, m in out.items()}
+        for (a, b), wasted in wasted_units(out, pairs).items():
+            useful = ~wasted
+            units = useful.numel()
+            rows = allowed[a].view(units, -1)
+            rows &= useful.view(-1, 1)
+            cols = allowed[b].view(allowed[b].shape[0], units, -1)
+            cols &= useful.view(1, -1, 1)
+        changed = False
+        for k, ok in allowed.items():
+            if bool(ok.all()) or int(ok.sum()) < counts[k]:
+                continue
+            keep = out[k] & ok
+            need = counts[k] - int(keep.sum())
+            if need == 0:
+                continue
+            free = torch.where(ok & ~keep, scores[k].float(),
+                               torch.full_like(scores[k], -math.inf, dtype=torch.float32))
+            flat = free.reshape(-1)
+            keep.view(-1)[torch.topk(flat, need, sorted=False).indices] = True
+            out[k] = keep
+            moved += need
+            changed = True
+        if not changed:
+            break
+    return out, moved
+
+
+def coupled_tensors(model: nn.Module, inputs: Inputs, names: list[str]
+                    ) -> list[tuple[str, str]]:
+    """The ``(A, B)`` weight names among ``names`` whose modules form a coupling of
+    ``model`` (:func:`find_couplings`, traced on ``inputs``)."""
+    have = set(names)
+    return [(f"{c.producer}.weight", f"{c.consumer}.weight")
+            for c in find_couplings(model, inputs)
+            if f"{c.producer}.weight" in have and f"{c.consumer}.weight" in have]

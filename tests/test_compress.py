@@ -131,6 +131,9 @@ def test_compress_errors_are_one_line(compressed, cli, one_line_error):
                        "gradual")
     one_line_error(code, err, "--masks", "--finetune-epochs > 0")
     assert "finetune_epochs" not in err
+    code, _, err = cli("compress", "--run", str(compressed), "--max-drop", "1",
+                       "--repair-masks")
+    one_line_error(code, err, "--repair-masks", "--finetune-epochs > 0")
 
 
 def test_ratio_bins_and_the_bisection_order():
@@ -144,3 +147,16 @@ def test_ratio_bins_and_the_bisection_order():
     assert s.next({5: False}) == 1  # over: the lower half
     every = {i: False for ids in bins for i in ids}
     assert s.next(every) is None
+
+
+def test_settings_key_tells_repaired_masks_apart():
+    """A resumed compress reuses a candidate only under equal settings: the repair is part
+    of the key with fine-tuning; without it the key is as it was before the option."""
+    from moecomp.compress import _settings
+
+    base = dict(measure="metric", reconstruct=False, finetune_epochs=3, lr=2e-3, seed=0,
+                calibration=8192)
+    assert _settings(**base, repair_masks=True) != _settings(**base)
+    assert "repair" not in _settings(**base, repair_masks=False)
+    assert _settings(**{**base, "finetune_epochs": 0}, repair_masks=True) == \
+        _settings(**{**base, "finetune_epochs": 0})

@@ -74,7 +74,20 @@ def test_refine_with_moving_masks_ends_at_the_plans_counts(run_ctx):
     assert moved == step.kept  # a kept step is the distillation's own masks
 
 
+def test_refine_with_repaired_masks_says_how_many_moved(run_ctx):
+    r = refine(run_ctx, 2, finetune_epochs=1, repair_masks=True, progress=False)
+    (step,) = r.steps
+    moved = int(step.note.split("masks fixed, ")[1].split(" survivor")[0])
+    parent, child = run_ctx.solution(2), run_ctx.solution(r.key if step.kept else 2)
+    changed = sum(int((ql.mask & ~child.layers[n].mask).sum()) for n, ql in parent.layers.items())
+    assert changed == (moved if step.kept else 0)
+    for n, ql in parent.layers.items():
+        assert int(child.layers[n].mask.sum()) == int(ql.mask.sum())
+
+
 def test_moving_masks_need_finetuning(run_ctx):
+    with pytest.raises(ConfigError, match="repair_masks"):
+        refine(run_ctx, 2, reconstruct=True, repair_masks=True, progress=False)
     with pytest.raises(ConfigError, match="masks"):
         refine(run_ctx, 2, reconstruct=True, masks="rigl", progress=False)
     with pytest.raises(ConfigError, match="masks"):

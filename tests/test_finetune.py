@@ -113,7 +113,50 @@ def test_schedule_helpers():
                                       ("masks.prune_end", {"prune_end": 0.0}),
                                       ("masks.start", {"start": 1.5}),
                                       ("masks.update_every", {"update_every": -1}),
-                                      ("masks.regrow", {"regrow": 2.0})])
+                                      ("masks.regrow", {"regrow": 2.0}),
+                                      ("masks.repair", {"repair": "yes"})])
 def test_schedule_is_validated(field, kw):
     with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
         MaskSchedule(**kw)
+
+
+def test_repair_moves_survivors_off_dead_units_before_training(digits_target, plan_layers):
+    """A plan whose first hidden layer computes nothing for 16 units while the next layer
+    still reads them: the repair moves those readers (and nothing else is lost), each tensor
+    keeps its count, and the moved positions start from the teacher's weights."""
+    from moecomp.structured import coupled_tensors, wasted_units
+
+    t = digits_target
+    plan, layers, state = plan_layers
+    a, b = t.layer_names[0], t.layer_names[1]
+    dead = torch.arange(16)
+    masks = {n: ql.mask.reshape(ql.shape).clone() for n, ql in layers.items()}
+    kept_a = masks[a].clone()
+    kept_a[dead] = False
+    # the dead rows' survivors go to other rows of A, so A keeps its count
+    free = (~kept_a).clone()
+    free[dead] = False
+    extra = int(masks[a].sum()) - int(kept_a.sum())
+    kept_a.view(-1)[free.reshape(-1).nonzero().flatten()[:extra]] = True
+    masks[a] = kept_a
+    assert int(masks[b][:, dead].sum()) > 0  # B still reads the dead units
+    broken = {n: type(ql)(ql.shape, masks[n].reshape(ql.mask.shape), ql.indices[:0], ql.codebook)
+              for n, ql in layers.items()}
+    bits = {n: lp.bits for n, lp in plan.layers.items()}
+    kinds = dict.fromkeys(bits, "uniform")
+    model = student_model(t.teacher, state)
+    res = distil(model, t, broken, bits, _train(t), epochs=0, batch_size=32,
+                 masks=MaskSchedule("fixed", repair=True), quantizers=kinds, progress=False)
+    pairs = coupled_tensors(t.teacher, t.calib.inputs[:2], list(masks))
+    assert (a, b) in pairs
+    assert res.repaired >= int(masks[b][:, dead].sum())
+    for n in masks:
+        m = res.masks[n].reshape(masks[n].shape)
+        assert int(m.sum()) == int(masks[n].sum())
+        assert torch.count_nonzero(res.weights[n][~m]) == 0
+        gained = m & ~masks[n]
+        assert torch.equal(res.weights[n][gained], t.weights()[n][gained])
+    after = {n: res.masks[n].reshape(masks[n].shape) for n in masks}
+    for (x, y), w in wasted_units(after, pairs).items():  # no survivor on them
+        assert not after[x][w].any() and not after[y][:, w].any()
+    assert not after[b][:, dead].any()

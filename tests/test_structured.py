@@ -18,7 +18,15 @@ from moecomp.fold import close
 from moecomp.plan import CompressionPlan, LayerPlan
 from moecomp.relevance.base import scores_to_ranks
 from moecomp.solution import dense_tensors, student_model
-from moecomp.structured import Coupling, find_couplings, resize, shrink
+from moecomp.structured import (
+    Coupling,
+    coupled_tensors,
+    find_couplings,
+    repair_masks,
+    resize,
+    shrink,
+    wasted_units,
+)
 from moecomp.zoo import MLP, LeNet5
 
 
@@ -80,6 +88,57 @@ def test_lenet5_filters_and_units_leave():
     assert s.conv1.weight.shape == (13, 1, 5, 5) and s.conv2.weight.shape == (38, 13, 5, 5)
     assert s.fc1.weight.shape == (200, 38 * 16) and s.fc2.weight.shape == (10, 200)
     assert rec.shapes["conv2.bias"] == [38]
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_repair_masks_spends_no_survivor_on_a_unit_that_cannot_matter(seed):
+    """Random sparse masks of LeNet-5 (conv -> conv -> flattened fc -> fc): after the repair
+    every tensor keeps its count, no survivor sits on a wasted unit (where there was room),
+    every survivor that ends on a useful unit was kept, and those added are the best free
+    positions by score."""
+    m = LeNet5()
+    x = _x((4, 1, 28, 28))
+    names = [f"{c}.weight" for c in ("conv1", "conv2", "fc1", "fc2")]
+    pairs = coupled_tensors(m, x, names)
+    assert pairs == [("conv1.weight", "conv2.weight"), ("conv2.weight", "fc1.weight"),
+                     ("fc1.weight", "fc2.weight")]
+    g = torch.Generator().manual_seed(seed)
+    params = dict(m.named_parameters())
+    density = {"conv1.weight": 0.5, "conv2.weight": 0.05, "fc1.weight": 0.01,
+               "fc2.weight": 0.3}
+    masks = {n: torch.rand(params[n].shape, generator=g) < density[n] for n in names}
+    masks["conv2.weight"][:, :2] = False    # conv1 filters 0, 1 nobody reads
+    masks["fc1.weight"][:5] = False         # fc1 units 0..4 compute nothing
+    scores = {n: torch.rand(params[n].shape, generator=g) for n in names}
+    before = sum(int(w.sum()) for w in wasted_units(masks, pairs).values())
+    out, moved = repair_masks(masks, pairs, scores)
+    assert moved > 0 and before > 0
+    wasted = wasted_units(out, pairs)
+    for n in names:
+        assert int(out[n].sum()) == int(masks[n].sum())
+        assert not (out[n] & ~masks[n] & (scores[n] < 0)).any()
+    allowed = {n: torch.ones_like(out[n]) for n in names}
+    for (a, b), w in wasted.items():
+        assert not out[a][w].any() and not out[b].reshape(
+            out[b].shape[0], w.numel(), -1)[:, w].any()
+        allowed[a].view(w.numel(), -1)[w] = False
+        allowed[b].view(out[b].shape[0], w.numel(), -1)[:, w] = False
+    for n in names:
+        assert bool((out[n] | ~(masks[n] & allowed[n])).all())  # useful survivors kept
+        added, free = out[n] & ~masks[n], allowed[n] & ~out[n]
+        if added.any() and free.any():
+            assert float(scores[n][added].min()) >= float(scores[n][free].max())
+
+
+def test_repair_masks_leaves_a_tensor_without_room():
+    """fc2 is so dense that the units fc1 still computes cannot hold its survivors: it keeps
+    its mask; fc1's rows nobody would read are not emptied toward it."""
+    w1 = torch.zeros(6, 4, dtype=torch.bool)
+    w1[:3] = True                                  # units 3..5 compute nothing
+    w2 = torch.ones(5, 6, dtype=torch.bool)        # 30 survivors, room for 15 only
+    out, moved = repair_masks({"a": w1, "b": w2}, [("a", "b")],
+                              {"a": torch.rand(6, 4), "b": torch.rand(5, 6)})
+    assert moved == 0 and torch.equal(out["b"], w2) and torch.equal(out["a"], w1)
 
 
 def test_constants_into_a_padded_conv_stay():

@@ -19,6 +19,7 @@ OPTION_OF = {
     "time_budget": "--time-budget",
     "finetune_epochs": "--finetune-epochs",
     "masks": "--masks",
+    "repair_masks": "--repair-masks",
 }
 
 
@@ -65,6 +66,10 @@ def register(app: typer.Typer) -> None:
         masks: str = typer.Option(
             "fixed", "--masks",
             help="With --finetune-epochs: fixed, gradual or rigl (see `moecomp refine`)."),
+        repair_masks: bool = typer.Option(
+            False, "--repair-masks/--no-repair-masks",
+            help="With --finetune-epochs: first move survivors off hidden units that cannot "
+                 "matter to units that do (see `moecomp refine`)."),
         calibration: int = typer.Option(
             8192, "--calibration", min=1, help="Calibration samples for reconstruction."),
         seed: int = typer.Option(0, "--seed", help="Seed of reconstruction and fine-tuning."),
@@ -102,7 +107,7 @@ def register(app: typer.Typer) -> None:
                     budget=budget, finetune_epochs=finetune_epochs, reconstruct=reconstruct,
                     merge=merge_bins, candidates=candidates, time_budget=time_budget, lr=lr,
                     seed=seed, calibration=calibration, progress=not no_progress, masks=masks,
-                    device=device)
+                    repair_masks=repair_masks, device=device)
         except ConfigError as e:
             # the Python API's parameter names, said as this command's options
             if e.field not in OPTION_OF:

@@ -34,6 +34,11 @@ def register(app: typer.Typer) -> None:
                                   help="How survivors move while fine-tuning: fixed (the "
                                        "plan's), gradual (pruned from denser masks to the "
                                        "plan's counts) or rigl (drop and regrow)."),
+        repair_masks: bool = typer.Option(
+            False, "--repair-masks/--no-repair-masks",
+            help="Before fine-tuning, move survivors off hidden units that cannot matter "
+                 "(none computes them, or none reads them) to units that do; each layer keeps "
+                 "its count."),
         merge_bins: bool = typer.Option(False, "--merge-bins/--no-merge-bins",
                                         help="Merge neighbouring bins (levels) as far as the "
                                              "validation measure stays within --tolerance."),
@@ -54,13 +59,16 @@ def register(app: typer.Typer) -> None:
         checked_device(device)
         if tolerance != 0.0 and not merge_bins:
             raise ConfigError("--tolerance", "applies to bin merging only: add --merge-bins")
+        if repair_masks and finetune_epochs == 0:
+            raise ConfigError("--repair-masks", "the masks are repaired before fine-tuning: "
+                              "give --finetune-epochs N")
         if not (reconstruct or finetune_epochs > 0 or merge_bins):
             raise ConfigError("refine", "no step asked: give --reconstruct, "
                               "--finetune-epochs N and/or --merge-bins")
         r = refine_solution(run, solution, reconstruct=reconstruct, calibration=calibration,
                             finetune_epochs=finetune_epochs, lr=lr, merge=merge_bins,
                             tolerance=tolerance, metric=metric, seed=seed, device=device,
-                            masks=masks)
+                            masks=masks, repair_masks=repair_masks)
         c = Console()
         origin = f"; searched solution {r.root}" if r.root != r.parent else ""
         c.print(f"[bold]{r.key}[/] (from solution {r.parent}){origin}: {r.path}")
