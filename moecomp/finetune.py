@@ -313,9 +313,9 @@ def distil(model: nn.Module, target: Target, layers: dict[str, QuantizedLayer],
         w = params[k].detach().abs()
         return w * scales[k] if k in scales else w
 
-    repaired = 0
+    repaired, pairs = 0, list[tuple[str, str]]()
     if sched_cfg.repair:
-        plan_masks, repaired = _repaired(target, params, plan_masks, scales, train)
+        plan_masks, repaired, pairs = _repaired(target, params, plan_masks, scales, train)
 
     if mode == "gradual":
         current = _start_masks(params, plan_masks, target.weights(), sched_cfg.start, scales)
@@ -382,15 +382,17 @@ def distil(model: nn.Module, target: Target, layers: dict[str, QuantizedLayer],
             if int(current[k].sum()) != final[k]:
                 current[k] = top_mask(score(k), final[k])
                 params[k].mul_(current[k])
+        _zero_unread_biases(params, current, pairs)
     return Distilled({k: v.detach().cpu() for k, v in params.items()},
                      {k: m.cpu().clone() for k, m in current.items()}, repaired)
 
 
 def _repaired(target: Target, params: dict[str, torch.Tensor],
               plan_masks: dict[str, torch.Tensor], scales: dict[str, torch.Tensor],
-              train: Split) -> tuple[dict[str, torch.Tensor], int]:
+              train: Split) -> tuple[dict[str, torch.Tensor], int, list[tuple[str, str]]]:
     """``plan_masks`` repaired (``MaskSchedule.repair``), scored on the teacher's weights;
-    the positions that gain a survivor take the teacher's value in ``params``."""
+    the positions that gain a survivor take the teacher's value in ``params``. Also returns
+    how many survivors moved and the coupled pairs."""
     from moecomp.structured import coupled_tensors, repair_masks
 
     device = next(iter(plan_masks.values())).device
@@ -404,7 +406,20 @@ def _repaired(target: Target, params: dict[str, torch.Tensor],
         for k, m in masks.items():
             gained = m & ~plan_masks[k]
             params[k].copy_(torch.where(gained, teacher[k].to(params[k].dtype), params[k]))
-    return masks, moved
+    return masks, moved, pairs
+
+
+def _zero_unread_biases(params: dict[str, torch.Tensor], masks: dict[str, torch.Tensor],
+                        pairs: list[tuple[str, str]]) -> None:
+    """Set to 0 the bias of every unit no survivor of the next layer reads: its output goes
+    nowhere, so the model's outputs do not change, and the stored biases compress."""
+    from moecomp.structured import read_units
+
+    for a, b in pairs:
+        bias = a.removesuffix("weight") + "bias"
+        if a.endswith("weight") and bias in params:
+            read = read_units(masks[b].reshape(params[b].shape), params[a].shape[0])
+            params[bias][~read.to(params[bias].device)] = 0.0
 
 
 def _on(split: Split, device: torch.device) -> Split:

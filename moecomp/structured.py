@@ -347,6 +347,12 @@ def resize(model: nn.Module, shapes: dict[str, list[int]]) -> nn.Module:
 
 # --- masks that spend no survivor on a unit that cannot matter -----------------------------
 
+def read_units(consumer: torch.Tensor, units: int) -> torch.Tensor:
+    """Bool ``(units,)``: whether the consumer's mask (bool, its weight's shape) keeps a
+    survivor on each producer unit's columns."""
+    return consumer.reshape(consumer.shape[0], units, -1).any(2).any(0)
+
+
 def wasted_units(masks: dict[str, torch.Tensor], pairs: list[tuple[str, str]]
                  ) -> dict[tuple[str, str], torch.Tensor]:
     """Per coupled pair ``(A, B)`` of compressed tensors (keys of ``masks``: bool, in the
@@ -357,8 +363,7 @@ def wasted_units(masks: dict[str, torch.Tensor], pairs: list[tuple[str, str]]
     for a, b in pairs:
         units = masks[a].shape[0]
         computed = masks[a].reshape(units, -1).any(1)
-        read = masks[b].reshape(masks[b].shape[0], units, -1).any(2).any(0)
-        out[(a, b)] = ~(computed & read)
+        out[(a, b)] = ~(computed & read_units(masks[b], units))
     return out
 
 

@@ -160,3 +160,16 @@ def test_repair_moves_survivors_off_dead_units_before_training(digits_target, pl
     for (x, y), w in wasted_units(after, pairs).items():  # no survivor on them
         assert not after[x][w].any() and not after[y][:, w].any()
     assert not after[b][:, dead].any()
+    # units nobody reads have their biases zeroed, and any value there changes no output
+    from moecomp.structured import read_units
+
+    bias = a.removesuffix("weight") + "bias"
+    unread = ~read_units(after[b], after[a].shape[0])
+    assert unread.any() and not res.weights[bias][unread].any()
+    other = dict(res.weights)
+    other[bias] = res.weights[bias].clone()
+    other[bias][unread] = torch.randn(int(unread.sum()))
+    x = t.val.inputs[:64]
+    with torch.no_grad():
+        assert torch.equal(student_model(t.teacher, res.weights)(x),
+                           student_model(t.teacher, other)(x))
