@@ -14,11 +14,20 @@ def base(**sections):
     return raw
 
 
-@pytest.mark.parametrize("name", ["digits-mlp", "fashion-lenet300", "fashion-lenet5"])
-def test_shipped_problem_files_load(name):
-    p = load_problem(REPO / "problems" / f"{name}.toml")
-    assert p.name == name
+SHIPPED = sorted((REPO / "problems").glob("*.toml")) + \
+    sorted((REPO / "bench" / "problems").glob("*.toml"))
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=lambda p: f"{p.parent.name}/{p.stem}")
+def test_shipped_problem_files_load(path):
+    p = load_problem(path)
+    assert p.name == path.stem  # runs/<name> and caches are keyed by it
     assert p.genes.bits_min <= p.genes.bits_max
+
+
+def test_every_problem_is_shipped():
+    names = {p.stem for p in SHIPPED}
+    assert {"digits-mlp", "fashion-lenet300", "fashion-lenet300-ft", "fashion-lenet5"} <= names
 
 
 @pytest.mark.parametrize(
