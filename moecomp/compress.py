@@ -238,10 +238,10 @@ def compress(
     from moecomp.finetune import MaskSchedule
 
     if MaskSchedule(masks, repair=repair_masks).mode != "fixed" and finetune_epochs == 0:
-        raise ConfigError("masks", f"{masks!r} moves the masks while fine-tuning: give "
+        raise ConfigError("masks", f"{masks!r} moves the survivors while fine-tuning: give "
                           "finetune_epochs > 0")
     if repair_masks and finetune_epochs == 0:
-        raise ConfigError("repair_masks", "the masks are repaired before fine-tuning: give "
+        raise ConfigError("repair_masks", "the repair comes before fine-tuning: give "
                           "finetune_epochs > 0")
     if reconstruct is None:
         reconstruct = finetune_epochs == 0

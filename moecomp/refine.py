@@ -260,7 +260,7 @@ def refine(run: RunContext | str | os.PathLike[str], solution: str | int, *,
         raise ConfigError("masks", f"{schedule.mode!r} moves the masks while fine-tuning: "
                           "give finetune_epochs > 0")
     if schedule.repair and finetune_epochs == 0:
-        raise ConfigError("repair_masks", "the masks are repaired before fine-tuning: give "
+        raise ConfigError("repair_masks", "the repair comes before fine-tuning: give "
                           "finetune_epochs > 0")
     if reconstruct and not calibration >= 1:
         raise ConfigError("calibration", f"must be >= 1 samples, got {calibration!r}")

@@ -160,3 +160,13 @@ def test_settings_key_tells_repaired_masks_apart():
     assert "repair" not in _settings(**base, repair_masks=False)
     assert _settings(**{**base, "finetune_epochs": 0}, repair_masks=True) == \
         _settings(**{**base, "finetune_epochs": 0})
+
+
+def test_api_names_become_options_only_as_whole_words():
+    """The command says the API's parameter names as its options, without rewriting the
+    words inside other names or the options themselves."""
+    from moecomp.cli.compress import said_as_options
+
+    msg = "repair_masks needs finetune_epochs > 0; the masks stay; --masks gradual"
+    assert said_as_options(msg) == ("--repair-masks needs --finetune-epochs > 0; the --masks "
+                                    "stay; --masks gradual")

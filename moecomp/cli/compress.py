@@ -3,6 +3,7 @@ export the smallest file whose validation drop is within D (test drop reported).
 
 from __future__ import annotations
 
+import re
 import signal
 from pathlib import Path
 
@@ -21,6 +22,14 @@ OPTION_OF = {
     "masks": "--masks",
     "repair_masks": "--repair-masks",
 }
+
+
+def said_as_options(message: str) -> str:
+    """``message`` with every parameter name of :data:`OPTION_OF` that stands as a word of
+    its own (not inside another name or option) said as this command's option."""
+    names = "|".join(sorted(OPTION_OF, key=len, reverse=True))
+    return re.sub(rf"(?<![\w-])({names})(?![\w-])", lambda m: OPTION_OF[m.group(1)],
+                  message)
 
 
 def register(app: typer.Typer) -> None:
@@ -112,10 +121,7 @@ def register(app: typer.Typer) -> None:
             # the Python API's parameter names, said as this command's options
             if e.field not in OPTION_OF:
                 raise
-            message = e.problem
-            for name, option in OPTION_OF.items():
-                message = message.replace(name, option)
-            raise ConfigError(OPTION_OF[e.field], message) from None
+            raise ConfigError(OPTION_OF[e.field], said_as_options(e.problem)) from None
         except (KeyboardInterrupt, Terminated) as e:
             name = "SIGTERM" if isinstance(e, Terminated) else "SIGINT"
             where = out if out is not None else (run / "compress" if run else None)

@@ -60,7 +60,7 @@ def register(app: typer.Typer) -> None:
         if tolerance != 0.0 and not merge_bins:
             raise ConfigError("--tolerance", "applies to bin merging only: add --merge-bins")
         if repair_masks and finetune_epochs == 0:
-            raise ConfigError("--repair-masks", "the masks are repaired before fine-tuning: "
+            raise ConfigError("--repair-masks", "the repair comes before fine-tuning: "
                               "give --finetune-epochs N")
         if not (reconstruct or finetune_epochs > 0 or merge_bins):
             raise ConfigError("refine", "no step asked: give --reconstruct, "
