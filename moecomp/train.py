@@ -124,6 +124,9 @@ def train_teacher(problem: ProblemConfig, *, data: Splits | None = None, force: 
         "test_accuracy": accuracy(model, data.test),
         "n_params": sum(p.numel() for p in model.parameters()),
         "torch": torch.__version__,
+        # the sums of a training step depend on how many threads share them: another count
+        # gives a teacher different in the last bits, and every number downstream moves
+        "threads": torch.get_num_threads(),
         "date": time.strftime("%Y-%m-%d"),
     }
     weights.parent.mkdir(parents=True, exist_ok=True)

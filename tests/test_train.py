@@ -39,6 +39,7 @@ def test_reused_when_present_and_record_written(digits_problem, tmp_path, monkey
     m2, r2 = train_teacher(p, progress=False)
     assert weights.stat().st_mtime_ns == mtime and r2 == r1
     assert torch.equal(m1.out.weight, m2.out.weight)
+    assert r1["threads"] == torch.get_num_threads()  # what the teacher's bits depend on
 
 
 def test_global_rng_untouched(digits_problem, tmp_path, monkeypatch):
