@@ -42,7 +42,7 @@ from moecomp.codec import write_mcz
 from moecomp.data import Split
 from moecomp.errors import ConfigError
 from moecomp.evaluate.options import resolve_device
-from moecomp.finetune import MaskSchedule, distil, finetune, requantize
+from moecomp.finetune import MaskSchedule, distil
 from moecomp.merge import merge_bins
 from moecomp.reconstruct import reconstruct as reconstruct_layers
 from moecomp.runs import atomic_write_csv, read_table
@@ -313,18 +313,13 @@ def refine(run: RunContext | str | os.PathLike[str], solution: str | int, *,
             layers, state, now = new_layers, new_state, after
     if finetune_epochs > 0:
         detail = f"{finetune_epochs} epoch(s), masks {schedule.mode}"
-        if schedule.mode == "fixed" and not schedule.repair:
-            trained = finetune(student_model(target.teacher, state), target, layers, bits,
-                               pool, epochs=finetune_epochs, lr=lr, seed=seed,
-                               quantizers=kinds, progress=progress)
-            new_layers = requantize(trained, layers, bits, kinds)
-        else:  # the masks move (or were repaired): the survivors are the distillation's own
-            distilled = distil(student_model(target.teacher, state), target, layers, bits,
-                               pool, epochs=finetune_epochs, masks=schedule, lr=lr,
-                               seed=seed, quantizers=kinds, progress=progress)
-            trained, new_layers = distilled.weights, distilled.quantized(bits, kinds)
-            if schedule.repair:
-                detail += f", {distilled.repaired} survivor(s) repaired"
+        # the survivors are the distillation's own (the plan's with fixed masks)
+        distilled = distil(student_model(target.teacher, state), target, layers, bits, pool,
+                           epochs=finetune_epochs, masks=schedule, lr=lr, seed=seed,
+                           quantizers=kinds, progress=progress)
+        trained, new_layers = distilled.weights, distilled.quantized(bits, kinds)
+        if schedule.repair:
+            detail += f", {distilled.repaired} survivor(s) repaired"
         # fine-tuned biases are rounded as they will be stored
         new_state = target.round_dense(
             student_state_dict({k: trained.get(k, v) for k, v in state.items()}, new_layers))

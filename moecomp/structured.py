@@ -42,6 +42,7 @@ from torch import nn
 
 from moecomp import inputs as inputs_mod
 from moecomp import outputs
+from moecomp.finetune import top_mask
 from moecomp.fold import ForwardTrace, ModuleCall, close, shared_weights, trace_forward
 from moecomp.inputs import Inputs
 
@@ -184,7 +185,7 @@ def _columns(b: nn.Module, units: int) -> torch.Tensor:
 
 def _read(b: nn.Module, units: int) -> torch.Tensor:
     """Bool ``(units,)``: whether ``B`` has a nonzero weight on the unit's columns."""
-    return _columns(b, units).ne(0).any(2).any(0)
+    return read_units(_columns(b, units).ne(0), units)
 
 
 def _unit_values(x: torch.Tensor, b: nn.Module, units: int, i: int) -> torch.Tensor:
@@ -402,9 +403,7 @@ def repair_masks(masks: dict[str, torch.Tensor], pairs: list[tuple[str, str]],
                 continue
             free = torch.where(ok & ~keep, scores[k].float(),
                                torch.full_like(scores[k], -math.inf, dtype=torch.float32))
-            flat = free.reshape(-1)
-            keep.view(-1)[torch.topk(flat, need, sorted=False).indices] = True
-            out[k] = keep
+            out[k] = keep | top_mask(free, need)
             moved += need
             changed = True
         if not changed:
