@@ -497,27 +497,37 @@ def _record_best(study: optuna.Study, _trial: FrozenTrial | None = None) -> None
 
 
 def _check_same_study(study: optuna.Study, cfg: StudyConfig, problem: ProblemConfig) -> None:
-    """A study resumed under the same name must keep what makes its trials comparable."""
+    """A study resumed under the same name must keep what makes its trials comparable.
+
+    What does is stored as one attribute, ``identity``, so that workers starting together on one
+    storage read it whole or not at all (one read, one write each). The first writer wins
+    (Optuna ignores a second insert of the key); every worker then reads it back and compares.
+    Studies stored before ``identity`` existed kept the three values under their own keys.
+    """
     want = {"problem": problem.name, "budget": cfg.budget.evaluations, "seeds": cfg.budget.seeds}
-    have = {k: study.user_attrs.get(k) for k in want}
-    if all(v is None for v in have.values()):
-        for k, v in want.items():
-            study.set_user_attr(k, v)
-        study.set_user_attr("space", {p.name: _spec_dict(p) for p in cfg.space})
-        return
-    if have["seeds"] is None:  # stored before budget.seeds existed: one seed per trial
-        have["seeds"] = 1
+    attrs = study.user_attrs  # one snapshot
+    have = attrs.get("identity")
+    if have is None and "problem" in attrs:  # stored before `identity`
+        have = {k: attrs.get(k) for k in want}
+        if have["seeds"] is None:  # stored before budget.seeds existed: one seed per trial
+            have["seeds"] = 1
+    if have is None:
+        study.set_user_attr("identity", want)
+        have = study.user_attrs.get("identity", want)
     fields = {"problem": "problem", "budget": "budget.evaluations", "seeds": "budget.seeds"}
     for k, v in want.items():
-        if have[k] != v:
+        if have.get(k) != v:
             raise ConfigError(
                 fields[k],
                 f"study {cfg.name!r} in storage was run with {k} "
-                f"{have[k]!r}, this file says {v!r}; its trials would not "
+                f"{have.get(k)!r}, this file says {v!r}; its trials would not "
                 f"compare: give the study a new name",
             )
-    if "seeds" not in study.user_attrs:
-        study.set_user_attr("seeds", have["seeds"])
+    missing = {k: v for k, v in want.items() if k not in attrs}
+    if "space" not in attrs:
+        missing["space"] = {p.name: _spec_dict(p) for p in cfg.space}
+    for k, v in missing.items():  # read by the report and by people looking at the storage
+        study.set_user_attr(k, v)
 
 
 def _spec_dict(p: ParamSpec) -> dict[str, Any]:

@@ -138,6 +138,46 @@ def test_a_changed_budget_is_refused(tmp_path, fake_search_patch):
     assert err.value.field == "budget.evaluations"
 
 
+def test_workers_starting_together_agree_on_the_study(tmp_path):
+    """CI once saw a worker refuse a study another worker was creating: it read the problem
+    before the other wrote it and the budget after. The identity is now read once and
+    written whole; here the other worker writes it between our read and our write."""
+    from moecomp.tune.study import _check_same_study
+
+    cfg = fake_study(tmp_path)
+    problem = cfg.load_problem()
+    cfg.out_dir.parent.mkdir(parents=True, exist_ok=True)
+    other = optuna.create_study(study_name="fake", storage=cfg.storage_url, direction="maximize")
+
+    class LateLook:
+        """Our view of the study: the first read is empty, the other worker then writes."""
+
+        def __init__(self):
+            self.study = optuna.load_study(study_name="fake", storage=cfg.storage_url)
+            self.reads = 0
+
+        @property
+        def user_attrs(self):
+            self.reads += 1
+            if self.reads == 1:
+                _check_same_study(other, cfg, problem)
+                return {}
+            return self.study.user_attrs
+
+        def set_user_attr(self, key, value):
+            self.study.set_user_attr(key, value)
+
+    ours = LateLook()
+    _check_same_study(ours, cfg, problem)  # type: ignore[arg-type]
+    attrs = other.user_attrs
+    want = {"problem": problem.name, "budget": 64, "seeds": 1}
+    assert attrs["identity"] == want
+    assert {k: attrs[k] for k in want} == want
+    assert sorted(attrs["space"]) == sorted(SPACE)
+    with pytest.raises(ConfigError, match="budget 64, this file says 128"):
+        _check_same_study(other, fake_study(tmp_path, budget={"evaluations": 128}), problem)
+
+
 def test_best_params_from_every_source(finished):
     tmp_path, cfg, study = finished
     want = study.best_trial.params
