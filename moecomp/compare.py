@@ -39,6 +39,7 @@ from matplotlib.lines import Line2D
 from pymoo.util.dominator import Dominator
 from tqdm.auto import tqdm
 
+from moecomp.atomic import replace_atomically
 from moecomp.baseline.directed_evolution import (
     BITS_EVALS,
     DEConfig,
@@ -659,7 +660,4 @@ def draw_comparison(
             )
         ax.set_title("\n".join(lines), fontsize=10)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp.png")
-    fig.savefig(tmp, dpi=130)
-    os.replace(tmp, path)
-    return path
+    return replace_atomically(path, lambda tmp: fig.savefig(tmp, dpi=130), suffix=".tmp.png")

@@ -23,6 +23,7 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.ticker import FuncFormatter
 
+from moecomp.atomic import replace_atomically
 from moecomp.divergence import divergence_label
 from moecomp.runs import (
     MetricInfo,
@@ -538,10 +539,7 @@ def draw_hv(
 
 def _save(fig: Figure, path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp.png")
-    fig.savefig(tmp, dpi=DPI)
-    os.replace(tmp, path)
-    return path
+    return replace_atomically(path, lambda tmp: fig.savefig(tmp, dpi=DPI), suffix=".tmp.png")
 
 
 # --- a whole run ----------------------------------------------------------------------------

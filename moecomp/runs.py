@@ -29,6 +29,7 @@ from typing import Any, NamedTuple
 import numpy as np
 import pandas as pd
 
+from moecomp.atomic import replace_atomically
 from moecomp.config import ProblemConfig, problem_from_dict
 from moecomp.errors import RunError
 from moecomp.plan import CompressionPlan, LayerPlan
@@ -65,16 +66,13 @@ def plans_from_genes(names: Sequence[str], sparsity: np.ndarray, bits: np.ndarra
 
 
 def atomic_write_text(path: Path, text: str) -> None:
-    """Write via a temporary file and rename, so a killed process never leaves half a file."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    """Write via a temporary file and rename (``moecomp.atomic``): a killed process never
+    leaves half a file, two processes writing it at once never mix theirs."""
+    replace_atomically(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
 
 def atomic_write_csv(path: Path, df: pd.DataFrame) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    df.to_csv(tmp, index=False)
-    os.replace(tmp, path)
+    replace_atomically(path, lambda tmp: df.to_csv(tmp, index=False))
 
 
 class RunFolder:

@@ -16,6 +16,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from moecomp import inputs as inputs_mod
+from moecomp.atomic import replace_atomically
 from moecomp.config import ProblemConfig
 from moecomp.data import Split, Splits, load_splits
 from moecomp.errors import ConfigError
@@ -130,8 +131,8 @@ def train_teacher(problem: ProblemConfig, *, data: Splits | None = None, force: 
         "date": time.strftime("%Y-%m-%d"),
     }
     weights.parent.mkdir(parents=True, exist_ok=True)
-    tmp = weights.with_suffix(".tmp")
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp))
-    tmp.replace(weights)
-    record_path.write_text(json.dumps(record, indent=2))
+    state = {k: v.contiguous() for k, v in model.state_dict().items()}
+    replace_atomically(weights, lambda tmp: save_file(state, str(tmp)))
+    text = json.dumps(record, indent=2)
+    replace_atomically(record_path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
     return model, record

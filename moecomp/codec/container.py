@@ -37,7 +37,6 @@ import math
 import os
 import struct
 import sys
-import uuid
 import zlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -49,6 +48,7 @@ import torch
 
 from moecomp import __version__
 from moecomp.apply import QuantizedLayer
+from moecomp.atomic import replace_atomically
 from moecomp.codec.masks import MASK_CODER, decode_mask, encode_mask, grid_of, worth_trying
 from moecomp.codec.streams import (
     MAX_ALPHABET,
@@ -804,15 +804,11 @@ def write_mcz(
     target = Path(path)
     # A unique sibling opened with "xb" (not mkstemp, whose 0600 mode would stick to the file)
     # and renamed over the target: readers never see a half-written file.
-    tmp = target.with_name(f".{target.name}.{os.getpid()}.{uuid.uuid4().hex}.tmp")
-    try:
+    def write(tmp: Path) -> None:
         with open(tmp, "xb") as f:
             f.write(data)
-        os.replace(tmp, target)
-    except BaseException:
-        # Leave no half-written temporary behind, whatever interrupted the write.
-        tmp.unlink(missing_ok=True)
-        raise
+
+    replace_atomically(target, write)
     return len(data)
 
 

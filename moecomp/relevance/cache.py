@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import warnings
 from dataclasses import asdict
 from pathlib import Path
@@ -23,6 +22,7 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from moecomp import inputs as inputs_mod
+from moecomp.atomic import replace_atomically
 from moecomp.config import RelevanceConfig
 from moecomp.relevance.base import is_permutation, scores_to_ranks
 from moecomp.relevance.registry import SCORERS
@@ -142,15 +142,11 @@ def compute_ranks(
             )
         ranks[ref.name] = scores_to_ranks(scores).contiguous()
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    save_file(
-        ranks,
-        str(tmp),
-        metadata={
-            "scorer": cfg.scorer,
-            "settings": json.dumps(asdict(cfg), sort_keys=True),
-            "format": str(CACHE_FORMAT),
-        },
-    )
-    tmp.replace(path)  # atomic: a reader never sees half a file
+    meta = {
+        "scorer": cfg.scorer,
+        "settings": json.dumps(asdict(cfg), sort_keys=True),
+        "format": str(CACHE_FORMAT),
+    }
+    # atomic: a reader never sees half a file
+    replace_atomically(path, lambda tmp: save_file(ranks, str(tmp), metadata=meta))
     return structure_ranks(ranks, target.layers, cfg.units)

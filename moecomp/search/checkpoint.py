@@ -28,6 +28,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save
 
 import moecomp
+from moecomp.atomic import replace_atomically
 from moecomp.errors import RunError
 
 FORMAT = "moecomp-search-checkpoint"
@@ -61,12 +62,13 @@ def save_checkpoint(
         {k: np.ascontiguousarray(v) for k, v in arrays.items()},
         metadata={_META_KEY: json.dumps(meta, allow_nan=True)},
     )
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(blob)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as f:
+            f.write(blob)
+            f.flush()
+            os.fsync(f.fileno())
+
+    replace_atomically(path, write)
 
 
 def read_header(path: Path) -> dict[str, Any]:

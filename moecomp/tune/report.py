@@ -20,6 +20,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 from optuna.trial import TrialState
 
+from moecomp.atomic import replace_atomically
 from moecomp.runs import RunFolder
 from moecomp.tune.study import FINISHED, reported_value, trial_run_dirs
 
@@ -126,10 +127,7 @@ def best_params_frame(study: optuna.Study) -> pd.DataFrame:
 # --- drawing -------------------------------------------------------------------------------
 def _save(fig: Figure, path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.stem + ".tmp.png")
-    fig.savefig(tmp, dpi=DPI)
-    os.replace(tmp, path)
-    return path
+    return replace_atomically(path, lambda tmp: fig.savefig(tmp, dpi=DPI), suffix=".tmp.png")
 
 
 def draw_history(info: pd.DataFrame, path: Path, *, title: str) -> Path:
