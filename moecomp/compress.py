@@ -149,13 +149,16 @@ class _Strategy:
 
 # --- records -------------------------------------------------------------------------------
 def _settings(*, measure: str, reconstruct: bool, finetune_epochs: int, lr: float, seed: int,
-              calibration: int, masks: str = "fixed", repair_masks: bool = False) -> str:
+              calibration: int, masks: str = "fixed", repair_masks: bool = False,
+              optimizer: str = "adam") -> str:
     """What a refined candidate depends on, as a key: a resumed compress reuses a candidate
     only when these are equal (fixed masks leave the key as it was before masks moved)."""
     moving: dict[str, Any] = {"masks": masks} if masks != "fixed" and finetune_epochs > 0 \
         else {}
     if repair_masks and finetune_epochs > 0:
         moving["repair_masks"] = True
+    if optimizer != "adam" and finetune_epochs > 0:  # Adam's keys stay as they were
+        moving["optimizer"] = optimizer
     return json.dumps({"measure": measure, "reconstruct": reconstruct,
                        "finetune_epochs": finetune_epochs, "lr": lr, "seed": seed,
                        "calibration": calibration if reconstruct else None, **moving},
@@ -190,13 +193,14 @@ def compress(
     merge: bool = True,
     candidates: int = 16,
     time_budget: float | None = None,
-    lr: float = 2e-3,
+    lr: float | None = None,
     seed: int = 0,
     calibration: int = 8192,
     progress: bool = True,
     device: str = "auto",
     masks: str = "fixed",
     repair_masks: bool = False,
+    optimizer: str = "adam",
 ) -> CompressResult:
     """The smallest file whose validation drop (or divergence) is within a budget.
 
@@ -218,7 +222,9 @@ def compress(
     device: where the search and the refine steps run (``auto``, ``cpu``, ``cuda``,
         ``cuda:N``; see ``run_search`` and ``refine``). masks: with fine-tuning, ``fixed``,
         ``gradual`` or ``rigl`` (``refine``'s ``masks``); repair_masks: with fine-tuning,
-        survivors on hidden units that cannot matter move first (``refine``'s).
+        survivors on hidden units that cannot matter move first (``refine``'s). optimizer,
+        lr: the fine-tuning optimizer (adam or sgd) and learning rate (None: the optimizer's
+        default).
     Returns a :class:`CompressResult`; raises :class:`NoCandidateWithinBudget` when nothing
     is within the budget (compress.json says so and lists what was tried).
     """
@@ -235,8 +241,9 @@ def compress(
         raise ConfigError("time_budget", f"must be > 0 seconds, got {time_budget!r}")
     if finetune_epochs < 0:
         raise ConfigError("finetune_epochs", f"must be >= 0, got {finetune_epochs!r}")
-    from moecomp.finetune import MaskSchedule
+    from moecomp.finetune import MaskSchedule, resolve_optimizer
 
+    lr = resolve_optimizer(optimizer, lr)
     if MaskSchedule(masks, repair=repair_masks).mode != "fixed" and finetune_epochs == 0:
         raise ConfigError("masks", f"{masks!r} moves the survivors while fine-tuning: give "
                           "finetune_epochs > 0")
@@ -260,11 +267,13 @@ def compress(
     out_dir.mkdir(parents=True, exist_ok=True)
     settings = _settings(measure=metric, reconstruct=bool(reconstruct),
                          finetune_epochs=finetune_epochs, lr=lr, seed=seed,
-                         calibration=calibration, masks=masks, repair_masks=repair_masks)
+                         calibration=calibration, masks=masks, repair_masks=repair_masks,
+                         optimizer=optimizer)
     run_compress = _Compress(ctx, out_dir, metric=metric, limit=limit, settings=settings,
                              reconstruct=bool(reconstruct), finetune_epochs=finetune_epochs,
                              lr=lr, seed=seed, calibration=calibration, progress=progress,
-                             device=device, masks=masks, repair_masks=repair_masks)
+                             device=device, masks=masks, repair_masks=repair_masks,
+                             optimizer=optimizer)
     run_compress.write_status("running", started=t0)
     try:
         status = run_compress.run(candidates=candidates, merge=merge, time_budget=time_budget,
@@ -320,9 +329,10 @@ class _Compress:
     def __init__(self, ctx: RunContext, out: Path, *, metric: str, limit: float, settings: str,
                  reconstruct: bool, finetune_epochs: int, lr: float, seed: int,
                  calibration: int, progress: bool, device: str = "auto",
-                 masks: str = "fixed", repair_masks: bool = False) -> None:
+                 masks: str = "fixed", repair_masks: bool = False,
+                 optimizer: str = "adam") -> None:
         self.ctx, self.out, self.metric, self.limit = ctx, out, metric, limit
-        self.repair_masks = repair_masks
+        self.repair_masks, self.optimizer = repair_masks, optimizer
         self.settings = settings
         self.reconstruct, self.finetune_epochs = reconstruct, finetune_epochs
         self.lr, self.seed, self.calibration, self.progress = lr, seed, calibration, progress
@@ -386,7 +396,7 @@ class _Compress:
                        finetune_epochs=self.finetune_epochs, lr=self.lr, seed=self.seed,
                        calibration=self.calibration, metric=self.metric, progress=False,
                        device=self.device, masks=self.masks,
-                       repair_masks=self.repair_masks)
+                       repair_masks=self.repair_masks, optimizer=self.optimizer)
         measure = r.val_measure
         steps = " | ".join(o.line() for o in r.steps) or "none"
         if stage == "merge":  # the steps of the candidate merged come first (its lineage)

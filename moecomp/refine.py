@@ -42,7 +42,7 @@ from moecomp.codec import write_mcz
 from moecomp.data import Split
 from moecomp.errors import ConfigError
 from moecomp.evaluate.options import resolve_device
-from moecomp.finetune import MaskSchedule, distil
+from moecomp.finetune import MaskSchedule, distil, resolve_optimizer
 from moecomp.merge import merge_bins
 from moecomp.reconstruct import reconstruct as reconstruct_layers
 from moecomp.runs import atomic_write_csv, read_table
@@ -217,16 +217,17 @@ def root_of(ctx: RunContext, sol: Solution) -> str:
 
 def refine(run: RunContext | str | os.PathLike[str], solution: str | int, *,
            reconstruct: bool = False, finetune_epochs: int = 0, merge: bool = False,
-           tolerance: float = 0.0, metric: str | None = None, lr: float = 2e-3,
+           tolerance: float = 0.0, metric: str | None = None, lr: float | None = None,
            seed: int = 0, calibration: int = 8192, guide_samples: int = GUIDE_SAMPLES,
            progress: bool = True, device: str = "auto", masks: str = "fixed",
-           repair_masks: bool = False) -> RefineResult:
+           repair_masks: bool = False, optimizer: str = "adam") -> RefineResult:
     """Refine one solution of a run and add it to the run as ``refined/rN.mcz``.
 
     reconstruct: re-fit survivors and biases layer by layer on ``calibration`` samples of
         the calibration side first (see ``moecomp.reconstruct``); no gradient training.
-    finetune_epochs: distillation epochs (0: none), ``lr`` and ``seed`` for it; fine-tunes
-        the reconstructed solution when reconstruction was kept.
+    finetune_epochs: distillation epochs (0: none), ``optimizer`` (adam or sgd), ``lr``
+        (None: the optimizer's default, ``moecomp.finetune.OPTIMIZERS``) and ``seed`` for
+        it; fine-tunes the reconstructed solution when reconstruction was kept.
     masks: how the survivors move while fine-tuning (``moecomp.finetune.MaskSchedule``):
         ``fixed`` (the plan's), ``gradual`` (pruned from denser masks toward the plan's
         counts) or ``rigl`` (drop and regrow); every mode ends at the plan's counts.
@@ -256,6 +257,7 @@ def refine(run: RunContext | str | os.PathLike[str], solution: str | int, *,
     if finetune_epochs < 0:
         raise ConfigError("finetune_epochs", f"must be >= 0, got {finetune_epochs!r}")
     schedule = MaskSchedule(masks, repair=repair_masks)
+    lr = resolve_optimizer(optimizer, lr)
     if schedule.mode != "fixed" and finetune_epochs == 0:
         raise ConfigError("masks", f"{schedule.mode!r} moves the masks while fine-tuning: "
                           "give finetune_epochs > 0")
@@ -312,11 +314,11 @@ def refine(run: RunContext | str | os.PathLike[str], solution: str | int, *,
         if judge("reconstruct", after, f"{min(calibration, len(pool))} calibration samples"):
             layers, state, now = new_layers, new_state, after
     if finetune_epochs > 0:
-        detail = f"{finetune_epochs} epoch(s), masks {schedule.mode}"
+        detail = f"{finetune_epochs} epoch(s), {optimizer} lr {lr:g}, masks {schedule.mode}"
         # the survivors are the distillation's own (the plan's with fixed masks)
         distilled = distil(student_model(target.teacher, state), target, layers, bits, pool,
-                           epochs=finetune_epochs, masks=schedule, lr=lr, seed=seed,
-                           quantizers=kinds, progress=progress)
+                           epochs=finetune_epochs, masks=schedule, lr=lr, optimizer=optimizer,
+                           seed=seed, quantizers=kinds, progress=progress)
         trained, new_layers = distilled.weights, distilled.quantized(bits, kinds)
         if schedule.repair:
             detail += f", {distilled.repaired} survivor(s) repaired"

@@ -134,6 +134,9 @@ def test_compress_errors_are_one_line(compressed, cli, one_line_error):
     code, _, err = cli("compress", "--run", str(compressed), "--max-drop", "1",
                        "--repair-masks")
     one_line_error(code, err, "--repair-masks", "--finetune-epochs > 0")
+    code, _, err = cli("compress", "--run", str(compressed), "--max-drop", "1",
+                       "--finetune-epochs", "1", "--optimizer", "rmsprop")
+    one_line_error(code, err, "--optimizer", "adam, sgd")
 
 
 def test_ratio_bins_and_the_bisection_order():
@@ -160,6 +163,10 @@ def test_settings_key_tells_repaired_masks_apart():
     assert "repair" not in _settings(**base, repair_masks=False)
     assert _settings(**{**base, "finetune_epochs": 0}, repair_masks=True) == \
         _settings(**{**base, "finetune_epochs": 0})
+    # the optimizer likewise: Adam's keys are those written before the option existed
+    assert _settings(**base, optimizer="sgd") != _settings(**base)
+    assert _settings(**base, optimizer="adam") == _settings(**base)
+    assert "optimizer" not in _settings(**base)
 
 
 def test_api_names_become_options_only_as_whole_words():

@@ -130,6 +130,12 @@ def test_cli_refine_reports_kept_and_dropped_steps(run_ctx, cli, one_line_error)
     one_line_error(code, err, "no step asked")
     code, _, err = cli("refine", run, "--solution", "0", "--reconstruct", "--tolerance", "1")
     one_line_error(code, err, "--tolerance", "--merge-bins")
+    code, _, err = cli("refine", run, "--solution", "0", "--finetune-epochs", "1",
+                       "--optimizer", "sgd", "--lr", "0")
+    one_line_error(code, err, "--lr", "> 0")
+    code, _, err = cli("refine", run, "--solution", "0", "--finetune-epochs", "1",
+                       "--optimizer", "rmsprop")
+    one_line_error(code, err, "--optimizer", "adam, sgd")
 
 
 def test_cli_inspect_refuses_a_truncated_file(run_ctx, tmp_path):

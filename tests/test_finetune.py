@@ -7,12 +7,14 @@ import torch
 from moecomp.apply import apply_plan, student_state_dict
 from moecomp.errors import ConfigError
 from moecomp.finetune import (
+    OPTIMIZERS,
     MaskSchedule,
     _rigl_update,
     cubic_count,
     distil,
     finetune,
     requantize,
+    resolve_optimizer,
     top_mask,
 )
 from moecomp.plan import CompressionPlan, LayerPlan
@@ -78,6 +80,44 @@ def test_fixed_masks_stay_and_the_student_improves(digits_target, plan_layers):
         {k: w.get(k, v) for k, v in state.items()}, q)))
     assert t.fidelity(tuned, "validation").divergence < \
         t.fidelity(model, "validation").divergence
+
+
+def test_sgd_fine_tunes_at_its_default_rate_and_differs_from_adam(digits_target, plan_layers):
+    """optimizer = sgd: the student gets closer to the teacher with the masks fixed; no lr is
+    the table's default (bit-identical to passing it), and Adam's weights differ."""
+    t = digits_target
+    plan, layers, state = plan_layers
+    bits = {n: lp.bits for n, lp in plan.layers.items()}
+    kinds = dict.fromkeys(bits, "uniform")
+    model = student_model(t.teacher, state)
+    kw = dict(epochs=2, batch_size=32, quantizers=kinds, progress=False)
+    sgd = distil(model, t, layers, bits, _train(t, 512), optimizer="sgd", **kw)
+    same = distil(model, t, layers, bits, _train(t, 512), optimizer="sgd",
+                  lr=OPTIMIZERS["sgd"], **kw)
+    adam = distil(model, t, layers, bits, _train(t, 512), **kw)
+    assert all(torch.equal(sgd.weights[k], same.weights[k]) for k in sgd.weights)
+    assert any(not torch.equal(sgd.weights[k], adam.weights[k]) for k in layers)
+    q = sgd.quantized(bits, kinds)
+    for n, ql in layers.items():
+        assert torch.equal(q[n].mask, ql.mask)
+        assert torch.count_nonzero(sgd.weights[n][~ql.mask]) == 0
+    tuned = student_model(t.teacher, t.round_dense(student_state_dict(
+        {k: sgd.weights.get(k, v) for k, v in state.items()}, q)))
+    assert t.fidelity(tuned, "validation").divergence < \
+        t.fidelity(model, "validation").divergence
+
+
+@pytest.mark.parametrize("optimizer,lr,field,says", [
+    ("rmsprop", None, "optimizer", "adam, sgd"),
+    ("sgd", 0.0, "lr", "> 0"),
+    ("adam", float("nan"), "lr", "> 0"),
+    ("adam", -1e-3, "lr", "> 0"),
+])
+def test_optimizer_and_rate_are_validated(optimizer, lr, field, says):
+    with pytest.raises(ConfigError, match=says) as err:
+        resolve_optimizer(optimizer, lr)
+    assert err.value.field == field
+    assert resolve_optimizer("adam", None) == 2e-3 and resolve_optimizer("sgd", 0.1) == 0.1
 
 
 def test_gradual_start_keeps_the_plans_survivors(digits_target, plan_layers):

@@ -21,6 +21,8 @@ OPTION_OF = {
     "finetune_epochs": "--finetune-epochs",
     "masks": "--masks",
     "repair_masks": "--repair-masks",
+    "optimizer": "--optimizer",
+    "lr": "--lr",
 }
 
 
@@ -71,7 +73,12 @@ def register(app: typer.Typer) -> None:
             None, "--time-budget",
             help="Seconds after which no new candidate starts (the search is bounded by "
                  "--budget)."),
-        lr: float = typer.Option(2e-3, "--lr", help="Fine-tuning learning rate."),
+        optimizer: str = typer.Option(
+            "adam", "--optimizer",
+            help="With --finetune-epochs: adam or sgd (Nesterov momentum 0.9; see `moecomp "
+                 "refine`)."),
+        lr: float | None = typer.Option(
+            None, "--lr", help="Fine-tuning learning rate (default: adam 0.002, sgd 0.05)."),
         masks: str = typer.Option(
             "fixed", "--masks",
             help="With --finetune-epochs: fixed, gradual or rigl (see `moecomp refine`)."),
@@ -116,7 +123,7 @@ def register(app: typer.Typer) -> None:
                     budget=budget, finetune_epochs=finetune_epochs, reconstruct=reconstruct,
                     merge=merge_bins, candidates=candidates, time_budget=time_budget, lr=lr,
                     seed=seed, calibration=calibration, progress=not no_progress, masks=masks,
-                    repair_masks=repair_masks, device=device)
+                    repair_masks=repair_masks, optimizer=optimizer, device=device)
         except ConfigError as e:
             # the Python API's parameter names, said as this command's options
             if e.field not in OPTION_OF:

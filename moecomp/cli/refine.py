@@ -11,6 +11,7 @@ from rich.console import Console
 from moecomp.cli.device import checked_device, device_option
 from moecomp.cli.export import fidelity_line
 from moecomp.errors import ConfigError
+from moecomp.finetune import resolve_optimizer
 from moecomp.paths import input_folder
 from moecomp.refine import refine as refine_solution
 
@@ -29,7 +30,12 @@ def register(app: typer.Typer) -> None:
         finetune_epochs: int = typer.Option(0, "--finetune-epochs",
                                             help="Distillation epochs (masks kept, "
                                                  "quantisation in the loop)."),
-        lr: float = typer.Option(2e-3, "--lr", help="Fine-tuning learning rate."),
+        optimizer: str = typer.Option(
+            "adam", "--optimizer",
+            help="Fine-tuning optimizer: adam or sgd (Nesterov momentum 0.9); each with the "
+                 "learning rate on a cosine to 0."),
+        lr: float | None = typer.Option(
+            None, "--lr", help="Fine-tuning learning rate (default: adam 0.002, sgd 0.05)."),
         masks: str = typer.Option("fixed", "--masks",
                                   help="How survivors move while fine-tuning: fixed (the "
                                        "plan's), gradual (pruned from denser masks to the "
@@ -62,13 +68,17 @@ def register(app: typer.Typer) -> None:
         if repair_masks and finetune_epochs == 0:
             raise ConfigError("--repair-masks", "the repair comes before fine-tuning: "
                               "give --finetune-epochs N")
+        try:
+            resolve_optimizer(optimizer, lr)
+        except ConfigError as e:
+            raise ConfigError(f"--{e.field}", e.problem) from None
         if not (reconstruct or finetune_epochs > 0 or merge_bins):
             raise ConfigError("refine", "no step asked: give --reconstruct, "
                               "--finetune-epochs N and/or --merge-bins")
         r = refine_solution(run, solution, reconstruct=reconstruct, calibration=calibration,
                             finetune_epochs=finetune_epochs, lr=lr, merge=merge_bins,
                             tolerance=tolerance, metric=metric, seed=seed, device=device,
-                            masks=masks, repair_masks=repair_masks)
+                            masks=masks, repair_masks=repair_masks, optimizer=optimizer)
         c = Console()
         origin = f"; searched solution {r.root}" if r.root != r.parent else ""
         c.print(f"[bold]{r.key}[/] (from solution {r.parent}){origin}: {r.path}")
