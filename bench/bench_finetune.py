@@ -71,8 +71,10 @@ def ladder(ctx: RunContext, lo: float, hi: float, n: int, *, window: float = 0.0
 
 
 def finetuned_file(ctx: RunContext, sol: Solution, mode: str, epochs: int, path: Path, *,
-                   seed: int, lr: float, score: str) -> dict[str, float]:
-    """Fine-tune, write, decode and measure one solution; a result row."""
+                   seed: int, lr: float | None, score: str, optimizer: str = "adam",
+                   repair: bool = False) -> dict[str, float]:
+    """Fine-tune, write, decode and measure one solution; a result row. ``optimizer``,
+    ``repair``: ``distil``'s optimizer and ``MaskSchedule.repair``."""
     target = ctx.target
     assert target.val is not None and target.test is not None
     bits = {n: lp.bits for n, lp in sol.plan.layers.items()}
@@ -80,8 +82,8 @@ def finetuned_file(ctx: RunContext, sol: Solution, mode: str, epochs: int, path:
     model = student_model(target.teacher, sol.state)
     t0 = time.perf_counter()
     res = distil(model, target, sol.layers, bits, target.pool or target.calib, epochs=epochs,
-                 masks=MaskSchedule(mode, score=score), quantizers=kinds, lr=lr, seed=seed,
-                 progress=False)
+                 masks=MaskSchedule(mode, score=score, repair=repair), quantizers=kinds, lr=lr,
+                 optimizer=optimizer, seed=seed, progress=False)
     seconds = time.perf_counter() - t0
     layers = res.quantized(bits, kinds)
     state = {k: res.weights.get(k, v) for k, v in sol.state.items()}

@@ -78,8 +78,8 @@ def distillation_loss(target: Target, t_out: Any, s_out: Any, labels: torch.Tens
 
 OPTIMIZERS = {"adam": 2e-3, "sgd": 0.05}
 """The fine-tuning optimizers and each one's default learning rate. ``sgd``: momentum 0.9,
-Nesterov. Why both: on LeNet-300-100 at 77-107x SGD ended 0.16 validation point better than
-Adam on average (8 of 11 plan and seed pairs), with files 2-4 % larger (BENCHMARKS.md,
+Nesterov. Why both: on LeNet-300-100 at 76-107x SGD ended 0.12 validation point better than
+Adam on average (8 of 12 plan and seed pairs), with files 3 % larger (BENCHMARKS.md,
 "Fine-tuning with SGD"); Adam stays the default, the numbers measured before were Adam's."""
 
 
