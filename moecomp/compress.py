@@ -244,6 +244,9 @@ def compress(
     from moecomp.finetune import MaskSchedule, resolve_optimizer
 
     lr = resolve_optimizer(optimizer, lr)
+    if optimizer != "adam" and finetune_epochs == 0:
+        raise ConfigError("optimizer", f"{optimizer!r} is the fine-tuning optimizer: give "
+                          "finetune_epochs > 0")
     if MaskSchedule(masks, repair=repair_masks).mode != "fixed" and finetune_epochs == 0:
         raise ConfigError("masks", f"{masks!r} moves the survivors while fine-tuning: give "
                           "finetune_epochs > 0")

@@ -258,6 +258,9 @@ def refine(run: RunContext | str | os.PathLike[str], solution: str | int, *,
         raise ConfigError("finetune_epochs", f"must be >= 0, got {finetune_epochs!r}")
     schedule = MaskSchedule(masks, repair=repair_masks)
     lr = resolve_optimizer(optimizer, lr)
+    if optimizer != "adam" and finetune_epochs == 0:
+        raise ConfigError("optimizer", f"{optimizer!r} is the fine-tuning optimizer: give "
+                          "finetune_epochs > 0")
     if schedule.mode != "fixed" and finetune_epochs == 0:
         raise ConfigError("masks", f"{schedule.mode!r} moves the masks while fine-tuning: "
                           "give finetune_epochs > 0")

@@ -137,6 +137,9 @@ def test_compress_errors_are_one_line(compressed, cli, one_line_error):
     code, _, err = cli("compress", "--run", str(compressed), "--max-drop", "1",
                        "--finetune-epochs", "1", "--optimizer", "rmsprop")
     one_line_error(code, err, "--optimizer", "adam, sgd")
+    code, _, err = cli("compress", "--run", str(compressed), "--max-drop", "1",
+                       "--optimizer", "sgd")
+    one_line_error(code, err, "--optimizer", "--finetune-epochs > 0")
 
 
 def test_ratio_bins_and_the_bisection_order():

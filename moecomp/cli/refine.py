@@ -72,6 +72,9 @@ def register(app: typer.Typer) -> None:
             resolve_optimizer(optimizer, lr)
         except ConfigError as e:
             raise ConfigError(f"--{e.field}", e.problem) from None
+        if optimizer != "adam" and finetune_epochs == 0:
+            raise ConfigError("--optimizer", f"{optimizer!r} is the fine-tuning optimizer: "
+                              "give --finetune-epochs N")
         if not (reconstruct or finetune_epochs > 0 or merge_bins):
             raise ConfigError("refine", "no step asked: give --reconstruct, "
                               "--finetune-epochs N and/or --merge-bins")
