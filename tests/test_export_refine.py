@@ -137,7 +137,7 @@ def test_cli_refine_reports_kept_and_dropped_steps(run_ctx, cli, one_line_error)
                        "--optimizer", "rmsprop")
     one_line_error(code, err, "--optimizer", "adam, sgd")
     code, _, err = cli("refine", run, "--solution", "0", "--merge-bins", "--optimizer", "sgd")
-    one_line_error(code, err, "--optimizer", "--finetune-epochs N")
+    one_line_error(code, err, "--optimizer", "--finetune-epochs > 0")
 
 
 def test_cli_inspect_refuses_a_truncated_file(run_ctx, tmp_path):

@@ -10,6 +10,7 @@ from pathlib import Path
 import typer
 
 from moecomp.cli.device import checked_device, device_option
+from moecomp.cli.finetune_options import checked_optimizer, lr_option, optimizer_option
 from moecomp.errors import ConfigError
 
 # compress()'s parameters that are options of this command
@@ -21,8 +22,6 @@ OPTION_OF = {
     "finetune_epochs": "--finetune-epochs",
     "masks": "--masks",
     "repair_masks": "--repair-masks",
-    "optimizer": "--optimizer",
-    "lr": "--lr",
 }
 
 
@@ -73,12 +72,8 @@ def register(app: typer.Typer) -> None:
             None, "--time-budget",
             help="Seconds after which no new candidate starts (the search is bounded by "
                  "--budget)."),
-        optimizer: str = typer.Option(
-            "adam", "--optimizer",
-            help="With --finetune-epochs: adam or sgd (Nesterov momentum 0.9; see `moecomp "
-                 "refine`)."),
-        lr: float | None = typer.Option(
-            None, "--lr", help="Fine-tuning learning rate (default: adam 0.002, sgd 0.05)."),
+        optimizer: str = optimizer_option(),
+        lr: float | None = lr_option(),
         masks: str = typer.Option(
             "fixed", "--masks",
             help="With --finetune-epochs: fixed, gradual or rigl (see `moecomp refine`)."),
@@ -108,6 +103,7 @@ def register(app: typer.Typer) -> None:
         if time_budget is not None and not time_budget > 0:
             raise ConfigError("--time-budget", f"must be > 0 seconds, got {time_budget:g}")
         checked_device(device)
+        checked_optimizer(optimizer, lr, finetune_epochs)
         if problem is None and run is None:
             raise ConfigError("problem", "give a problem file to search, or --run RUN")
         if problem is not None:

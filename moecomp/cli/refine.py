@@ -10,8 +10,8 @@ from rich.console import Console
 
 from moecomp.cli.device import checked_device, device_option
 from moecomp.cli.export import fidelity_line
+from moecomp.cli.finetune_options import checked_optimizer, lr_option, optimizer_option
 from moecomp.errors import ConfigError
-from moecomp.finetune import resolve_optimizer
 from moecomp.paths import input_folder
 from moecomp.refine import refine as refine_solution
 
@@ -30,12 +30,8 @@ def register(app: typer.Typer) -> None:
         finetune_epochs: int = typer.Option(0, "--finetune-epochs",
                                             help="Distillation epochs (masks kept, "
                                                  "quantisation in the loop)."),
-        optimizer: str = typer.Option(
-            "adam", "--optimizer",
-            help="Fine-tuning optimizer: adam or sgd (Nesterov momentum 0.9); each with the "
-                 "learning rate on a cosine to 0."),
-        lr: float | None = typer.Option(
-            None, "--lr", help="Fine-tuning learning rate (default: adam 0.002, sgd 0.05)."),
+        optimizer: str = optimizer_option(),
+        lr: float | None = lr_option(),
         masks: str = typer.Option("fixed", "--masks",
                                   help="How survivors move while fine-tuning: fixed (the "
                                        "plan's), gradual (pruned from denser masks to the "
@@ -68,13 +64,7 @@ def register(app: typer.Typer) -> None:
         if repair_masks and finetune_epochs == 0:
             raise ConfigError("--repair-masks", "the repair comes before fine-tuning: "
                               "give --finetune-epochs N")
-        try:
-            resolve_optimizer(optimizer, lr)
-        except ConfigError as e:
-            raise ConfigError(f"--{e.field}", e.problem) from None
-        if optimizer != "adam" and finetune_epochs == 0:
-            raise ConfigError("--optimizer", f"{optimizer!r} is the fine-tuning optimizer: "
-                              "give --finetune-epochs N")
+        checked_optimizer(optimizer, lr, finetune_epochs)
         if not (reconstruct or finetune_epochs > 0 or merge_bins):
             raise ConfigError("refine", "no step asked: give --reconstruct, "
                               "--finetune-epochs N and/or --merge-bins")
