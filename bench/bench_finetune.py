@@ -113,8 +113,10 @@ _CTX: dict[str, RunContext] = {}
 
 
 def _job(run: str, sid: int, mode: str, epochs: int, path: str, seed: int, lr: float,
-         score: str) -> dict[str, float]:
-    """One fine-tuned file in a worker process (its RunContext built once per worker)."""
+         score: str, optimizer: str = "adam", repair: bool = False
+         ) -> dict[str, float | int | str]:
+    """One fine-tuned file in a worker process (its RunContext built once per worker); also
+    bench_optimizer's."""
     torch.set_num_threads(1)
     if run not in _CTX:
         _CTX[run] = RunContext(run)
@@ -124,8 +126,9 @@ def _job(run: str, sid: int, mode: str, epochs: int, path: str, seed: int, lr: f
     t_val = accuracy(target.teacher, target.val)
     t_test = accuracy(target.teacher, target.test)
     r = finetuned_file(ctx, ctx.solution(sid), mode, epochs, Path(path), seed=seed, lr=lr,
-                       score=score)
-    return {"solution": sid, "masks": mode, "epochs": epochs, **r,
+                       score=score, optimizer=optimizer, repair=repair)
+    return {"solution": sid, "masks": mode, "epochs": epochs, "seed": seed,
+            "optimizer": optimizer, "lr": lr, **r,
             "val_drop": t_val - r["val_acc"], "test_drop": t_test - r["test_acc"]}
 
 

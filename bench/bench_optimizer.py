@@ -5,7 +5,7 @@ For every solution of ``--solutions`` (search ids of a finished run), every seed
 ``--seeds`` and every ``name:lr`` of ``--optimizers`` (``moecomp.finetune.OPTIMIZERS``), the
 solution is fine-tuned ``--epochs`` epochs with its plan's masks (``--repair``: mask repair
 first, as ``compress --repair-masks``), written, decoded, checked to reproduce the model and
-measured on validation and test (``bench_finetune.finetuned_file``). Prints one row per
+measured on validation and test (``bench_finetune``'s job). Prints one row per
 solution and seed, then per optimizer the mean validation and test drops and the mean file
 ratio, and how many pairs the second optimizer wins on validation (the split a choice may
 use) and on test. Rows go to ``--out`` (CSV).
@@ -27,28 +27,7 @@ from pathlib import Path
 os.environ.setdefault("OMP_NUM_THREADS", "1")  # one thread per worker (a 2-core machine)
 
 import pandas as pd  # noqa: E402
-import torch  # noqa: E402
-from bench_finetune import finetuned_file  # noqa: E402
-
-from moecomp.solution import RunContext  # noqa: E402
-from moecomp.train import accuracy  # noqa: E402
-
-_CTX: dict[str, RunContext] = {}
-
-
-def _job(run: str, sid: int, seed: int, optimizer: str, lr: float, epochs: int, repair: bool,
-         path: str) -> dict[str, float | int | str]:
-    torch.set_num_threads(1)
-    if run not in _CTX:
-        _CTX[run] = RunContext(run)
-    ctx = _CTX[run]
-    t = ctx.target
-    assert t.val is not None and t.test is not None
-    r = finetuned_file(ctx, ctx.solution(sid), "fixed", epochs, Path(path), seed=seed, lr=lr,
-                       score="activation", optimizer=optimizer, repair=repair)
-    return {"solution": sid, "seed": seed, "optimizer": optimizer, "lr": lr, **r,
-            "val_drop": accuracy(t.teacher, t.val) - r["val_acc"],
-            "test_drop": accuracy(t.teacher, t.test) - r["test_acc"]}
+from bench_finetune import _job  # noqa: E402
 
 
 def main() -> None:
@@ -71,8 +50,9 @@ def main() -> None:
     print(f"# {time.strftime('%Y-%m-%d %H:%M')} {platform.processor() or platform.machine()}, "
           f"{os.cpu_count()} cores, {args.workers} worker(s); {args.epochs} epochs, "
           f"repair {args.repair}")
-    jobs = [(str(args.run), sid, seed, name, lr, args.epochs, args.repair,
-             str(files / f"{sid}-s{seed}-{name}-{lr:g}.mcz"))
+    jobs = [(str(args.run), sid, "fixed", args.epochs,
+             str(files / f"{sid}-s{seed}-{name}-{lr:g}.mcz"), seed, lr, "activation", name,
+             args.repair)
             for sid in sids for seed in seeds for name, lr in opts]
     t0 = time.perf_counter()
     with ProcessPoolExecutor(args.workers, mp_context=get_context("spawn")) as pool:
