@@ -28,6 +28,7 @@ what :func:`distil` returns is on the CPU.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -102,6 +103,21 @@ def _make_optimizer(optimizer: str, params: list[torch.Tensor], lr: float
     if optimizer == "sgd":
         return torch.optim.SGD(params, lr=lr, momentum=0.9, nesterov=True)
     return torch.optim.Adam(params, lr=lr)
+
+
+class Diverged(RuntimeError):
+    """Fine-tuning stopped because a weight stopped being finite (the loss overflowed or the
+    learning rate is too high for the model): ``step`` of ``steps``."""
+
+    def __init__(self, step: int, steps: int) -> None:
+        super().__init__(f"training diverged at step {step} of {steps} (a weight stopped "
+                         "being finite)")
+        self.step, self.steps = step, steps
+
+
+def _all_finite(tensors: Iterable[torch.Tensor]) -> bool:
+    """One check (one device sync) over every tensor."""
+    return bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all())
 
 
 MASK_MODES = ("fixed", "gradual", "rigl")
@@ -317,7 +333,8 @@ def distil(model: nn.Module, target: Target, layers: dict[str, QuantizedLayer],
     train: calibration-side samples (``target.pool``), in batches of ``batch_size``,
         reshuffled every epoch with ``seed``. masks: fixed (default), gradual or rigl.
     Loss: :func:`distillation_loss`. ``optimizer`` (:data:`OPTIMIZERS`) at ``lr`` (None: the
-    optimizer's default), cosine decay over all steps.
+    optimizer's default), cosine decay over all steps. Raises :class:`Diverged` as soon as a
+    weight stops being finite.
     """
     sched_cfg = masks or MaskSchedule()
     lr = resolve_optimizer(optimizer, lr)
@@ -409,6 +426,9 @@ def distil(model: nn.Module, target: Target, layers: dict[str, QuantizedLayer],
                 for k, m in current.items():
                     params[k].mul_(m)
             step += 1
+            if not _all_finite(params.values()):
+                bar.close()
+                raise Diverged(step, steps)
             bar.update(1)
     bar.close()
     with torch.no_grad():  # a schedule cut short (few steps) ends at the plan's counts anyway

@@ -42,7 +42,7 @@ from moecomp.codec import write_mcz
 from moecomp.data import Split
 from moecomp.errors import ConfigError
 from moecomp.evaluate.options import resolve_device
-from moecomp.finetune import MaskSchedule, distil, resolve_optimizer
+from moecomp.finetune import Diverged, MaskSchedule, distil, resolve_optimizer
 from moecomp.merge import merge_bins
 from moecomp.reconstruct import reconstruct as reconstruct_layers
 from moecomp.runs import atomic_write_csv, read_table
@@ -319,18 +319,25 @@ def refine(run: RunContext | str | os.PathLike[str], solution: str | int, *,
     if finetune_epochs > 0:
         detail = f"{finetune_epochs} epoch(s), {optimizer} lr {lr:g}, masks {schedule.mode}"
         # the survivors are the distillation's own (the plan's with fixed masks)
-        distilled = distil(student_model(target.teacher, state), target, layers, bits, pool,
-                           epochs=finetune_epochs, masks=schedule, lr=lr, optimizer=optimizer,
-                           seed=seed, quantizers=kinds, progress=progress)
-        trained, new_layers = distilled.weights, distilled.quantized(bits, kinds)
-        if schedule.repair:
-            detail += f", {distilled.repaired} survivor(s) repaired"
-        # fine-tuned biases are rounded as they will be stored
-        new_state = target.round_dense(
-            student_state_dict({k: trained.get(k, v) for k, v in state.items()}, new_layers))
-        after = measure(new_state)
-        if judge("finetune", after, detail):
-            layers, state, now = new_layers, new_state, after
+        try:
+            distilled = distil(student_model(target.teacher, state), target, layers, bits,
+                               pool, epochs=finetune_epochs, masks=schedule, lr=lr,
+                               optimizer=optimizer, seed=seed, quantizers=kinds,
+                               progress=progress)
+        except Diverged as e:  # nothing to measure: dropped, and said why
+            outcomes.append(StepOutcome("finetune", False, now, math.nan,
+                                        f"{detail}; {e}; a lower --lr may train"))
+        else:
+            trained, new_layers = distilled.weights, distilled.quantized(bits, kinds)
+            if schedule.repair:
+                detail += f", {distilled.repaired} survivor(s) repaired"
+            # fine-tuned biases are rounded as they will be stored
+            new_state = target.round_dense(
+                student_state_dict({k: trained.get(k, v) for k, v in state.items()},
+                                   new_layers))
+            after = measure(new_state)
+            if judge("finetune", after, detail):
+                layers, state, now = new_layers, new_state, after
     before_merge = now
     levels_before = {n: ql.n_levels for n, ql in layers.items()}
     if merge:

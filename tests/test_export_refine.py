@@ -136,6 +136,13 @@ def test_cli_refine_reports_kept_and_dropped_steps(run_ctx, cli, one_line_error)
     code, _, err = cli("refine", run, "--solution", "0", "--finetune-epochs", "1",
                        "--optimizer", "rmsprop")
     one_line_error(code, err, "--optimizer", "adam, sgd")
+    # a run that diverges is a step dropped and said so, not a traceback
+    code, out, err = cli("refine", run, "--solution", "0", "--finetune-epochs", "1",
+                         "--optimizer", "sgd", "--lr", "1e6")
+    assert code == 0, err
+    said = " ".join(out.split())
+    assert "finetune: dropped" in said and "diverged at step" in said, out
+    assert "no step kept" in said
     code, _, err = cli("refine", run, "--solution", "0", "--merge-bins", "--optimizer", "sgd")
     one_line_error(code, err, "--optimizer", "--finetune-epochs > 0")
 

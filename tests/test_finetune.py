@@ -8,6 +8,7 @@ from moecomp.apply import apply_plan, student_state_dict
 from moecomp.errors import ConfigError
 from moecomp.finetune import (
     OPTIMIZERS,
+    Diverged,
     MaskSchedule,
     _rigl_update,
     cubic_count,
@@ -105,6 +106,16 @@ def test_sgd_fine_tunes_at_its_default_rate_and_differs_from_adam(digits_target,
         {k: sgd.weights.get(k, v) for k, v in state.items()}, q)))
     assert t.fidelity(tuned, "validation").divergence < \
         t.fidelity(model, "validation").divergence
+
+
+def test_a_diverging_run_stops_at_the_first_weight_not_finite(digits_target, plan_layers):
+    t = digits_target
+    plan, layers, state = plan_layers
+    bits = {n: lp.bits for n, lp in plan.layers.items()}
+    with pytest.raises(Diverged, match="diverged at step") as err:
+        distil(student_model(t.teacher, state), t, layers, bits, _train(t, 512), epochs=2,
+               batch_size=32, optimizer="sgd", lr=1e6, progress=False)
+    assert 1 <= err.value.step < err.value.steps == 32
 
 
 @pytest.mark.parametrize("optimizer,lr,field,says", [
