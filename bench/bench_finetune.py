@@ -37,7 +37,7 @@ import pandas as pd  # noqa: E402
 import torch  # noqa: E402
 
 from moecomp.codec import read_mcz, write_mcz  # noqa: E402
-from moecomp.finetune import MaskSchedule, distil  # noqa: E402
+from moecomp.finetune import Diverged, MaskSchedule, distil  # noqa: E402
 from moecomp.solution import RunContext, Solution, dense_tensors, student_model  # noqa: E402
 from moecomp.train import accuracy  # noqa: E402
 
@@ -125,10 +125,16 @@ def _job(run: str, sid: int, mode: str, epochs: int, path: str, seed: int, lr: f
     assert target.val is not None and target.test is not None
     t_val = accuracy(target.teacher, target.val)
     t_test = accuracy(target.teacher, target.test)
-    r = finetuned_file(ctx, ctx.solution(sid), mode, epochs, Path(path), seed=seed, lr=lr,
-                       score=score, optimizer=optimizer, repair=repair)
-    return {"solution": sid, "masks": mode, "epochs": epochs, "seed": seed,
-            "optimizer": optimizer, "lr": lr, **r,
+    row = {"solution": sid, "masks": mode, "epochs": epochs, "seed": seed,
+           "optimizer": optimizer, "lr": lr}
+    try:
+        r = finetuned_file(ctx, ctx.solution(sid), mode, epochs, Path(path), seed=seed, lr=lr,
+                           score=score, optimizer=optimizer, repair=repair)
+    except Diverged as e:  # a row without a file: NaN measures, and the step it diverged at
+        nan = float("nan")
+        return {**row, "bytes": nan, "ratio": nan, "seconds": nan, "val_acc": nan,
+                "test_acc": nan, "val_drop": nan, "test_drop": nan, "diverged_at": e.step}
+    return {**row, **r,
             "val_drop": t_val - r["val_acc"], "test_drop": t_test - r["test_acc"]}
 
 

@@ -3,7 +3,8 @@ real .mcz files, paired.
 
 For every solution of ``--solutions`` (search ids of a finished run), every seed of
 ``--seeds`` and every ``name:lr`` of ``--optimizers`` (``moecomp.finetune.OPTIMIZERS``), the
-solution is fine-tuned ``--epochs`` epochs with its plan's masks (``--repair``: mask repair
+solution is fine-tuned ``--epochs`` epochs (one that diverges is a row saying at which
+step) with its plan's masks (``--repair``: mask repair
 first, as ``compress --repair-masks``), written, decoded, checked to reproduce the model and
 measured on validation and test (``bench_finetune``'s job). Prints one row per
 solution and seed, then per optimizer the mean validation and test drops and the mean file
@@ -69,7 +70,10 @@ def main() -> None:
         cells = []
         for lab in labels:
             r = g[g.label == lab].iloc[0]
-            cells.append(f"{r.ratio:.1f}x: {r.val_drop:.2f} / {r.test_drop:.2f}")
+            if pd.notna(r.get("diverged_at")):
+                cells.append(f"diverged at step {int(r.diverged_at)}")
+            else:
+                cells.append(f"{r.ratio:.1f}x: {r.val_drop:.2f} / {r.test_drop:.2f}")
         print(f"| {sid} | {seed} | " + " | ".join(cells) + " |")
     for lab in labels:
         g = df[df.label == lab]

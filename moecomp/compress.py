@@ -239,20 +239,10 @@ def compress(
         raise ConfigError("candidates", f"must be an integer >= 1, got {candidates!r}")
     if time_budget is not None and not time_budget > 0:
         raise ConfigError("time_budget", f"must be > 0 seconds, got {time_budget!r}")
-    if finetune_epochs < 0:
-        raise ConfigError("finetune_epochs", f"must be >= 0, got {finetune_epochs!r}")
-    from moecomp.finetune import MaskSchedule, resolve_optimizer
+    from moecomp.finetune import finetune_settings
 
-    lr = resolve_optimizer(optimizer, lr)
-    if optimizer != "adam" and finetune_epochs == 0:
-        raise ConfigError("optimizer", f"{optimizer!r} is the fine-tuning optimizer: give "
-                          "finetune_epochs > 0")
-    if MaskSchedule(masks, repair=repair_masks).mode != "fixed" and finetune_epochs == 0:
-        raise ConfigError("masks", f"{masks!r} moves the survivors while fine-tuning: give "
-                          "finetune_epochs > 0")
-    if repair_masks and finetune_epochs == 0:
-        raise ConfigError("repair_masks", "the repair comes before fine-tuning: give "
-                          "finetune_epochs > 0")
+    _, lr = finetune_settings(finetune_epochs, masks=masks, repair_masks=repair_masks,
+                              optimizer=optimizer, lr=lr)
     if reconstruct is None:
         reconstruct = finetune_epochs == 0
     metric = "metric" if max_drop is not None else "divergence"

@@ -99,6 +99,32 @@ def resolve_optimizer(optimizer: str, lr: float | None) -> float:
     return float(lr)
 
 
+def finetune_settings(finetune_epochs: int, *, masks: str = "fixed",
+                      repair_masks: bool = False, optimizer: str = "adam",
+                      lr: float | None = None) -> tuple[MaskSchedule, float]:
+    """The mask schedule and learning rate a refine or compress fine-tunes with, checked
+    before anything runs: ConfigError naming the parameter for a value refused, and for
+    moving masks, the repair or another optimizer than Adam without fine-tuning (they would
+    be ignored)."""
+    if isinstance(finetune_epochs, bool) or not isinstance(finetune_epochs, int) or \
+            finetune_epochs < 0:
+        raise ConfigError("finetune_epochs", f"must be an integer >= 0, got "
+                          f"{finetune_epochs!r}")
+    schedule = MaskSchedule(masks, repair=repair_masks)
+    rate = resolve_optimizer(optimizer, lr)
+    if finetune_epochs == 0:
+        if schedule.mode != "fixed":
+            raise ConfigError("masks", f"{masks!r} moves the survivors while fine-tuning: "
+                              "give finetune_epochs > 0")
+        if schedule.repair:
+            raise ConfigError("repair_masks", "the repair comes before fine-tuning: give "
+                              "finetune_epochs > 0")
+        if optimizer != "adam":
+            raise ConfigError("optimizer", f"{optimizer!r} is the fine-tuning optimizer: give "
+                              "finetune_epochs > 0")
+    return schedule, rate
+
+
 def _make_optimizer(optimizer: str, params: list[torch.Tensor], lr: float
                     ) -> torch.optim.Optimizer:
     if optimizer == "sgd":

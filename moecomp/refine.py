@@ -42,7 +42,7 @@ from moecomp.codec import write_mcz
 from moecomp.data import Split
 from moecomp.errors import ConfigError
 from moecomp.evaluate.options import resolve_device
-from moecomp.finetune import Diverged, MaskSchedule, distil, resolve_optimizer
+from moecomp.finetune import Diverged, distil, finetune_settings
 from moecomp.merge import merge_bins
 from moecomp.reconstruct import reconstruct as reconstruct_layers
 from moecomp.runs import atomic_write_csv, read_table
@@ -254,19 +254,8 @@ def refine(run: RunContext | str | os.PathLike[str], solution: str | int, *,
     if isinstance(tolerance, bool) or not isinstance(tolerance, int | float) or not (
             math.isfinite(tolerance) and tolerance >= 0):
         raise ConfigError("tolerance", f"must be a finite number >= 0, got {tolerance!r}")
-    if finetune_epochs < 0:
-        raise ConfigError("finetune_epochs", f"must be >= 0, got {finetune_epochs!r}")
-    schedule = MaskSchedule(masks, repair=repair_masks)
-    lr = resolve_optimizer(optimizer, lr)
-    if optimizer != "adam" and finetune_epochs == 0:
-        raise ConfigError("optimizer", f"{optimizer!r} is the fine-tuning optimizer: give "
-                          "finetune_epochs > 0")
-    if schedule.mode != "fixed" and finetune_epochs == 0:
-        raise ConfigError("masks", f"{schedule.mode!r} moves the masks while fine-tuning: "
-                          "give finetune_epochs > 0")
-    if schedule.repair and finetune_epochs == 0:
-        raise ConfigError("repair_masks", "the repair comes before fine-tuning: give "
-                          "finetune_epochs > 0")
+    schedule, lr = finetune_settings(finetune_epochs, masks=masks, repair_masks=repair_masks,
+                                     optimizer=optimizer, lr=lr)
     if reconstruct and not calibration >= 1:
         raise ConfigError("calibration", f"must be >= 1 samples, got {calibration!r}")
     if not guide_samples >= 1:

@@ -175,8 +175,9 @@ def test_settings_key_tells_repaired_masks_apart():
 def test_api_names_become_options_only_as_whole_words():
     """The command says the API's parameter names as its options, without rewriting the
     words inside other names or the options themselves."""
-    from moecomp.cli.compress import said_as_options
+    from moecomp.cli.compress import OPTION_OF
+    from moecomp.cli.finetune_options import said_as_options
 
     msg = "repair_masks needs finetune_epochs > 0; the masks stay; --masks gradual"
-    assert said_as_options(msg) == ("--repair-masks needs --finetune-epochs > 0; the --masks "
-                                    "stay; --masks gradual")
+    assert said_as_options(msg, OPTION_OF) == (
+        "--repair-masks needs --finetune-epochs > 0; the --masks stay; --masks gradual")

@@ -143,6 +143,11 @@ def test_cli_refine_reports_kept_and_dropped_steps(run_ctx, cli, one_line_error)
     said = " ".join(out.split())
     assert "finetune: dropped" in said and "diverged at step" in said, out
     assert "no step kept" in said
+    code, _, err = cli("refine", run, "--solution", "0", "--merge-bins", "--repair-masks")
+    one_line_error(code, err, "--repair-masks", "--finetune-epochs > 0")
+    code, _, err = cli("refine", run, "--solution", "0", "--merge-bins", "--masks", "rigl")
+    one_line_error(code, err, "--masks", "--finetune-epochs > 0")
+    assert "finetune_epochs" not in err
     code, _, err = cli("refine", run, "--solution", "0", "--merge-bins", "--optimizer", "sgd")
     one_line_error(code, err, "--optimizer", "--finetune-epochs > 0")
 

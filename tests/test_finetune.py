@@ -14,6 +14,7 @@ from moecomp.finetune import (
     cubic_count,
     distil,
     finetune,
+    finetune_settings,
     requantize,
     resolve_optimizer,
     top_mask,
@@ -129,6 +130,25 @@ def test_optimizer_and_rate_are_validated(optimizer, lr, field, says):
         resolve_optimizer(optimizer, lr)
     assert err.value.field == field
     assert resolve_optimizer("adam", None) == 2e-3 and resolve_optimizer("sgd", 0.1) == 0.1
+
+
+@pytest.mark.parametrize("kw,field", [
+    ({"finetune_epochs": -1}, "finetune_epochs"),
+    ({"finetune_epochs": 0, "masks": "gradual"}, "masks"),
+    ({"finetune_epochs": 0, "repair_masks": True}, "repair_masks"),
+    ({"finetune_epochs": 0, "optimizer": "sgd"}, "optimizer"),
+    ({"finetune_epochs": 2, "lr": -1.0}, "lr"),
+])
+def test_finetune_settings_refuse_what_would_be_ignored_or_wrong(kw, field):
+    with pytest.raises(ConfigError) as err:
+        finetune_settings(**kw)
+    assert err.value.field == field
+
+
+def test_finetune_settings_resolve_the_schedule_and_rate():
+    schedule, lr = finetune_settings(3, masks="gradual", repair_masks=True, optimizer="sgd")
+    assert (schedule.mode, schedule.repair, lr) == ("gradual", True, OPTIMIZERS["sgd"])
+    assert finetune_settings(0) == (MaskSchedule(), OPTIMIZERS["adam"])
 
 
 def test_gradual_start_keeps_the_plans_survivors(digits_target, plan_layers):

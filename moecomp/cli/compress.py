@@ -3,14 +3,19 @@ export the smallest file whose validation drop is within D (test drop reported).
 
 from __future__ import annotations
 
-import re
 import signal
 from pathlib import Path
 
 import typer
 
 from moecomp.cli.device import checked_device, device_option
-from moecomp.cli.finetune_options import checked_optimizer, lr_option, optimizer_option
+from moecomp.cli.finetune_options import (
+    FINETUNE_OPTIONS,
+    checked_finetune,
+    lr_option,
+    optimizer_option,
+    said_as_options,
+)
 from moecomp.errors import ConfigError
 
 # compress()'s parameters that are options of this command
@@ -19,18 +24,8 @@ OPTION_OF = {
     "max_divergence": "--max-divergence",
     "candidates": "--candidates",
     "time_budget": "--time-budget",
-    "finetune_epochs": "--finetune-epochs",
-    "masks": "--masks",
-    "repair_masks": "--repair-masks",
+    **FINETUNE_OPTIONS,
 }
-
-
-def said_as_options(message: str) -> str:
-    """``message`` with every parameter name of :data:`OPTION_OF` that stands as a word of
-    its own (not inside another name or option) said as this command's option."""
-    names = "|".join(sorted(OPTION_OF, key=len, reverse=True))
-    return re.sub(rf"(?<![\w-])({names})(?![\w-])", lambda m: OPTION_OF[m.group(1)],
-                  message)
 
 
 def register(app: typer.Typer) -> None:
@@ -103,7 +98,7 @@ def register(app: typer.Typer) -> None:
         if time_budget is not None and not time_budget > 0:
             raise ConfigError("--time-budget", f"must be > 0 seconds, got {time_budget:g}")
         checked_device(device)
-        checked_optimizer(optimizer, lr, finetune_epochs)
+        checked_finetune(finetune_epochs, masks, repair_masks, optimizer, lr)
         if problem is None and run is None:
             raise ConfigError("problem", "give a problem file to search, or --run RUN")
         if problem is not None:
@@ -124,7 +119,7 @@ def register(app: typer.Typer) -> None:
             # the Python API's parameter names, said as this command's options
             if e.field not in OPTION_OF:
                 raise
-            raise ConfigError(OPTION_OF[e.field], said_as_options(e.problem)) from None
+            raise ConfigError(OPTION_OF[e.field], said_as_options(e.problem, OPTION_OF)) from None
         except (KeyboardInterrupt, Terminated) as e:
             name = "SIGTERM" if isinstance(e, Terminated) else "SIGINT"
             where = out if out is not None else (run / "compress" if run else None)

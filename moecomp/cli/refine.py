@@ -10,7 +10,7 @@ from rich.console import Console
 
 from moecomp.cli.device import checked_device, device_option
 from moecomp.cli.export import fidelity_line
-from moecomp.cli.finetune_options import checked_optimizer, lr_option, optimizer_option
+from moecomp.cli.finetune_options import checked_finetune, lr_option, optimizer_option
 from moecomp.errors import ConfigError
 from moecomp.paths import input_folder
 from moecomp.refine import refine as refine_solution
@@ -61,10 +61,7 @@ def register(app: typer.Typer) -> None:
         checked_device(device)
         if tolerance != 0.0 and not merge_bins:
             raise ConfigError("--tolerance", "applies to bin merging only: add --merge-bins")
-        if repair_masks and finetune_epochs == 0:
-            raise ConfigError("--repair-masks", "the repair comes before fine-tuning: "
-                              "give --finetune-epochs N")
-        checked_optimizer(optimizer, lr, finetune_epochs)
+        checked_finetune(finetune_epochs, masks, repair_masks, optimizer, lr)
         if not (reconstruct or finetune_epochs > 0 or merge_bins):
             raise ConfigError("refine", "no step asked: give --reconstruct, "
                               "--finetune-epochs N and/or --merge-bins")

@@ -1,0 +1,61 @@
+"""Validation against test across finished compress runs: read, not run.
+
+For each ``compress.json`` given (``moecomp compress`` writes one per run), prints:
+
+- per run, the files from ``--from-ratio`` up: how many lost more on test than on validation,
+  and the mean and largest test-minus-validation gap (points);
+- over all runs, each merged candidate against the candidate it merged: how much smaller the
+  file became and how far validation and test moved, with the means and how often test moved
+  more than validation.
+
+Run: .venv/bin/python bench/bench_compress_runs.py runs/f300ft-final/compress.json \
+     runs/l5/ft/compress.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+from pathlib import Path
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("files", type=Path, nargs="+", help="compress.json files")
+    ap.add_argument("--from-ratio", type=float, default=70.0)
+    args = ap.parse_args()
+    worse = total = 0
+    merges: list[tuple[str, str, float, float, float]] = []
+    for f in args.files:
+        doc = json.loads(f.read_text())
+        rows = doc["candidates"]
+        big = [r for r in rows if r["ratio"] >= args.from_ratio]
+        gaps = [r["test_drop"] - r["val_drop"] for r in big]
+        worse += sum(g > 0 for g in gaps)
+        total += len(gaps)
+        if gaps:
+            print(f"{f}: {len(gaps)} files from {args.from_ratio:g}x, test worse than "
+                  f"validation in {sum(g > 0 for g in gaps)}, gap mean "
+                  f"{statistics.mean(gaps):+.2f}, largest {max(gaps):+.2f} points")
+        by_key = {r["key"]: r for r in rows}
+        for r in rows:
+            parent = by_key.get(r["parent"]) if r["stage"] == "merge" else None
+            if parent is not None:
+                merges.append((str(f), r["key"], 1 - r["bytes"] / parent["bytes"],
+                               r["val_drop"] - parent["val_drop"],
+                               r["test_drop"] - parent["test_drop"]))
+    print(f"all runs: {worse} of {total} files from {args.from_ratio:g}x lost more on test "
+          "than on validation")
+    for f, key, smaller, dval, dtest in merges:
+        print(f"merge {f} {key}: {100 * smaller:.1f} % smaller, validation {dval:+.2f}, "
+              f"test {dtest:+.2f}")
+    if merges:
+        print(f"{len(merges)} merges: {100 * statistics.mean(m[2] for m in merges):.1f} % "
+              f"smaller on average, validation {statistics.mean(m[3] for m in merges):+.2f}, "
+              f"test {statistics.mean(m[4] for m in merges):+.2f} on average; test moved "
+              f"more than validation in {sum(m[4] > m[3] for m in merges)}")
+
+
+if __name__ == "__main__":
+    main()
