@@ -23,6 +23,14 @@ with ``search``, ``pick``, ``refine`` and ``export``:
    ``moecomp.export.export_solution`` (which decodes it and checks the outputs), measure the
    **test** drop, and write ``OUT/compress.json``.
 
+Every candidate's validation measure comes with its standard error over the split's samples
+(``moecomp.target.standard_error``: for accuracy, from the images only one of teacher and
+student gets right). With ``confidence`` C, a candidate is within the budget only when its
+one-sided C upper bound, ``measure + z_C * SE``, is (z_0.9 = 1.28): the choice then leaves
+room for what validation's own noise, and choosing the smallest of many candidates on it,
+flatter. Merging spends the budget left under the bound. The front's solutions are still
+ordered and floored by their measure alone (``RUN/validation.csv``).
+
 The measure is the metric's drop (``max_drop``, in its units: points for accuracy) or the mean
 divergence (``max_divergence``, for targets without a metric, or by choice). Every finished
 candidate is a row of ``OUT/candidates.csv`` at once, so a killed ``compress`` continues where it
@@ -38,6 +46,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from statistics import NormalDist
 from typing import Any
 
 import numpy as np
@@ -92,6 +101,9 @@ class CompressResult:
     out: Path
     candidates: pd.DataFrame
     status: str
+    val_se: float = math.nan
+    test_se: float = math.nan
+    confidence: float | None = None
 
 
 # --- candidates ----------------------------------------------------------------------------
@@ -201,6 +213,7 @@ def compress(
     masks: str = "fixed",
     repair_masks: bool = False,
     optimizer: str = "adam",
+    confidence: float | None = None,
 ) -> CompressResult:
     """The smallest file whose validation drop (or divergence) is within a budget.
 
@@ -225,6 +238,10 @@ def compress(
         survivors on hidden units that cannot matter move first (``refine``'s). optimizer,
         lr: the fine-tuning optimizer (adam or sgd) and learning rate (None: the optimizer's
         default).
+    confidence: None (choose on the validation measure itself) or C in [0.5, 1): a
+        candidate is within the budget only when ``measure + z_C * SE`` is, its one-sided C
+        upper bound over the validation samples (needs a metric with per-sample values, as
+        accuracy has; the divergence always has them).
     Returns a :class:`CompressResult`; raises :class:`NoCandidateWithinBudget` when nothing
     is within the budget (compress.json says so and lists what was tried).
     """
@@ -239,6 +256,7 @@ def compress(
         raise ConfigError("candidates", f"must be an integer >= 1, got {candidates!r}")
     if time_budget is not None and not time_budget > 0:
         raise ConfigError("time_budget", f"must be > 0 seconds, got {time_budget!r}")
+    z = confidence_z(confidence)
     from moecomp.finetune import finetune_settings
 
     _, lr = finetune_settings(finetune_epochs, masks=masks, repair_masks=repair_masks,
@@ -257,6 +275,10 @@ def compress(
     if tgt.val is None:
         raise ConfigError("data", "compress chooses on the validation split; this target has "
                           "none (give the data a validation split)")
+    if z > 0 and metric == "metric" and not tgt.has_per_sample_metric("validation"):
+        raise ConfigError("confidence", f"the metric {tgt.metric_name!r} gives one number per "
+                          "split, and a bound needs its per-sample values (return an (n,) "
+                          "tensor), or choose on the divergence (max_divergence)")
     out_dir.mkdir(parents=True, exist_ok=True)
     settings = _settings(measure=metric, reconstruct=bool(reconstruct),
                          finetune_epochs=finetune_epochs, lr=lr, seed=seed,
@@ -266,7 +288,7 @@ def compress(
                              reconstruct=bool(reconstruct), finetune_epochs=finetune_epochs,
                              lr=lr, seed=seed, calibration=calibration, progress=progress,
                              device=device, masks=masks, repair_masks=repair_masks,
-                             optimizer=optimizer)
+                             optimizer=optimizer, confidence=confidence)
     run_compress.write_status("running", started=t0)
     try:
         status = run_compress.run(candidates=candidates, merge=merge, time_budget=time_budget,
@@ -276,6 +298,17 @@ def compress(
                                   error=f"{type(e).__name__}: {e}")
         raise
     return run_compress.finish(status, t0)
+
+
+def confidence_z(confidence: float | None) -> float:
+    """The normal quantile of a one-sided confidence level (0 for None, and for 0.5)."""
+    if confidence is None:
+        return 0.0
+    if isinstance(confidence, bool) or not isinstance(confidence, int | float) or not (
+            0.5 <= confidence < 1):
+        raise ConfigError("confidence", f"must be a level in [0.5, 1) (e.g. 0.9), got "
+                          f"{confidence!r}")
+    return NormalDist().inv_cdf(float(confidence))
 
 
 def _search_or_reuse(problem: ProblemConfig | str | os.PathLike[str] | RunContext | None, *,
@@ -323,8 +356,9 @@ class _Compress:
                  reconstruct: bool, finetune_epochs: int, lr: float, seed: int,
                  calibration: int, progress: bool, device: str = "auto",
                  masks: str = "fixed", repair_masks: bool = False,
-                 optimizer: str = "adam") -> None:
+                 optimizer: str = "adam", confidence: float | None = None) -> None:
         self.ctx, self.out, self.metric, self.limit = ctx, out, metric, limit
+        self.confidence, self.z = confidence, confidence_z(confidence)
         self.repair_masks, self.optimizer = repair_masks, optimizer
         self.settings = settings
         self.reconstruct, self.finetune_epochs = reconstruct, finetune_epochs
@@ -344,7 +378,8 @@ class _Compress:
     # --- records ------------------------------------------------------------------------
     def write_status(self, status: str, *, started: float, **more: Any) -> None:
         body = {"status": status, "run": str(self.ctx.run.path), "measure": self._measure_name,
-                "limit": self.limit, "split": "validation", "settings": json.loads(self.settings),
+                "limit": self.limit, "split": "validation", "confidence": self.confidence,
+                "settings": json.loads(self.settings),
                 "candidates_tried": len(self.rows),
                 "elapsed_s": round(time.perf_counter() - started, 1), **more,
                 "candidates": [{k: _json_value(v) for k, v in r.items()} for r in self.rows]}
@@ -371,7 +406,9 @@ class _Compress:
         if candidate in self.done:
             row = dict(self.done[candidate])
             row["resumed"] = True
-            row["within"] = bool(float(row["val_measure"]) <= self.limit)
+            if self.z > 0 and not _finite(row.get("val_se")):  # recorded before there were SEs
+                row["val_se"], row["test_se"] = self._standard_errors(str(row["key"]))
+            self._judge(row)
             self.resumed += 1
             self.rows.append(row)
             return row
@@ -403,11 +440,37 @@ class _Compress:
             "bytes": r.file_bytes, "ratio": r.ratio, "val_measure": measure,
             "val_drop": r.val_drop, "val_divergence": r.val_divergence,
             "test_drop": r.test_drop, "test_divergence": r.test_divergence,
-            "within": bool(measure <= self.limit), "seconds": round(time.perf_counter() - t, 1),
+            "val_se": r.val_measure_se,
+            "test_se": r.test_drop_se if self.metric == "metric" else r.test_divergence_se,
+            "seconds": round(time.perf_counter() - t, 1),
             "settings": self.settings, "resumed": False,
         }
+        self._judge(row)
         self._save_row(row)
         return row
+
+    def _judge(self, row: dict[str, Any]) -> None:
+        """The row's bound (its measure, plus z standard errors with a confidence) and
+        whether that is within the budget."""
+        bound = float(row["val_measure"])
+        if self.z > 0:
+            bound += self.z * float(row["val_se"])
+        row["val_bound"] = bound
+        row["within"] = bool(bound <= self.limit)
+
+    def _standard_errors(self, key: str) -> tuple[float, float]:
+        """The validation and test standard errors of a stored refined solution (for rows
+        recorded before compress kept them)."""
+        from moecomp.evaluate.options import resolve_device
+        from moecomp.solution import student_model
+
+        tgt = self.ctx.target.on_device(resolve_device(self.device, field="device"))
+        model = student_model(tgt.teacher, tgt.round_dense(self.ctx.solution(key).state))
+        val = tgt.fidelity(model, "validation")
+        test = tgt.fidelity(model, "test") if tgt.test is not None else None
+        if self.metric == "metric":
+            return val.metric_drop_se, test.metric_drop_se if test else math.nan
+        return val.divergence_se, test.divergence_se if test else math.nan
 
     # --- the strategy -------------------------------------------------------------------
     def run(self, *, candidates: int, merge: bool, time_budget: float | None,
@@ -475,7 +538,7 @@ class _Compress:
                     status = "time budget reached"
                     break
                 bar.set_description(f"compress (merge {r['key']})")
-                slack = max(0.0, self.limit - float(r["val_measure"]))
+                slack = max(0.0, self.limit - float(r["val_bound"]))
                 note(self.attempt(f"merge:{r['candidate']}:{slack:.6g}", "merge", str(r["key"]),
                                   int(r["search_id"]), float(r["est_ratio"]),
                                   float(r["plain_val"]), merge_tolerance=slack))
@@ -491,10 +554,15 @@ class _Compress:
         if not ok:
             self.write_status("no candidate within the budget", started=t0)
             best_seen = min((float(r["val_measure"]) for r in self.rows), default=math.nan)
+            at, bound = "", ""
+            if self.z > 0 and self.rows:
+                at = f" at {self.confidence:g} confidence"
+                bound = (f"the best bound is "
+                         f"{min(float(r['val_bound']) for r in self.rows):.4g}, ")
             raise NoCandidateWithinBudget(
                 f"{'--max-drop' if self.metric == 'metric' else '--max-divergence'} "
                 f"{self.limit:g}: no front solution or refined candidate is within it on "
-                f"validation (the best measured {self.col} is {best_seen:.4g}; "
+                f"validation{at} ({bound}the best measured {self.col} is {best_seen:.4g}; "
                 f"{len(self.rows)} candidates in {self.out / CANDIDATES_FILE})")
         best = min(ok, key=lambda r: (r["bytes"], r["val_measure"]))
         ctx = self.ctx
@@ -517,7 +585,8 @@ class _Compress:
             val_divergence=e.val_divergence, test_divergence=e.test_divergence,
             solution=str(best["key"]), search_id=int(best["search_id"]),
             steps=str(best["steps"]), run=ctx.run.path, out=self.out, candidates=table,
-            status=status)
+            status=status, val_se=float(best.get("val_se", math.nan)),
+            test_se=float(best.get("test_se", math.nan)), confidence=self.confidence)
         teacher = {"val_metric": tgt.teacher_metric("validation"),
                    "test_metric": tgt.teacher_metric("test") if tgt.test is not None
                    else math.nan}
@@ -525,12 +594,25 @@ class _Compress:
             status, started=t0, file=str(mcz), bytes=e.file_bytes, ratio=e.ratio,
             val_drop=_json_value(val_drop), test_drop=_json_value(test_drop),
             val_divergence=e.val_divergence, test_divergence=_json_value(e.test_divergence),
-            solution=result.solution, search_id=result.search_id, steps=result.steps,
+            val_se=_json_value(result.val_se), test_se=_json_value(result.test_se),
+            val_bound=_json_value(float(best["val_bound"])), solution=result.solution,
+            search_id=result.search_id, steps=result.steps,
             verified="the decoded file reproduces the refined solution's outputs exactly",
             metric=None if m is None else {"name": m.name, "unit": m.unit},
             teacher={k: _json_value(v) for k, v in teacher.items()},
             resumed_candidates=self.resumed)
         return result
+
+
+def _finite(value: Any) -> bool:
+    try:
+        return math.isfinite(float(value))
+    except (TypeError, ValueError):
+        return False
+
+
+def _se(value: float) -> str:
+    return f" +- {value:.3f}" if _finite(value) else ""
 
 
 def summary_lines(result: CompressResult, *, metric_name: str = "metric",
@@ -541,12 +623,18 @@ def summary_lines(result: CompressResult, *, metric_name: str = "metric",
     test = result.test_drop if result.measure == "metric_drop" else result.test_divergence
     u = f" {unit}" if unit and result.measure == "metric_drop" else ""
     n_within = int(result.candidates["within"].sum())
+    chosen = (f"budget {result.limit:g}{u}, where it was chosen" if result.confidence is None
+              else f"budget {result.limit:g}{u} for its {result.confidence:g} upper bound "
+                   f"{val + confidence_z(result.confidence) * result.val_se:.3f}{u}, where it "
+                   f"was chosen")
     return [
         f"file      {result.file}  ({result.bytes:,} bytes, {result.ratio:.1f}x vs fp32)",
         f"solution  {result.solution} of {result.run} (searched solution {result.search_id}): "
         f"{result.steps}",
-        f"{what}  validation {val:.3f}{u} (budget {result.limit:g}{u}, where it was chosen), "
-        f"test {test:.3f}{u} (reported)",
+        f"{what}  validation {val:.3f}{_se(result.val_se)}{u} ({chosen}), "
+        f"test {test:.3f}{_se(result.test_se)}{u} (reported"
+        + ("; +- one standard error over the split's samples)" if _finite(result.val_se)
+           else ")"),
         "verified  the decoded file reproduces the solution's outputs exactly",
         f"tried     {len(result.candidates)} candidates, {n_within} within the budget; "
         f"{result.out / RESULT_FILE}" + ("" if result.status == "done"

@@ -88,19 +88,35 @@ class Metric:
 
     def __call__(self, teacher_out: Any, student_out: Any, labels: torch.Tensor | None
                  ) -> float:
+        return self.evaluate(teacher_out, student_out, labels)[0]
+
+    def evaluate(self, teacher_out: Any, student_out: Any, labels: torch.Tensor | None
+                 ) -> tuple[float, np.ndarray | None]:
+        """The value, and the per-sample values it is the mean of when the metric has them
+        (the built-in accuracy: 100 or 0 per label; a user metric that returns ``(n,)``
+        values); None for a metric that returns one number."""
+        if self.builtin and labels is not None:
+            # the value as accuracy_batched computes it (same reduction, same float)
+            hit = accuracy_batched(outputs.default_part(student_out).unsqueeze(0), labels)
+            part = outputs.default_part(student_out)
+            right = (part.argmax(-1) == labels.to(part.device)).reshape(-1).double()
+            return float(hit[0]), (right * 100.0).cpu().numpy()
         v = self.fn(teacher_out, student_out, labels)
         if isinstance(v, torch.Tensor):
             if v.dim() > 1 or v.numel() == 0:
                 raise TargetError(f"objectives.metric: {self.ref} must return a number (or "
                                   f"(n,) per-sample values); it returned shape "
                                   f"{tuple(v.shape)}")
-            v = float(v.double().mean())
+            if v.dim() == 1:
+                values = v.detach().double()
+                return float(values.mean()), values.cpu().numpy()
+            v = v.item()
         try:
             value = float(v)
         except (TypeError, ValueError):
             raise TargetError(f"objectives.metric: {self.ref} must return a number; it "
                               f"returned {type(v).__name__}") from None
-        return value
+        return value, None
 
     def batched(self, teacher_out: Any, students_out: Any, labels: torch.Tensor | None
                 ) -> np.ndarray:

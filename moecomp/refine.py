@@ -113,11 +113,21 @@ class RefineResult:
     file_bytes: int
     ratio: float
     path: str
+    val_drop_se: float = math.nan
+    test_drop_se: float = math.nan
+    val_divergence_se: float = math.nan
+    test_divergence_se: float = math.nan
 
     @property
     def val_measure(self) -> float:
         """The refined solution's validation measure (the one steps were kept by)."""
         return self.fidelity_after
+
+    @property
+    def val_measure_se(self) -> float:
+        """The standard error of the validation measure (NaN where the metric has no
+        per-sample values; ``moecomp.target.standard_error``)."""
+        return self.val_drop_se if self.fidelity_metric == "metric" else self.val_divergence_se
 
 
 def _reconstructed(target: Target, sol: Solution, layers: dict[str, QuantizedLayer],
@@ -375,7 +385,9 @@ def refine(run: RunContext | str | os.PathLike[str], solution: str | int, *,
         test_divergence=test.divergence, val_drop=val.metric_drop, test_drop=test.metric_drop,
         metric_name=target.metric_name,
         metric_unit=target.metric.unit if target.metric is not None else "",
-        file_bytes=size, ratio=4 * n_params / size, path=str(path))
+        file_bytes=size, ratio=4 * n_params / size, path=str(path),
+        val_drop_se=val.metric_drop_se, test_drop_se=test.metric_drop_se,
+        val_divergence_se=val.divergence_se, test_divergence_se=test.divergence_se)
     _record(ctx, res, seconds=time.perf_counter() - t0)
     return res
 
@@ -401,6 +413,9 @@ def _record(ctx: RunContext, res: RefineResult, *, seconds: float) -> None:
         "val_metric": res.val_metric, "test_metric": res.test_metric,
         "val_drop": res.val_drop, "test_drop": res.test_drop,
         "val_divergence": res.val_divergence, "test_divergence": res.test_divergence,
+        "val_drop_se": res.val_drop_se, "test_drop_se": res.test_drop_se,
+        "val_divergence_se": res.val_divergence_se,
+        "test_divergence_se": res.test_divergence_se,
         "file_bytes": res.file_bytes,
         "ratio": res.ratio, "seconds": round(seconds, 2),
         "steps": " | ".join(o.line() for o in res.steps), "path": res.path,

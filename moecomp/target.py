@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
@@ -168,11 +169,27 @@ def _cpu(t: torch.Tensor) -> torch.Tensor:
 @dataclass(frozen=True)
 class Fidelity:
     """A model measured on one split against the teacher: mean per-sample divergence, the
-    metric's value and drop (NaN without a metric)."""
+    metric's value and drop (NaN without a metric), and the standard errors of the mean
+    divergence and of the drop (NaN where the metric has no per-sample values: see
+    :func:`standard_error`)."""
 
     divergence: float
     metric: float
     metric_drop: float
+    divergence_se: float = math.nan
+    metric_drop_se: float = math.nan
+
+
+def standard_error(values: Any) -> float:
+    """Standard error of the mean of per-sample values: ``std(values, ddof=1) / sqrt(n)``
+    (NaN for fewer than two). For a drop, the values are the per-sample differences between
+    teacher and student on the same samples (a paired difference): for accuracy each is
+    +-100 or 0, so this is about ``100 * sqrt(b + c) / n`` for ``b`` samples only the teacher
+    gets right and ``c`` only the student does (McNemar's)."""
+    v = np.asarray(values, dtype=np.float64).reshape(-1)
+    if v.size < 2:
+        return math.nan
+    return float(v.std(ddof=1) / math.sqrt(v.size))
 
 
 @dataclass
@@ -213,7 +230,7 @@ class Target:
             p.requires_grad_(False)
         self.tied = tied_aliases(self.teacher)
         self._teacher_outs: dict[str, Any] = {}
-        self._teacher_metric: dict[str, float] = {}
+        self._teacher_metric: dict[str, tuple[float, np.ndarray | None]] = {}
         self.teacher_out = self.run(self.teacher, self.calib.inputs)
         self._teacher_outs["calibration"] = self.teacher_out
         self.divergence = self.divergence.fitted(self.teacher_out)
@@ -288,10 +305,20 @@ class Target:
         """The teacher's metric on a split (NaN without a metric)."""
         if self.metric is None:
             return math.nan
+        return self._teacher_evaluation(name)[0]
+
+    def has_per_sample_metric(self, name: str) -> bool:
+        """Whether the metric gives per-sample values on a split (so its drop has a
+        standard error)."""
+        return self.metric is not None and self._teacher_evaluation(name)[1] is not None
+
+    def _teacher_evaluation(self, name: str) -> tuple[float, np.ndarray | None]:
+        """The teacher's metric on a split and its per-sample values (computed once)."""
+        assert self.metric is not None
         if name not in self._teacher_metric:
             t = outputs.map_tensors(self.teacher_outputs(name), _cpu)
             labels = self.require(name).labels
-            self._teacher_metric[name] = self.metric(
+            self._teacher_metric[name] = self.metric.evaluate(
                 t, t, None if labels is None else labels.cpu())
         return self._teacher_metric[name]
 
@@ -302,11 +329,17 @@ class Target:
         # same numbers from any device's outputs, and a user's metric sees CPU tensors
         t = outputs.map_tensors(self.teacher_outputs(name), _cpu)
         s = outputs.map_tensors(self.run(model, split.inputs), _cpu)
-        div = float(self.divergence(t, s).double().mean())
+        per_div = self.divergence(t, s).double()
+        div, div_se = float(per_div.mean()), standard_error(per_div.cpu().numpy())
         if self.metric is None:
-            return Fidelity(div, math.nan, math.nan)
-        value = self.metric(t, s, None if split.labels is None else split.labels.cpu())
-        return Fidelity(div, value, float(self.metric.drop(self.teacher_metric(name), value)))
+            return Fidelity(div, math.nan, math.nan, div_se)
+        value, per = self.metric.evaluate(t, s, None if split.labels is None
+                                          else split.labels.cpu())
+        t_value, t_per = self._teacher_evaluation(name)
+        drop_se = (standard_error(self.metric.drop(t_per, per))
+                   if per is not None and t_per is not None and per.shape == t_per.shape
+                   else math.nan)
+        return Fidelity(div, value, float(self.metric.drop(t_value, value)), div_se, drop_se)
 
     @property
     def metric_name(self) -> str:

@@ -5,6 +5,7 @@ candidates it finished."""
 
 from __future__ import annotations
 
+import copy
 import json
 
 import numpy as np
@@ -13,6 +14,8 @@ import pytest
 
 from moecomp.codec import read_mcz
 from moecomp.compress import _Strategy, compress, ratio_bins
+from moecomp.errors import ConfigError
+from moecomp.metric import Metric
 from moecomp.solution import RunContext, student_model
 
 BUDGET = 160  # search evaluations: a few seconds on digits
@@ -115,6 +118,55 @@ def test_compress_continues_where_it_stopped(compressed, digits_target, tmp_path
     assert looser.ratio >= 1.0 and looser.val_drop <= 3.0
 
 
+def test_compress_with_confidence_chooses_within_the_bound(compressed, digits_target,
+                                                          tmp_path):
+    from statistics import NormalDist
+
+    ctx = RunContext(compressed, target=digits_target)
+    out = tmp_path / "c90"
+    # digits' validation split is small (360 images): its standard errors are large
+    settings = dict(run=ctx, out=out, max_drop=5.0, candidates=5, calibration=256,
+                    progress=False)
+    compress(**settings)
+    # candidates recorded before compress kept standard errors: theirs are measured again
+    old = pd.read_csv(out / "candidates.csv")
+    old.drop(columns=["val_se", "test_se", "val_bound"]).to_csv(out / "candidates.csv",
+                                                                 index=False)
+    result = compress(**settings, confidence=0.9)
+    z = NormalDist().inv_cdf(0.9)
+    table = result.candidates
+    assert table["resumed"].any()
+    for _, row in table.iterrows():
+        assert row["val_bound"] == pytest.approx(row["val_measure"] + z * row["val_se"])
+        assert row["within"] == (row["val_bound"] <= 5.0)
+    resumed = table[table["resumed"]].iloc[0]
+    model = student_model(digits_target.teacher, digits_target.round_dense(
+        ctx.solution(str(resumed["key"])).state))
+    fresh = digits_target.fidelity(model, "validation")
+    assert resumed["val_se"] == pytest.approx(fresh.metric_drop_se)
+    assert resumed["val_se"] == pytest.approx(float(
+        old.set_index("key").loc[resumed["key"], "val_se"]))
+    # the chosen file: the smallest whose bound is within, and compress.json says so
+    chosen = table[table["within"]].sort_values("bytes").iloc[0]
+    assert result.solution == chosen["key"] and result.val_drop + z * result.val_se <= 5.0
+    info = json.loads((out / "compress.json").read_text())
+    assert info["confidence"] == 0.9
+    assert info["val_se"] == pytest.approx(result.val_se) and result.val_se > 0
+    assert info["val_bound"] == pytest.approx(result.val_drop + z * result.val_se)
+    # a metric of one number per split has no bound
+    scalar = copy.copy(digits_target)
+    scalar.metric = Metric("agreement", "tests:agreement",
+                           lambda t, s, labels: float((t.argmax(-1) == s.argmax(-1))
+                                                      .double().mean() * 100), "maximize", "%")
+    scalar._teacher_metric = {}
+    with pytest.raises(ConfigError) as e:
+        compress(run=RunContext(compressed, target=scalar), out=tmp_path / "scalar",
+                 max_drop=3.0, candidates=1, progress=False, confidence=0.9)
+    assert e.value.field == "confidence" and "per-sample" in str(e.value)
+    with pytest.raises(ConfigError, match=r"\[0.5, 1\)"):
+        compress(run=ctx, out=tmp_path / "bad", max_drop=3.0, confidence=1.0)
+
+
 def test_compress_errors_are_one_line(compressed, cli, one_line_error):
     code, _, err = cli("compress", "--run", str(compressed), "--no-progress")
     one_line_error(code, err, "--max-drop", "--max-divergence")
@@ -124,6 +176,9 @@ def test_compress_errors_are_one_line(compressed, cli, one_line_error):
     code, _, err = cli("compress", "--run", str(compressed), "--max-drop", "1",
                        "--time-budget", "0")
     one_line_error(code, err, "--time-budget")
+    code, _, err = cli("compress", "--run", str(compressed), "--max-drop", "1",
+                       "--confidence", "0.3")
+    one_line_error(code, err, "--confidence", "[0.5, 1)")
     code, _, err = cli("compress", "--run", str(compressed / "missing"), "--max-drop", "1")
     one_line_error(code, err, "--run")
     # the Python API's parameter names are said as the command's options

@@ -1,5 +1,6 @@
 """Export -> decode -> same model; refine never exceeds its tolerance."""
 
+import pandas as pd
 import pytest
 import torch
 from typer.testing import CliRunner
@@ -126,6 +127,12 @@ def test_cli_refine_reports_kept_and_dropped_steps(run_ctx, cli, one_line_error)
     assert code == 0, err
     assert "finetune: dropped" in out and "worse" in out
     assert "merge: " in out and "bytes on disk" in out
+    # the drops with their standard errors, as refined.csv has them
+    row = pd.read_csv(run_ctx.run.path / "refined.csv").iloc[-1]
+    said = " ".join(out.split())
+    assert (f"drop val {row['val_drop']:.2f} +- {row['val_drop_se']:.2f} points, test "
+            f"{row['test_drop']:.2f} +- {row['test_drop_se']:.2f} points") in said, out
+    assert row["val_drop_se"] > 0
     code, _, err = cli("refine", run, "--solution", "0")
     one_line_error(code, err, "no step asked")
     code, _, err = cli("refine", run, "--solution", "0", "--reconstruct", "--tolerance", "1")

@@ -24,6 +24,7 @@ OPTION_OF = {
     "max_divergence": "--max-divergence",
     "candidates": "--candidates",
     "time_budget": "--time-budget",
+    "confidence": "--confidence",
     **FINETUNE_OPTIONS,
 }
 
@@ -63,6 +64,11 @@ def register(app: typer.Typer) -> None:
                  "left to each."),
         candidates: int = typer.Option(
             16, "--candidates", min=1, help="At most this many refined candidates."),
+        confidence: float | None = typer.Option(
+            None, "--confidence",
+            help="Choose only files whose one-sided upper bound at this level (e.g. 0.9: "
+                 "measure + 1.28 standard errors over the validation samples) is within the "
+                 "budget; default: the measure itself."),
         time_budget: float | None = typer.Option(
             None, "--time-budget",
             help="Seconds after which no new candidate starts (the search is bounded by "
@@ -114,7 +120,8 @@ def register(app: typer.Typer) -> None:
                     budget=budget, finetune_epochs=finetune_epochs, reconstruct=reconstruct,
                     merge=merge_bins, candidates=candidates, time_budget=time_budget, lr=lr,
                     seed=seed, calibration=calibration, progress=not no_progress, masks=masks,
-                    repair_masks=repair_masks, optimizer=optimizer, device=device)
+                    repair_masks=repair_masks, optimizer=optimizer, device=device,
+                    confidence=confidence)
         except ConfigError as e:
             # the Python API's parameter names, said as this command's options
             if e.field not in OPTION_OF:
@@ -133,7 +140,8 @@ def register(app: typer.Typer) -> None:
         info = metric_info(RunFolder(result.run))
         option = "--max-drop" if max_drop is not None else "--max-divergence"
         c = Console()
-        c.print(f"[bold]compressed[/] within {option} {result.limit:g} on validation")
+        at = f" at {result.confidence:g} confidence" if result.confidence is not None else ""
+        c.print(f"[bold]compressed[/] within {option} {result.limit:g} on validation{at}")
         for line in summary_lines(result, metric_name=info.name if info else "metric",
                                   unit=info.drop_unit if info else ""):
             c.print("  " + line)

@@ -3,6 +3,7 @@ each step is kept only if the validation measure does not get worse, and the out
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import typer
@@ -83,4 +84,10 @@ def register(app: typer.Typer) -> None:
                 c.print(f"    {n}: {r.levels_before[n]} -> {r.levels_after[n]} levels")
         c.print("  " + fidelity_line(r.metric_name, r.metric_unit, r.val_metric,
                                      r.test_metric, r.val_divergence, r.test_divergence))
+        if math.isfinite(r.val_drop_se):
+            u = " points" if r.metric_unit == "%" else (f" {r.metric_unit}" if r.metric_unit
+                                                        else "")
+            c.print(f"  {r.metric_name} drop val {r.val_drop:.2f} +- {r.val_drop_se:.2f}{u}, "
+                    f"test {r.test_drop:.2f} +- {r.test_drop_se:.2f}{u} (+- one standard error "
+                    f"over the split's samples)")
         c.print(f"  file {r.file_bytes:,} bytes on disk, {r.ratio:.1f}x vs fp32")
