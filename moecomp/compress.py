@@ -294,8 +294,11 @@ def compress(
         status = run_compress.run(candidates=candidates, merge=merge, time_budget=time_budget,
                                   t0=t0)
     except BaseException as e:
+        from moecomp.search.run import terminated_in
+
+        cause = terminated_in(e) or e
         run_compress.write_status("interrupted", started=t0,
-                                  error=f"{type(e).__name__}: {e}")
+                                  error=f"{type(cause).__name__}: {cause}")
         raise
     return run_compress.finish(status, t0)
 

@@ -106,8 +106,28 @@ def sigterm_raises() -> Iterator[None]:
     previous = signal.signal(signal.SIGTERM, handler)
     try:
         yield
+    except BaseException as e:
+        t = terminated_in(e)
+        if t is None or t is e:
+            raise
+        raise t from None
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+def terminated_in(e: BaseException) -> Terminated | None:
+    """The :class:`Terminated` that ``e`` is or comes from. A SIGTERM can land anywhere in
+    the main thread, also while a module initialises (matplotlib's C extensions, imported
+    for the first plot), which turns it into ``ImportError: initialization failed`` raised
+    from it; the stop is still the signal's."""
+    seen: set[int] = set()
+    cur: BaseException | None = e
+    while cur is not None and id(cur) not in seen:
+        if isinstance(cur, Terminated):
+            return cur
+        seen.add(id(cur))
+        cur = cur.__cause__ or cur.__context__
+    return None
 
 
 @dataclass
@@ -917,7 +937,8 @@ class _Search:
         """Say so in search.json: the run stopped early (an error, a pruned Optuna trial,
         SIGINT or SIGTERM) and continues from its checkpoint with ``resume``."""
         self.status = "interrupted"
-        self.write_status(error=f"{type(e).__name__}: {e}")
+        cause = terminated_in(e) or e
+        self.write_status(error=f"{type(cause).__name__}: {cause}")
 
     def start(self) -> None:
         """A new run: clear the files of an earlier one, probe, set up, first checkpoint."""

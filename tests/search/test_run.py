@@ -309,6 +309,33 @@ def test_on_generation_stops_the_search_and_resume_continues(
     pd.testing.assert_frame_equal(resumed.front, whole.front)
 
 
+def test_a_sigterm_that_lands_inside_an_import_is_still_the_signal(
+    tmp_path, digits_problem, digits_target, digits_evaluator
+):
+    """SIGTERM during a module's initialisation (matplotlib's, at the first plot) reaches
+    the search as ``ImportError: initialization failed`` raised from Terminated: the run
+    says it was terminated, and ``sigterm_raises`` hands the command the Terminated."""
+    from moecomp.search.run import Terminated, sigterm_raises, terminated_in
+
+    def landed_in_an_import(gen, n_evals, hv):
+        try:
+            raise Terminated("SIGTERM")
+        except Terminated as t:
+            raise ImportError("initialization failed") from t
+
+    out = tmp_path / "run"
+    with pytest.raises(Terminated), sigterm_raises():
+        run_search(fresh(digits_problem, digits_target, digits_evaluator), out, budget=60,
+                   progress=False, params={"pop_size": 12}, plots=False,
+                   on_generation=landed_in_an_import)
+    status = json.loads((out / "search.json").read_text())
+    assert status["status"] == "interrupted" and status["error"] == "Terminated: SIGTERM"
+    # an error of its own is left as it is
+    with pytest.raises(ValueError), sigterm_raises():
+        raise ValueError("not a signal")
+    assert terminated_in(ValueError("x")) is None
+
+
 def test_a_spent_time_budget_stops_before_the_next_generation_and_resume_finishes(
     tmp_path, digits_problem, digits_target, digits_evaluator
 ):
