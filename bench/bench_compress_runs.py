@@ -3,7 +3,10 @@
 For each ``compress.json`` given (``moecomp compress`` writes one per run), prints:
 
 - per run, the files from ``--from-ratio`` up: how many lost more on test than on validation,
-  and the mean and largest test-minus-validation gap (points);
+  and the mean and largest test-minus-validation gap (points); where the rows carry standard
+  errors (compress since 2026-12-05), their means and the mean gap in units of the
+  difference's standard error, ``sqrt(val_se^2 + test_se^2)`` (the two splits are
+  independent samples);
 - over all runs, each merged candidate against the candidate it merged: how much smaller the
   file became and how far validation and test moved, with the means and how often test moved
   more than validation.
@@ -38,6 +41,16 @@ def main() -> None:
             print(f"{f}: {len(gaps)} files from {args.from_ratio:g}x, test worse than "
                   f"validation in {sum(g > 0 for g in gaps)}, gap mean "
                   f"{statistics.mean(gaps):+.2f}, largest {max(gaps):+.2f} points")
+            with_se = [r for r in big if r.get("val_se") is not None
+                       and r.get("test_se") is not None]
+            if with_se:
+                z = [(r["test_drop"] - r["val_drop"]) / (r["val_se"] ** 2 + r["test_se"] ** 2)
+                     ** 0.5 for r in with_se]
+                print(f"  standard errors ({len(with_se)} files): validation "
+                      f"{statistics.mean(r['val_se'] for r in with_se):.2f}, test "
+                      f"{statistics.mean(r['test_se'] for r in with_se):.2f} points on "
+                      f"average; the gap is {statistics.mean(z):+.2f} standard errors of the "
+                      f"difference on average, over 1 in {sum(v > 1 for v in z)}")
         by_key = {r["key"]: r for r in rows}
         for r in rows:
             parent = by_key.get(r["parent"]) if r["stage"] == "merge" else None
