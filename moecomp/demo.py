@@ -99,8 +99,9 @@ def run_demo(out: Path, *, budget: int | None = None, fresh: bool = False,
     for o in ref.steps:
         c.print(f"{ref.key}: {o.line()}")
     c.print(f"{ref.key} (from {ref.parent}, searched solution {ref.root}): validation drop "
-            f"{ref.val_drop:.2f}, test {ref.test_metric:.2f} %, {ref.file_bytes:,} bytes, "
-            f"{ref.ratio:.1f}x")
+            f"{ref.val_drop:.2f} +- {ref.val_drop_se:.2f} points (one standard error over "
+            f"{len(ctx.target.require('validation'))} images), test {ref.test_metric:.2f} %, "
+            f"{ref.file_bytes:,} bytes, {ref.ratio:.1f}x")
 
     c.rule("5. export, decode, verify")
     exp = export_solution(ctx, ref.key, safetensors=True, onnx=True)
@@ -114,7 +115,8 @@ def run_demo(out: Path, *, budget: int | None = None, fresh: bool = False,
     comp = compress(ctx, out=out / "compress", max_drop=DEMO_DROP,
                     candidates=DEMO_CANDIDATES, calibration=1024, progress=True)
     c.print(f"{comp.file}: {comp.bytes:,} bytes, {comp.ratio:.1f}x vs fp32; validation drop "
-            f"{comp.val_drop:.2f}, test drop {comp.test_drop:.2f} points; "
+            f"{comp.val_drop:.2f} +- {comp.val_se:.2f}, test drop {comp.test_drop:.2f} +- "
+            f"{comp.test_se:.2f} points; "
             f"{len(comp.candidates)} candidates -> {comp.out / 'compress.json'}")
 
     if compare:
