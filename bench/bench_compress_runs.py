@@ -7,6 +7,8 @@ For each ``compress.json`` given (``moecomp compress`` writes one per run), prin
   errors (compress since 2026-12-05), their means and the mean gap in units of the
   difference's standard error, ``sqrt(val_se^2 + test_se^2)`` (the two splits are
   independent samples);
+- over all runs, the smallest test drop from ``--from-ratio`` up and the largest file whose
+  test drop is within ``--test-limit`` (an oracle: what choosing on test would give);
 - over all runs, each merged candidate against the candidate it merged: how much smaller the
   file became and how far validation and test moved, with the means and how often test moved
   more than validation.
@@ -27,14 +29,21 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("files", type=Path, nargs="+", help="compress.json files")
     ap.add_argument("--from-ratio", type=float, default=70.0)
+    ap.add_argument("--test-limit", type=float, default=1.0,
+                    help="for the largest file whose test drop is within it")
     args = ap.parse_args()
     worse = total = 0
+    big_tests: list[float] = []
+    within_test: list[tuple[float, float, str]] = []
     merges: list[tuple[str, str, float, float, float]] = []
     for f in args.files:
         doc = json.loads(f.read_text())
         rows = doc["candidates"]
         big = [r for r in rows if r["ratio"] >= args.from_ratio]
         gaps = [r["test_drop"] - r["val_drop"] for r in big]
+        big_tests += [r["test_drop"] for r in big]
+        within_test += [(r["ratio"], r["test_drop"], str(f)) for r in rows
+                        if r["test_drop"] is not None and r["test_drop"] <= args.test_limit]
         worse += sum(g > 0 for g in gaps)
         total += len(gaps)
         if gaps:
@@ -60,6 +69,13 @@ def main() -> None:
                                r["test_drop"] - parent["test_drop"]))
     print(f"all runs: {worse} of {total} files from {args.from_ratio:g}x lost more on test "
           "than on validation")
+    if big_tests:
+        print(f"all runs: the smallest test drop from {args.from_ratio:g}x up is "
+              f"{min(big_tests):.2f}")
+    if within_test:
+        ratio, drop, where = max(within_test)
+        print(f"all runs: the largest file within {args.test_limit:g} test point (an oracle, "
+              f"not a choice) is {ratio:.1f}x at {drop:.2f} ({where})")
     for f, key, smaller, dval, dtest in merges:
         print(f"merge {f} {key}: {100 * smaller:.1f} % smaller, validation {dval:+.2f}, "
               f"test {dtest:+.2f}")

@@ -124,7 +124,7 @@ def test_compress_with_confidence_chooses_within_the_bound(compressed, digits_ta
 
     ctx = RunContext(compressed, target=digits_target)
     out = tmp_path / "c90"
-    # digits' validation split is small (360 images): its standard errors are large
+    # digits' validation split is small (359 images): its standard errors are large
     settings = dict(run=ctx, out=out, max_drop=5.0, candidates=5, calibration=256,
                     progress=False)
     compress(**settings)
