@@ -18,7 +18,8 @@ with ``search``, ``pick``, ``refine`` and ``export``:
    solutions (the validation measure is noisy near the budget), for as many candidates as
    ``candidates`` and ``time_budget`` allow;
 4. **merge bins** (``merge``) of the smallest candidates within the budget, with the budget
-   left to each as the tolerance;
+   left to each as the tolerance (two of ``candidates`` are kept for it once a candidate is
+   within; while none is, every slot refines);
 5. choose the **smallest file** whose validation measure is within the budget, export it with
    ``moecomp.export.export_solution`` (which decodes it and checks the outputs), measure the
    **test** drop, and write ``OUT/compress.json``.
@@ -518,8 +519,12 @@ class _Compress:
             bins.append(ids["id"].astype(int).tolist())
         strategy = _Strategy(bins)
         outcomes: dict[int, bool] = {}
-        reserve = min(MERGE_CANDIDATES, candidates - 1) if merge else 0
-        while len(self.rows) < candidates - reserve:
+        def reserve() -> int:
+            """Slots kept for merging: none while no candidate is within (they refine)."""
+            found = any(r["within"] and r["stage"] != "merge" for r in self.rows)
+            return min(MERGE_CANDIDATES, candidates - 1) if merge and found else 0
+
+        while len(self.rows) < candidates - reserve():
             if out_of_time():
                 status = "time budget reached"
                 break

@@ -13,7 +13,7 @@ import pandas as pd
 import pytest
 
 from moecomp.codec import read_mcz
-from moecomp.compress import _Strategy, compress, ratio_bins
+from moecomp.compress import NoCandidateWithinBudget, _Strategy, compress, ratio_bins
 from moecomp.errors import ConfigError
 from moecomp.metric import Metric
 from moecomp.solution import RunContext, student_model
@@ -165,6 +165,19 @@ def test_compress_with_confidence_chooses_within_the_bound(compressed, digits_ta
     assert e.value.field == "confidence" and "per-sample" in str(e.value)
     with pytest.raises(ConfigError, match=r"\[0.5, 1\)"):
         compress(run=ctx, out=tmp_path / "bad", max_drop=3.0, confidence=1.0)
+
+
+def test_compress_refines_every_slot_while_nothing_is_within(compressed, digits_target,
+                                                             tmp_path):
+    """The slots kept for merging refine while no candidate is within the budget (no merge
+    could use them)."""
+    out = tmp_path / "none"
+    with pytest.raises(NoCandidateWithinBudget):
+        compress(run=RunContext(compressed, target=digits_target), out=out,
+                 max_divergence=1e-12, candidates=4, calibration=256, progress=False)
+    table = pd.read_csv(out / "candidates.csv")
+    assert len(table) == 4 and not table["within"].any()
+    assert (table["stage"] != "merge").all()
 
 
 def test_compress_errors_are_one_line(compressed, cli, one_line_error):
