@@ -41,8 +41,13 @@ def accuracy(teacher_out: Any, student_out: Any, labels: torch.Tensor | None) ->
 def accuracy_batched(students: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Top-1 accuracy (%) of ``students: (P, n, ..., c)`` against ``labels: (n, ...)``,
     ``(P,)``."""
+    return _hits(students, labels).mean(-1) * 100.0
+
+
+def _hits(students: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """``(P, labels)`` float64: 1 where a student's argmax is the label, else 0."""
     hit = (students.argmax(-1) == labels.to(students.device)).double()
-    return hit.reshape(hit.shape[0], -1).mean(-1) * 100.0
+    return hit.reshape(hit.shape[0], -1)
 
 
 def classifies(out: Any, labels: torch.Tensor | None) -> bool:
@@ -97,10 +102,8 @@ class Metric:
         values); None for a metric that returns one number."""
         if self.builtin and labels is not None:
             # the value as accuracy_batched computes it (same reduction, same float)
-            hit = accuracy_batched(outputs.default_part(student_out).unsqueeze(0), labels)
-            part = outputs.default_part(student_out)
-            right = (part.argmax(-1) == labels.to(part.device)).reshape(-1).double()
-            return float(hit[0]), (right * 100.0).cpu().numpy()
+            hit = _hits(outputs.default_part(student_out).unsqueeze(0), labels)
+            return float(hit.mean(-1)[0] * 100.0), (hit[0] * 100.0).cpu().numpy()
         v = self.fn(teacher_out, student_out, labels)
         if isinstance(v, torch.Tensor):
             if v.dim() > 1 or v.numel() == 0:
