@@ -14,6 +14,7 @@ import os
 import uuid
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 
 def temp_beside(path: Path, suffix: str = ".tmp") -> Path:
@@ -33,3 +34,10 @@ def replace_atomically(path: Path, write: Callable[[Path], object], *, suffix: s
         tmp.unlink(missing_ok=True)
         raise
     return path
+
+
+def save_figure(fig: Any, path: Path, *, dpi: int) -> Path:
+    """A matplotlib figure as a PNG at ``path`` (its folder made), written whole: a user
+    opening the plot while a search redraws it never sees half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return replace_atomically(path, lambda tmp: fig.savefig(tmp, dpi=dpi), suffix=".tmp.png")

@@ -39,7 +39,7 @@ from matplotlib.lines import Line2D
 from pymoo.util.dominator import Dominator
 from tqdm.auto import tqdm
 
-from moecomp.atomic import replace_atomically
+from moecomp.atomic import save_figure
 from moecomp.baseline.directed_evolution import (
     BITS_EVALS,
     DEConfig,
@@ -659,5 +659,4 @@ def draw_comparison(
                 f"{int(f['points'])} front points (all objectives)"
             )
         ax.set_title("\n".join(lines), fontsize=10)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    return replace_atomically(path, lambda tmp: fig.savefig(tmp, dpi=130), suffix=".tmp.png")
+    return save_figure(fig, path, dpi=130)

@@ -23,7 +23,7 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.ticker import FuncFormatter
 
-from moecomp.atomic import replace_atomically
+from moecomp.atomic import save_figure
 from moecomp.divergence import divergence_label
 from moecomp.runs import (
     MetricInfo,
@@ -538,8 +538,7 @@ def draw_hv(
 
 
 def _save(fig: Figure, path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    return replace_atomically(path, lambda tmp: fig.savefig(tmp, dpi=DPI), suffix=".tmp.png")
+    return save_figure(fig, path, dpi=DPI)
 
 
 # --- a whole run ----------------------------------------------------------------------------

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import numpy as np
 
+from moecomp.atomic import save_figure
+
 
 @dataclass(frozen=True)
 class FrontPlotInfo:
@@ -72,7 +74,7 @@ def draw_front(info: FrontPlotInfo, path: Path, *, title: str = "") -> None:
             ax.legend(loc="best", fontsize=8)
     if title:
         fig.suptitle(title)
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path, dpi=110)
 
 
 def hv_info(n_evals: np.ndarray, hv: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
@@ -100,4 +102,4 @@ def draw_hv(n_evals: np.ndarray, hv: np.ndarray, path: Path, *, title: str = "")
     ax.set_ylabel("hypervolume (normalised, ref = 1)")
     if title:
         ax.set_title(title)
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path, dpi=110)

@@ -20,7 +20,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 from optuna.trial import TrialState
 
-from moecomp.atomic import replace_atomically
+from moecomp.atomic import save_figure
 from moecomp.runs import RunFolder
 from moecomp.tune.study import FINISHED, reported_value, trial_run_dirs
 
@@ -126,8 +126,7 @@ def best_params_frame(study: optuna.Study) -> pd.DataFrame:
 
 # --- drawing -------------------------------------------------------------------------------
 def _save(fig: Figure, path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    return replace_atomically(path, lambda tmp: fig.savefig(tmp, dpi=DPI), suffix=".tmp.png")
+    return save_figure(fig, path, dpi=DPI)
 
 
 def draw_history(info: pd.DataFrame, path: Path, *, title: str) -> Path:
