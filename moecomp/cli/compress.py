@@ -3,7 +3,6 @@ export the smallest file whose validation drop is within D (test drop reported).
 
 from __future__ import annotations
 
-import signal
 from pathlib import Path
 
 import typer
@@ -16,6 +15,7 @@ from moecomp.cli.finetune_options import (
     optimizer_option,
     said_as_options,
 )
+from moecomp.cli.interrupted import exit_interrupted
 from moecomp.errors import ConfigError
 
 # compress()'s parameters that are options of this command
@@ -128,13 +128,9 @@ def register(app: typer.Typer) -> None:
                 raise
             raise ConfigError(OPTION_OF[e.field], said_as_options(e.problem, OPTION_OF)) from None
         except (KeyboardInterrupt, Terminated) as e:
-            name = "SIGTERM" if isinstance(e, Terminated) else "SIGINT"
             where = out if out is not None else (run / "compress" if run else None)
-            typer.secho(f"error: compress interrupted ({name}); run the same command again to "
-                        f"continue ({where}/candidates.csv keeps the finished candidates)",
-                        fg=typer.colors.RED, err=True)
-            raise typer.Exit(128 + (signal.SIGTERM if name == "SIGTERM" else signal.SIGINT)
-                             ) from None
+            exit_interrupted(e, "compress", f"run the same command again to continue "
+                             f"({where}/candidates.csv keeps the finished candidates)")
         from moecomp.runs import RunFolder, metric_info
 
         info = metric_info(RunFolder(result.run))

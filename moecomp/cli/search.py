@@ -5,13 +5,13 @@ from __future__ import annotations
 import json
 import math
 import os
-import signal
 from pathlib import Path
 from typing import Any
 
 import typer
 
 from moecomp.cli.device import checked_device, device_option
+from moecomp.cli.interrupted import exit_interrupted
 from moecomp.cli.workers import dask_scheduler_option, dask_workers_option, open_runner
 from moecomp.errors import ConfigError
 
@@ -134,16 +134,8 @@ def register(app: typer.Typer) -> None:
                     runner=runner,
                 )
         except (KeyboardInterrupt, Terminated) as e:
-            name = "SIGTERM" if isinstance(e, Terminated) else "SIGINT"
-            typer.secho(
-                f"error: search interrupted ({name}); {out_dir}/search.json says "
-                f"'interrupted', continue with: moecomp search {problem} --out {out_dir} "
-                "--resume",
-                fg=typer.colors.RED,
-                err=True,
-            )
-            code = 128 + (signal.SIGTERM if name == "SIGTERM" else signal.SIGINT)
-            raise typer.Exit(code) from None
+            exit_interrupted(e, "search", f"{out_dir}/search.json says 'interrupted', continue "
+                             f"with: moecomp search {problem} --out {out_dir} --resume")
         Console().print(
             f"[bold]{cfg.name}[/]: {result.status}, {result.n_evals:,} evaluations in "
             f"{result.n_gen} generations, {result.elapsed_s:.1f} s\n"
