@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from moecomp.finetune import finetune
+from moecomp.finetune import distil
 from moecomp.refine import refine
 from moecomp.solution import RunContext, student_model
 from moecomp.train import accuracy
@@ -42,9 +42,9 @@ def masks_only(ctx: RunContext, ids: list[str], seeds: list[int], epochs: int,
         plan = ", ".join(f"{n} {lp.sparsity:.2f}/{lp.bits}" for n, lp in sol.plan.layers.items())
         for seed in seeds:
             model = student_model(target.teacher, sol.state)
-            trained = finetune(model, target, sol.layers, dict.fromkeys(sol.layers, 8),
-                               target.pool or target.calib, epochs=epochs, seed=seed,
-                               progress=False)
+            trained = distil(model, target, sol.layers, dict.fromkeys(sol.layers, 8),
+                             target.pool or target.calib, epochs=epochs, seed=seed,
+                             progress=False).weights
             state = target.round_dense({k: trained.get(k, v) for k, v in sol.state.items()})
             m = student_model(target.teacher, state)
             print(f"| {sid} | {plan} | {seed} | {t_val - accuracy(m, target.val):.2f} | "

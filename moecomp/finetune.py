@@ -509,31 +509,9 @@ def _on(split: Split, device: torch.device) -> Split:
                  None if split.labels is None else split.labels.to(device))
 
 
-def finetune(model: nn.Module, target: Target, layers: dict[str, QuantizedLayer],
-             bits: dict[str, int], train: Split, *, epochs: int, lr: float | None = None,
-             optimizer: str = "adam", quantizers: dict[str, str] | None = None,
-             batch_size: int = 128, temperature: float = 2.0, seed: int = 0,
-             progress: bool = True) -> dict[str, torch.Tensor]:
-    """Distil with the plan's masks fixed; returns the float parameters (pruned weights
-    exactly zero). :func:`distil` with ``masks`` = fixed; see it for the arguments."""
-    return distil(model, target, layers, bits, train, epochs=epochs, lr=lr,
-                  optimizer=optimizer, quantizers=quantizers, batch_size=batch_size,
-                  temperature=temperature, seed=seed, progress=progress).weights
-
-
 def _quantized(weight: torch.Tensor, mask: torch.Tensor, bits: int, quantizer: str
                ) -> QuantizedLayer:
     flat = mask.reshape(-1)
     values = weight.reshape(-1)[flat]
     idx, cb = SINGLE_QUANTIZERS[quantizer](values.float(), bits)
     return QuantizedLayer(tuple(weight.shape), mask.reshape(weight.shape), idx, cb)
-
-
-def requantize(weights: dict[str, torch.Tensor], layers: dict[str, QuantizedLayer],
-               bits: dict[str, int], quantizers: dict[str, str], *,
-               masks: dict[str, torch.Tensor] | None = None) -> dict[str, QuantizedLayer]:
-    """Quantise fine-tuned survivors again with the plan's quantizers: at ``layers``' masks,
-    or at ``masks`` (what :func:`distil` moved them to)."""
-    return {name: _quantized(weights[name], (masks or {}).get(name, ql.mask).reshape(ql.shape),
-                             bits[name], quantizers[name])
-            for name, ql in layers.items()}

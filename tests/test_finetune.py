@@ -13,9 +13,7 @@ from moecomp.finetune import (
     _rigl_update,
     cubic_count,
     distil,
-    finetune,
     finetune_settings,
-    requantize,
     resolve_optimizer,
     top_mask,
 )
@@ -61,9 +59,6 @@ def test_moving_masks_end_at_the_plans_counts_and_bits(digits_target, plan_layer
         assert torch.equal(q[n].mask, res.masks[n])
         moved += int((res.masks[n] != ql.mask).sum())
     assert moved > 0
-    # requantize with the moved masks is the same thing
-    rq = requantize(res.weights, layers, bits, kinds, masks=res.masks)
-    assert all(torch.equal(rq[n].indices, q[n].indices) for n in q)
 
 
 def test_fixed_masks_stay_and_the_student_improves(digits_target, plan_layers):
@@ -72,9 +67,9 @@ def test_fixed_masks_stay_and_the_student_improves(digits_target, plan_layers):
     bits = {n: lp.bits for n, lp in plan.layers.items()}
     kinds = dict.fromkeys(bits, "uniform")
     model = student_model(t.teacher, state)
-    w = finetune(model, t, layers, bits, _train(t, 512), epochs=2, batch_size=32,
-                 quantizers=kinds, progress=False)
-    q = requantize(w, layers, bits, kinds)
+    res = distil(model, t, layers, bits, _train(t, 512), epochs=2, batch_size=32,
+                 quantizers=kinds, progress=False)  # masks fixed by default
+    w, q = res.weights, res.quantized(bits, kinds)
     for n, ql in layers.items():
         assert torch.equal(q[n].mask, ql.mask)
         assert torch.count_nonzero(w[n][~ql.mask]) == 0
