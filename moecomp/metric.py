@@ -139,9 +139,14 @@ class Metric:
         return student_value - teacher_value
 
 
+def drop_unit(unit: str) -> str:
+    """The unit of a drop in a metric of ``unit``: ``points`` for a percentage, else its own."""
+    return "points" if unit == "%" else unit
+
+
 def drop_label(name: str, unit: str) -> str:
     """Label of a metric's drop with its units: ``accuracy drop (points)`` for a percentage."""
-    u = "points" if unit == "%" else unit
+    u = drop_unit(unit)
     return f"{name} drop ({u})" if u else f"{name} drop"
 
 

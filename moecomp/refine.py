@@ -44,6 +44,7 @@ from moecomp.errors import ConfigError
 from moecomp.evaluate.options import resolve_device
 from moecomp.finetune import Diverged, distil, finetune_settings
 from moecomp.merge import merge_bins
+from moecomp.metric import drop_unit as metric_drop_unit
 from moecomp.reconstruct import reconstruct as reconstruct_layers
 from moecomp.runs import atomic_write_csv, read_table
 from moecomp.solution import RunContext, Solution, dense_tensors, student_model
@@ -193,9 +194,7 @@ def _guide(target: Target, base_state: dict[str, torch.Tensor], n: int
 
 def drop_unit(target: Target) -> str:
     """The unit of the target's metric drop: ``points`` for a percentage, else its own."""
-    if target.metric is None:
-        return ""
-    return "points" if target.metric.unit == "%" else target.metric.unit
+    return "" if target.metric is None else metric_drop_unit(target.metric.unit)
 
 
 def _fmt(value: float, metric: str, unit: str) -> str:
@@ -325,7 +324,8 @@ def refine(run: RunContext | str | os.PathLike[str], solution: str | int, *,
                                progress=progress)
         except Diverged as e:  # nothing to measure: dropped, and said why
             outcomes.append(StepOutcome("finetune", False, now, math.nan,
-                                        f"{detail}; {e}; a lower --lr may train"))
+                                        f"{detail}; {e}; a lower learning rate may "
+                                        "train"))
         else:
             trained, new_layers = distilled.weights, distilled.quantized(bits, kinds)
             if schedule.repair:

@@ -13,6 +13,7 @@ from moecomp.cli.device import checked_device, device_option
 from moecomp.cli.export import fidelity_line
 from moecomp.cli.finetune_options import checked_finetune, lr_option, optimizer_option
 from moecomp.errors import ConfigError
+from moecomp.metric import drop_unit
 from moecomp.paths import input_folder
 from moecomp.refine import refine as refine_solution
 
@@ -85,8 +86,7 @@ def register(app: typer.Typer) -> None:
         c.print("  " + fidelity_line(r.metric_name, r.metric_unit, r.val_metric,
                                      r.test_metric, r.val_divergence, r.test_divergence))
         if math.isfinite(r.val_drop_se):
-            u = " points" if r.metric_unit == "%" else (f" {r.metric_unit}" if r.metric_unit
-                                                        else "")
+            u = f" {drop_unit(r.metric_unit)}" if r.metric_unit else ""
             c.print(f"  {r.metric_name} drop val {r.val_drop:.2f} +- {r.val_drop_se:.2f}{u}, "
                     f"test {r.test_drop:.2f} +- {r.test_drop_se:.2f}{u} (+- one standard error "
                     f"over the split's samples)")
