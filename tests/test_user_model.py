@@ -86,6 +86,24 @@ def test_encoder_target_reads_keyword_inputs_and_selects_embeddings(encoder_targ
     assert t.calib.labels is None
 
 
+def test_standard_errors_on_keyword_inputs_without_labels(encoder_target):
+    """Two inputs, no labels, a pooled output and a metric of one number per split: the
+    divergence has its standard error over the samples, the drop has none (NaN) and says
+    so (compress refuses --confidence on it)."""
+    t = encoder_target
+    plans = random_plans(t, 1, seed=5)[2]
+    student = copy.deepcopy(t.teacher)
+    load_state(student, student_state_dict(t.student_base(),
+                                           apply_plan(plans[0], t.weights(), magnitude_ranks(t))))
+    f = t.fidelity(student, "validation")
+    with torch.no_grad():
+        out = outputs.select(inputs_mod.call(student, t.val.inputs), t.output)
+    per = t.divergence(t.teacher_outputs("validation"), out).double()
+    assert f.divergence_se == pytest.approx(float(per.std() / len(per) ** 0.5))
+    assert f.divergence_se > 0
+    assert np.isnan(f.metric_drop_se) and not t.has_per_sample_metric("validation")
+
+
 @pytest.mark.parametrize("options", [EvalOptions(), EvalOptions(batched=False)])
 def test_evaluator_matches_the_naive_loop_on_keyword_inputs(encoder_target, options):
     t = encoder_target
